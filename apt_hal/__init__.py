@@ -1,0 +1,40 @@
+"""apt_hal: write a transformer once against four op contracts, run it on any backend.
+
+    import apt_hal
+    apt_hal.use("auto")                 # or "cuda-triton", "npu", ...; also a `with` block
+    y = apt_hal.ops.fp4_matmul(x, w_packed, w_scales)
+    print(apt_hal.explain())            # which implementation serves each op, and why
+
+See README.md for the guide and each module of apt_hal.contracts for an op's spec.
+"""
+
+from apt_hal import mxfp4, ops
+from apt_hal.device import (
+    device_count,
+    device_type,
+    empty_cache,
+    get_device,
+    max_memory_allocated,
+    memory_allocated,
+    synchronize,
+)
+from apt_hal.errors import (
+    AptHalError,
+    BackendUnavailableError,
+    ContractError,
+    CorruptBlockError,
+    OpNotImplementedError,
+    PluginError,
+    UnknownBackendError,
+)
+# apt_hal.backends is the package of built-in backends; the registry's listing is registry.backends().
+from apt_hal.registry import Backend, Probe, explain, impl, register_impl, use
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AptHalError", "Backend", "BackendUnavailableError", "ContractError", "CorruptBlockError",
+    "OpNotImplementedError", "PluginError", "Probe", "UnknownBackendError", "device_count",
+    "device_type", "empty_cache", "explain", "get_device", "impl", "max_memory_allocated",
+    "memory_allocated", "mxfp4", "ops", "register_impl", "synchronize", "use",
+]

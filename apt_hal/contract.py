@@ -1,0 +1,213 @@
+"""Turn an annotated reference function into an apt_hal op.
+
+:func:`contract` is applied to a contract's reference (a readable pure-PyTorch function whose
+annotations are torch-schema types). It
+
+* defines ``torch.ops.apt_hal.<name>`` with the schema inferred from those annotations, and
+  registers one kernel under ``CompositeExplicitAutograd`` that checks the arguments and calls
+  the implementation the registry selects: apt_hal's own dispatcher, valid for every dispatch key
+  (CPU, CUDA, XPU, HPU, PrivateUse1) and for several implementations sharing one device;
+* registers the fake (meta) function, so ``torch.compile(fullgraph=True)`` and ``torch.export``
+  keep the op as one node;
+* registers autograd for the ``differentiable`` arguments: the gradient is the vector-Jacobian
+  product of the reference itself, recomputed in the backward pass. Backends accelerate forward;
+  the spec defines the gradient;
+* returns an :class:`Op` whose call is the public entry point. In eager mode, with plain tensors,
+  no grad to record and no dispatch mode active, the call skips the torch dispatcher and calls
+  the selected implementation directly (the dispatcher costs several microseconds per call).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import inspect
+import os
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from apt_hal import registry
+
+LIBRARY = torch.library.Library("apt_hal", "DEF")
+
+_MISSING = object()
+_in_reference_vjp: contextvars.ContextVar[bool] = contextvars.ContextVar("apt_hal_in_vjp", default=False)
+
+
+def tracing() -> bool:
+    """Whether tensors are symbolic now (torch.compile, torch.export, fake or functional tensors):
+    code must then avoid data-dependent Python control flow such as ``.tolist()``."""
+    return torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+
+
+def value_checks_enabled() -> bool:
+    """Whether checks that read tensor *values* (NaN, index ranges) may run now.
+
+    They never run while tracing or inside the reference's recomputation for a gradient (the
+    forward pass checked those values already); references run them otherwise.
+    """
+    return not (tracing() or _in_reference_vjp.get())
+
+
+def backend_value_checks() -> bool:
+    """``APT_HAL_CHECKS=values`` makes every call check values before a backend runs it.
+
+    Off by default because on an accelerator it costs a device synchronisation per call;
+    metadata checks (shape, dtype, device, layout) always run.
+    """
+    return os.environ.get("APT_HAL_CHECKS", "metadata") == "values"
+
+
+class Op:
+    """An op contract: ``op(*args)`` dispatches, ``op.reference`` is the oracle."""
+
+    def __init__(self, reference: Callable, *, fake: Callable, check: Callable,
+                 check_values: Optional[Callable] = None, mutates_args: Sequence[str] = (),
+                 differentiable: Sequence[str] = (), device_args: Optional[Sequence[str]] = None):
+        self.name = reference.__name__
+        self.reference = reference
+        self.check = check
+        self.check_values = check_values
+        self.mutates_args = tuple(mutates_args)
+        self.__doc__ = reference.__doc__
+        self.__wrapped__ = reference
+
+        sig = inspect.signature(reference)
+        self._names = list(sig.parameters)
+        self._index = {n: i for i, n in enumerate(self._names)}
+        self._defaults = [p.default if p.default is not inspect.Parameter.empty else _MISSING
+                          for p in sig.parameters.values()]
+        self._n = len(self._names)
+        self.__signature__ = sig
+        tensor_params = [i for i, p in enumerate(sig.parameters.values()) if "Tensor" in str(p.annotation)]
+        self._tensor_idx = tuple(tensor_params)
+        self._device_idx = tuple(self._index[n] for n in device_args) if device_args else tensor_params[:1]
+        self._diff_idx = tuple(self._index[n] for n in differentiable)
+
+        self.schema = torch.library.infer_schema(reference, mutates_args=tuple(mutates_args))
+        LIBRARY.define(self.name + self.schema)
+        self.qualname = f"apt_hal::{self.name}"
+        self.overload = getattr(torch.ops.apt_hal, self.name).default
+        LIBRARY.impl(self.name, self._kernel, "CompositeExplicitAutograd")
+
+        def _fake(*args, **kwargs):
+            if kwargs or len(args) != self._n:
+                args = self._bind(args, kwargs)
+            check(*args)
+            return fake(*args)
+
+        torch.library.register_fake(self.qualname, _fake, lib=LIBRARY)
+        if self._diff_idx:
+            torch.library.register_autograd(self.qualname, self._backward, setup_context=self._setup_context,
+                                            lib=LIBRARY)
+        registry._register_contract(self)
+
+    # ---- calling ------------------------------------------------------------------------------
+
+    def __call__(self, *args, **kwargs):
+        if kwargs or len(args) != self._n:
+            args = self._bind(args, kwargs)
+        if torch.compiler.is_compiling() or not self._plain_eager(args):
+            return self.overload(*args)
+        return self._run(args)
+
+    def _run(self, args: tuple):
+        self.check(*args)
+        if self.check_values is not None and backend_value_checks():
+            self.check_values(*args)
+        return registry.select(self, self._device_type(args), args)(*args)
+
+    def _kernel(self, *args, **kwargs):
+        # The dispatcher may drop trailing arguments that equal their defaults.
+        if kwargs or len(args) != self._n:
+            args = self._bind(args, kwargs)
+        return self._run(args)
+
+    def _plain_eager(self, args: tuple) -> bool:
+        if torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled():
+            return False
+        for i in self._tensor_idx:
+            a = args[i]
+            if a is not None and type(a) is not torch.Tensor:
+                return False  # fake, functional or other subclass tensors take the dispatcher
+        if self._diff_idx and torch.is_grad_enabled():
+            for i in self._diff_idx:
+                a = args[i]
+                if a is not None and a.requires_grad:
+                    return False  # autograd must record the op
+        return True
+
+    def _device_type(self, args: tuple) -> str:
+        for i in self._device_idx:
+            a = args[i]
+            if a is not None and not a.is_cpu:
+                return a.device.type
+        return "cpu"
+
+    def _bind(self, args: tuple, kwargs: dict) -> tuple:
+        if len(args) > self._n:
+            raise TypeError(f"{self.name}() takes {self._n} arguments, got {len(args)}")
+        out = list(args) + [_MISSING] * (self._n - len(args))
+        for k, v in kwargs.items():
+            i = self._index.get(k)
+            if i is None:
+                raise TypeError(f"{self.name}() got an unexpected keyword argument {k!r}")
+            if i < len(args):
+                raise TypeError(f"{self.name}() got multiple values for argument {k!r}")
+            out[i] = v
+        for i, v in enumerate(out):
+            if v is _MISSING:
+                if self._defaults[i] is _MISSING:
+                    raise TypeError(f"{self.name}() missing required argument {self._names[i]!r}")
+                out[i] = self._defaults[i]
+        return tuple(out)
+
+    # ---- autograd: the vjp of the reference -------------------------------------------------
+
+    def _setup_context(self, ctx, inputs, output):
+        ctx.args = [None if isinstance(a, torch.Tensor) else a for a in inputs]
+        ctx.tensor_pos = [i for i, a in enumerate(inputs) if isinstance(a, torch.Tensor)]
+        ctx.save_for_backward(*[inputs[i] for i in ctx.tensor_pos])
+        outs = output if isinstance(output, tuple) else (output,)
+        ctx.float_outputs = [o.is_floating_point() for o in outs]
+
+    def _backward(self, ctx, *grads):
+        args = list(ctx.args)
+        for i, t in zip(ctx.tensor_pos, ctx.saved_tensors):
+            args[i] = t
+        diff = [i for i in self._diff_idx if isinstance(args[i], torch.Tensor)]
+
+        def f(*diff_vals):
+            a = list(args)
+            for i, v in zip(diff, diff_vals):
+                a[i] = v
+            out = self.reference(*a)
+            outs = out if isinstance(out, tuple) else (out,)
+            return tuple(o for o in outs if o.is_floating_point())
+
+        token = _in_reference_vjp.set(True)
+        try:
+            outs, vjp_fn = torch.func.vjp(f, *[args[i] for i in diff])
+            float_grads = [g for g, is_float in zip(grads, ctx.float_outputs) if is_float]
+            in_grads = vjp_fn(tuple(torch.zeros_like(o) if g is None else g for g, o in zip(float_grads, outs)))
+        finally:
+            _in_reference_vjp.reset(token)
+        result: list[Any] = [None] * self._n
+        for i, g in zip(diff, in_grads):
+            result[i] = g
+        return tuple(result)
+
+    def __repr__(self) -> str:
+        return f"<apt_hal op {self.name}{self.schema}>"
+
+
+def contract(*, fake: Callable, check: Callable, check_values: Optional[Callable] = None,
+             mutates_args: Sequence[str] = (), differentiable: Sequence[str] = (),
+             device_args: Optional[Sequence[str]] = None) -> Callable[[Callable], Op]:
+    """Decorator for a contract's reference function; see the module docstring."""
+
+    def deco(reference: Callable) -> Op:
+        return Op(reference, fake=fake, check=check, check_values=check_values, mutates_args=mutates_args,
+                  differentiable=differentiable, device_args=device_args)
+
+    return deco

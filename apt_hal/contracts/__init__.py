@@ -1,0 +1,1 @@
+"""The op contracts: one module each, its docstring the spec, its reference the oracle."""

@@ -1,0 +1,32 @@
+"""Exceptions raised by apt_hal. Every message names the argument or backend at fault and what was expected."""
+
+
+class AptHalError(Exception):
+    """Base class of every apt_hal error."""
+
+
+class ContractError(AptHalError, ValueError):
+    """An argument violates an op contract (shape, dtype, device, layout or value)."""
+
+
+class BackendUnavailableError(AptHalError, RuntimeError):
+    """A backend was chosen explicitly but its probe says it cannot run here."""
+
+
+class UnknownBackendError(AptHalError, KeyError):
+    """A backend name that no built-in backend or plugin declares."""
+
+    def __str__(self) -> str:  # KeyError would quote the whole message
+        return str(self.args[0])
+
+
+class OpNotImplementedError(AptHalError, NotImplementedError):
+    """Under ``strict=True``: the active backend has no implementation for an op (no silent fallback)."""
+
+
+class PluginError(AptHalError, RuntimeError):
+    """An out-of-tree backend plugin failed to load, or two backends claim one name."""
+
+
+class CorruptBlockError(AptHalError, IOError):
+    """A paged block read back from disk does not match the checksum written with it."""
