@@ -1,0 +1,120 @@
+"""Benchmark harness shared by every op's benchmark: timing, ceilings, one table.
+
+Timing: the calls to time are captured in one CUDA graph, each on its own input set (rotating
+inputs so a small shape cannot live in L2 between calls), and the graph is replayed; the median
+over replays divided by the number of calls is the time per call. This removes launch gaps that
+would otherwise dominate decode shapes. Ceilings (device copy bandwidth, bf16 GEMM rate, pinned
+host-to-device rate) are measured in the same run, so ratios and percentages compare like with like.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from typing import Callable, Optional, Sequence
+
+import torch
+
+
+@dataclasses.dataclass
+class Row:
+    op: str
+    shape: str
+    apt_hal_us: float
+    baselines: dict  # name -> microseconds
+    ceiling_pct: Optional[float] = None  # % of the relevant ceiling reached by apt_hal
+    ceiling: str = ""  # which ceiling ("copy", "gemm", "h2d", "hbm-bytes")
+    target: str = ""  # the issue's target, e.g. ">= 3.0x bf16"
+    met: Optional[bool] = None  # whether the target is met, judged by the caller from measured numbers
+
+
+def time_calls(calls: Sequence[Callable[[], object]], replays: int = 20, warmup: int = 3,
+               use_graph: bool = True) -> float:
+    """Median microseconds per call of ``calls`` (each call usually on its own inputs)."""
+    for _ in range(warmup):
+        for c in calls:
+            c()
+    torch.cuda.synchronize()
+    if use_graph:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for c in calls:  # warm the allocator on the capture stream
+                c()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for c in calls:
+                c()
+        run = graph.replay
+    else:
+        def run():
+            for c in calls:
+                c()
+    times = []
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for _ in range(replays):
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1000 / len(calls))
+    return statistics.median(times)
+
+
+def rotating(make_inputs: Callable[[], tuple], fn: Callable, bytes_per_set: int,
+             l2_bytes: int = 60 << 20, max_sets: int = 16) -> list[Callable[[], object]]:
+    """Calls of ``fn`` on enough distinct input sets that together they exceed the L2 cache twice."""
+    n = max(1, min(max_sets, -(-2 * l2_bytes // max(bytes_per_set, 1))))
+    sets = [make_inputs() for _ in range(n)]
+    return [lambda s=s: fn(*s) for s in sets]
+
+
+@dataclasses.dataclass
+class Ceilings:
+    copy_gbps: float  # device-to-device copy, bytes read + written
+    gemm_tflops: float  # bf16 F.linear, M=N=K=8192
+    h2d_gbps: float  # pinned host-to-device, 1 GiB
+    device: str
+
+
+def measure_ceilings() -> Ceilings:
+    n = 1 << 30  # 1 GiB
+    a = torch.empty(n, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    copy_us = time_calls([lambda: b.copy_(a)], replays=10, use_graph=False)
+    x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    gemm_us = time_calls([lambda: torch.nn.functional.linear(x, w)], replays=10, use_graph=False)
+    h = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+    h2d_us = time_calls([lambda: a.copy_(h, non_blocking=True)], replays=5, use_graph=False)
+    del a, b, x, w, h
+    torch.cuda.empty_cache()
+    return Ceilings(copy_gbps=2 * n / copy_us / 1e3, gemm_tflops=2 * 8192 ** 3 / gemm_us / 1e6,
+                    h2d_gbps=n / h2d_us / 1e3, device=torch.cuda.get_device_name())
+
+
+def print_table(rows: Sequence[Row]) -> str:
+    """Print (and return) one table: op, shape, apt_hal time, each baseline, ratios, ceiling %."""
+    names: list[str] = []
+    for r in rows:
+        for n in r.baselines:
+            if n not in names:
+                names.append(n)
+    head = ["op", "shape", "apt_hal us"] + [f"{n} us" for n in names] + [f"vs {n}" for n in names] + \
+           ["% ceiling", "target", "met"]
+    body = []
+    for r in rows:
+        cells = [r.op, r.shape, f"{r.apt_hal_us:.1f}"]
+        cells += [f"{r.baselines[n]:.1f}" if n in r.baselines else "" for n in names]
+        cells += [f"{r.baselines[n] / r.apt_hal_us:.2f}x" if n in r.baselines else "" for n in names]
+        cells += [f"{r.ceiling_pct:.0f}% {r.ceiling}" if r.ceiling_pct is not None else "", r.target,
+                  {None: "", True: "yes", False: "NO"}[r.met]]
+        body.append(cells)
+    widths = [max(len(str(c)) for c in col) for col in zip(head, *body)]
+    lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(head, widths)) + " |",
+             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    lines += ["| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |" for cells in body]
+    text = "\n".join(lines)
+    print(text, flush=True)
+    return text

@@ -1,0 +1,1 @@
+"""apt_hal.conformance: every available backend checked against the CPU reference."""

@@ -1,0 +1,32 @@
+"""Test setup shared by every test file.
+
+* Without a CUDA GPU, Triton kernels run in Triton's CPU interpreter: TRITON_INTERPRET=1 must be
+  set before anything imports triton, so it is set here, first.
+* Each test starts from the default policy ("auto", not strict) and leaves no policy behind.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from apt_hal import registry  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _fresh_policy(monkeypatch):
+    monkeypatch.delenv("APT_HAL_BACKEND", raising=False)
+    monkeypatch.delenv("APT_HAL_STRICT", raising=False)
+    registry._reset_for_tests()
+    yield
+    registry._reset_for_tests()
+
+
+@pytest.fixture
+def dev() -> str:
+    """The device kernels run on: the GPU when there is one, else the CPU (Triton interpreter)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,266 @@
+"""The registry: backend declarations, policy (use / env / auto / strict), fallback, plugins, explain."""
+
+import importlib.metadata
+import logging
+import threading
+
+import pytest
+import torch
+
+import apt_hal
+from apt_hal import ops, registry
+from apt_hal.errors import (
+    BackendUnavailableError,
+    OpNotImplementedError,
+    PluginError,
+    UnknownBackendError,
+)
+
+SEVEN = {"cpu", "cuda-triton", "rocm", "xpu", "hpu", "npu", "huawei-cloud"}
+
+
+def _rotary_args():
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 3, 2, 8), torch.randn(1, 3, 1, 8)
+    pos = torch.tensor([[0, 2, 1]])
+    cache = torch.randn(4, 8)
+    return q, k, pos, cache, "neox"
+
+
+@pytest.fixture
+def test_backend():
+    """A backend named 'test' on CPU tensors with no implementations; removed afterwards."""
+    decl = registry.Backend(name="test", device_type="cpu", probe=lambda: registry.Probe(True, "test double"),
+                            implementations="builtins")
+    registry.register_backend(decl, origin="tests/test_registry.py")
+    added = []
+    yield added
+    for entry in added:
+        registry.unregister_impl(entry)
+    del registry._backends["test"], registry._origins["test"]
+    registry._activated.pop("test", None)
+    registry._bump()
+
+
+def test_all_seven_backends_are_declared_with_a_reason():
+    found = registry.backends()
+    assert SEVEN <= set(found)
+    for name in SEVEN:
+        p = registry.probe(name)
+        assert isinstance(p.available, bool) and p.detail, name
+    assert registry.probe("cpu").available
+
+
+def test_explain_lists_every_backend_and_every_op():
+    text = str(apt_hal.explain())
+    for name in SEVEN:
+        assert name in text
+    for op in ops.ALL_OPS:
+        assert op.name in text
+    assert "reference *" in text  # the cpu backend serves CPU tensors under auto
+
+
+def test_unknown_backend_names_the_known_ones():
+    with pytest.raises(UnknownBackendError, match="known: .*cpu"):
+        apt_hal.use("tpu")
+
+
+def test_choosing_an_unavailable_backend_raises_with_reason_and_install_hint():
+    if registry.probe("npu").available:
+        pytest.skip("this machine has an Ascend NPU")
+    with pytest.raises(BackendUnavailableError, match=r"'npu' is unavailable: torch_npu is not installed.*pip install torch-npu"):
+        apt_hal.use("npu")
+
+
+def test_use_globally_and_as_a_scope():
+    assert registry.current_policy() == registry.Policy("auto", False)
+    apt_hal.use("cpu")
+    assert registry.current_policy().backend == "cpu"
+    with apt_hal.use("auto", strict=True):
+        assert registry.current_policy() == registry.Policy("auto", True)
+    assert registry.current_policy().backend == "cpu"  # the scope restored the global choice
+
+
+def test_a_scope_does_not_leak_into_other_threads():
+    seen = {}
+    with apt_hal.use("cpu", strict=True):
+        t = threading.Thread(target=lambda: seen.setdefault("policy", registry.current_policy()))
+        t.start()
+        t.join()
+        assert registry.current_policy().strict
+    assert seen["policy"] == registry.Policy("auto", False)
+
+
+def test_environment_variable_sets_the_policy(monkeypatch):
+    monkeypatch.setenv("APT_HAL_BACKEND", "cpu")
+    monkeypatch.setenv("APT_HAL_STRICT", "1")
+    registry._reset_for_tests()
+    assert registry.current_policy() == registry.Policy("cpu", True)
+
+
+def test_environment_variable_naming_an_unavailable_backend_fails_at_first_call(monkeypatch):
+    if registry.probe("npu").available:
+        pytest.skip("this machine has an Ascend NPU")
+    monkeypatch.setenv("APT_HAL_BACKEND", "npu")
+    registry._reset_for_tests()
+    import apt_hal as fresh  # importing never fails; the first op call does, with the reason
+
+    with pytest.raises(BackendUnavailableError, match="torch_npu is not installed"):
+        fresh.ops.rotary(*_rotary_args())
+
+
+def test_auto_logs_every_probe(caplog):
+    with caplog.at_level(logging.INFO, logger="apt_hal"):
+        apt_hal.use("auto")
+    logged = caplog.text
+    for name in SEVEN:
+        assert name in logged
+
+
+def test_missing_implementation_falls_back_with_one_warning(test_backend):
+    args = _rotary_args()
+    expected = ops.rotary.reference(*args)
+    apt_hal.use("test")
+    with pytest.warns(RuntimeWarning, match="rotary falls back to the reference.*'test' has no implementation"):
+        out = ops.rotary(*args)
+    for o, e in zip(out, expected):
+        torch.testing.assert_close(o, e, rtol=0, atol=0)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second call must not warn again
+        ops.rotary(*args)
+
+
+def test_strict_turns_fallback_into_an_error(test_backend):
+    with apt_hal.use("test", strict=True):
+        with pytest.raises(OpNotImplementedError, match="rotary cannot run on backend 'test'"):
+            ops.rotary(*_rotary_args())
+
+
+def test_registered_implementation_is_used_and_supports_can_decline(test_backend):
+    calls = []
+
+    def rotary_test(q, k, positions, cos_sin_cache, style="neox"):
+        calls.append(style)
+        return ops.rotary.reference(q, k, positions, cos_sin_cache, style)
+
+    test_backend.append(registry.register_impl(ops.rotary, "test", rotary_test,
+                                               supports=lambda q, k, positions, cos_sin_cache, style: style == "neox"))
+    args = list(_rotary_args())
+    with apt_hal.use("test", strict=True):
+        ops.rotary(*args)
+        assert calls == ["neox"]
+        args[-1] = "gptj"
+        with pytest.raises(OpNotImplementedError, match="declined this call"):
+            ops.rotary(*args)
+    row = next(r for r in apt_hal.explain().ops if r["op"] == "rotary")
+    assert row["test"] == "rotary_test"
+
+
+def test_the_dispatcher_path_uses_the_same_selection(test_backend):
+    calls = []
+
+    def rotary_test(q, k, positions, cos_sin_cache, style="neox"):
+        calls.append(1)
+        return ops.rotary.reference(q, k, positions, cos_sin_cache, style)
+
+    test_backend.append(registry.register_impl(ops.rotary, "test", rotary_test))
+    with apt_hal.use("test", strict=True):
+        torch.ops.apt_hal.rotary(*_rotary_args())  # what traced graphs call
+    assert calls == [1]
+
+
+def test_inputs_on_another_device_fall_back_visibly():
+    decl = registry.Backend(name="meta-test", device_type="meta", probe=lambda: registry.Probe(True, "test"),
+                            implementations="builtins")
+    registry.register_backend(decl, origin="test")
+    try:
+        with apt_hal.use("meta-test"):
+            with pytest.warns(RuntimeWarning, match="inputs are on cpu but backend 'meta-test' runs on meta"):
+                ops.rotary(*_rotary_args())
+    finally:
+        del registry._backends["meta-test"], registry._origins["meta-test"]
+        registry._activated.pop("meta-test", None)
+        registry._bump()
+
+
+def test_implementation_registration_errors(test_backend):
+    def wrong(q, k, positions, cache, style="neox"):  # 'cache' is not the contract's name
+        return q, k
+
+    with pytest.raises(TypeError, match="parameters .* the contract's are"):
+        registry.register_impl(ops.rotary, "test", wrong)
+
+    def rotary_ok(q, k, positions, cos_sin_cache, style="neox"):
+        return q, k
+
+    test_backend.append(registry.register_impl(ops.rotary, "test", rotary_ok))
+    with pytest.raises(ValueError, match="already registered"):
+        registry.register_impl(ops.rotary, "test", rotary_ok)
+    with pytest.raises(KeyError, match="unknown op"):
+        registry.register_impl("not_an_op", "test", rotary_ok)
+    with pytest.raises(UnknownBackendError):
+        registry.register_impl(ops.rotary, "nope", rotary_ok)
+
+
+# --- plugins --------------------------------------------------------------------------------
+
+
+class _EP:
+    """Stands for an importlib.metadata.EntryPoint."""
+
+    def __init__(self, name, value, obj=None, exc=None):
+        self.name, self.value, self._obj, self._exc = name, value, obj, exc
+
+    def load(self):
+        if self._exc:
+            raise self._exc
+        return self._obj
+
+
+@pytest.fixture
+def fresh_discovery(monkeypatch):
+    """Run discovery again with stand-in entry points; the registry's tables are restored after."""
+    monkeypatch.setattr(registry, "_backends", {})
+    monkeypatch.setattr(registry, "_origins", {})
+    monkeypatch.setattr(registry, "_plugin_errors", [])
+    monkeypatch.setattr(registry, "_discovered", False)
+
+    def install(eps):
+        monkeypatch.setattr(importlib.metadata, "entry_points", lambda group=None: eps if group == registry.ENTRY_POINT_GROUP else [])
+
+    yield install
+    registry._bump()
+
+
+def test_plugin_backend_is_discovered(fresh_discovery):
+    decl = registry.Backend(name="acme", device_type="cpu", probe=lambda: registry.Probe(False, "no ACME card"),
+                            implementations="acme_hal.impls", install_hint="pip install acme-hal")
+    fresh_discovery([_EP("acme", "acme_hal:BACKEND", obj=decl)])
+    assert registry.backends()["acme"] is decl
+    assert "no ACME card" in str(apt_hal.explain())
+
+
+def test_plugin_given_as_a_factory(fresh_discovery):
+    decl = registry.Backend(name="acme2", device_type="cpu", probe=lambda: registry.Probe(False, "x"),
+                            implementations="m")
+    fresh_discovery([_EP("acme2", "acme_hal:declare", obj=lambda: decl)])
+    assert "acme2" in registry.backends()
+
+
+def test_failing_plugin_is_reported_with_its_traceback(fresh_discovery):
+    fresh_discovery([_EP("broken", "broken_hal:BACKEND", exc=ImportError("No module named 'broken_hal'"))])
+    with pytest.warns(RuntimeWarning, match="failed to load"):
+        names = registry.backends()
+    assert SEVEN <= set(names)  # the built-ins still work
+    (where, tb), = registry.plugin_errors()
+    assert "broken" in where and "ImportError" in tb and "broken_hal" in tb
+    assert "No module named 'broken_hal'" in str(apt_hal.explain())
+
+
+def test_two_backends_claiming_one_name_is_an_error(fresh_discovery):
+    dup = registry.Backend(name="cpu", device_type="cpu", probe=lambda: registry.Probe(True, "x"), implementations="m")
+    fresh_discovery([_EP("evil", "evil:BACKEND", obj=dup)])
+    with pytest.raises(PluginError, match="two backends claim the name 'cpu': built-in and entry point 'evil'"):
+        registry.backends()
