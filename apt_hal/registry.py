@@ -35,7 +35,7 @@ import os
 import threading
 import traceback
 import warnings
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 from apt_hal.errors import (
     BackendUnavailableError,
@@ -84,6 +84,9 @@ class Backend:
     auto_rank: Optional[int] = None  # order under "auto" (lower first); None: never automatic
     remote: bool = False  # an executor elsewhere: host tensors in and out
     description: str = ""
+    # What conformance holds the backend to: op name -> {"dtypes": [...], "features": [...]}, "*"
+    # meaning all. A case outside the claims is UNSUPPORTED; a claimed case that fails is FAIL.
+    claims: Mapping[str, Mapping[str, Sequence[str]]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)

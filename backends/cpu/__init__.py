@@ -16,4 +16,5 @@ BACKEND = Backend(
     implementations="apt_hal.backends.cpu.impls",
     auto_rank=50,
     description="CPU reference implementations",
+    claims={"*": {"dtypes": ["*"], "features": ["*"]}},  # the references: every op, dtype and feature
 )
