@@ -107,9 +107,27 @@ class Op:
     def __call__(self, *args, **kwargs):
         if kwargs or len(args) != self._n:
             args = self._bind(args, kwargs)
-        if torch.compiler.is_compiling() or not self._plain_eager(args):
+        if torch.compiler.is_compiling():
+            return self._traced_call(args)
+        if not self._plain_eager(args):
             return self.overload(*args)
         return self._run(args)
+
+    def _traced_call(self, args: tuple):
+        # torch.export keeps the apt_hal op (portable, and what compile/ lowers). torch.compile may
+        # trace into the backend's own traceable op (a triton_op) so Inductor sees the kernel; the
+        # choice is fixed when the graph is traced, so choose the backend before compiling.
+        if not torch.compiler.is_exporting() and not self._needs_grad(args):
+            target = _compile_target(self.name, self._device_type(args))
+            if target:
+                namespace, name = target.split("::")
+                return getattr(getattr(torch.ops, namespace), name)(*args)
+        return self.overload(*args)
+
+    def _needs_grad(self, args: tuple) -> bool:
+        if not self._diff_idx or not torch.is_grad_enabled():
+            return False
+        return any(args[i] is not None and args[i].requires_grad for i in self._diff_idx)
 
     def _run(self, args: tuple):
         self.check(*args)
@@ -130,12 +148,7 @@ class Op:
             a = args[i]
             if a is not None and type(a) is not torch.Tensor:
                 return False  # fake, functional or other subclass tensors take the dispatcher
-        if self._diff_idx and torch.is_grad_enabled():
-            for i in self._diff_idx:
-                a = args[i]
-                if a is not None and a.requires_grad:
-                    return False  # autograd must record the op
-        return True
+        return not self._needs_grad(args)  # autograd must record the op
 
     def _device_type(self, args: tuple) -> str:
         for i in self._device_idx:
@@ -199,6 +212,11 @@ class Op:
 
     def __repr__(self) -> str:
         return f"<apt_hal op {self.name}{self.schema}>"
+
+
+@torch._dynamo.assume_constant_result
+def _compile_target(op_name: str, device_type: str) -> str:
+    return registry.compile_target(op_name, device_type)
 
 
 def contract(*, fake: Callable, check: Callable, check_values: Optional[Callable] = None,

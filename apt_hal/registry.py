@@ -96,6 +96,9 @@ class Implementation:
     name: str  # unique, "<backend>.<name>"
     fn: Callable[..., Any]
     supports: Optional[Callable[..., bool]] = None  # same signature as fn; False: not this call
+    # A torch op ("namespace::name") computing the same as fn that torch.compile can trace into
+    # (a torch.library.triton_op, say); used under torch.compile, never by torch.export.
+    traceable: Optional[str] = None
 
 
 # Auto order between device types, as the design card states it.
@@ -249,24 +252,28 @@ def contracts() -> dict[str, Any]:
     return dict(_contracts)
 
 
-def impl(op, backend: str, name: Optional[str] = None, supports: Optional[Callable[..., bool]] = None):
+def impl(op, backend: str, name: Optional[str] = None, supports: Optional[Callable[..., bool]] = None,
+         traceable: Optional[str] = None):
     """Decorator: register ``fn`` as ``backend``'s implementation of ``op``.
 
     ``op`` is an op contract (``apt_hal.ops.rotary``) or its name. The function's parameters must
     be named exactly as the contract's reference's. ``supports``, if given, takes the same
     arguments and returns False for calls this implementation does not handle (a dtype it lacks,
     a size it is not tuned for); the next implementation, or the reference, then serves the call.
+    ``traceable`` names a torch op with the same schema and semantics that ``torch.compile`` can
+    trace into (e.g. the ``torch.library.triton_op`` the implementation launches); without it the
+    compiled graph calls the ``apt_hal`` op, which dispatches at run time.
     """
 
     def deco(fn):
-        register_impl(op, backend, fn, name=name, supports=supports)
+        register_impl(op, backend, fn, name=name, supports=supports, traceable=traceable)
         return fn
 
     return deco
 
 
 def register_impl(op, backend: str, fn: Callable, name: Optional[str] = None,
-                  supports: Optional[Callable[..., bool]] = None) -> Implementation:
+                  supports: Optional[Callable[..., bool]] = None, traceable: Optional[str] = None) -> Implementation:
     op_name = op if isinstance(op, str) else op.name
     contract = contracts().get(op_name)
     if contract is None:
@@ -282,7 +289,7 @@ def register_impl(op, backend: str, fn: Callable, name: Optional[str] = None,
     with _lock:
         if any(i.name == full for i in _impls[op_name]):
             raise ValueError(f"an implementation named {full!r} of {op_name} is already registered")
-        entry = Implementation(op_name, backend, full, fn, supports)
+        entry = Implementation(op_name, backend, full, fn, supports, traceable)
         _impls[op_name].append(entry)
         _bump()
     return entry
@@ -450,6 +457,16 @@ def select(op, device_type: str, args: tuple) -> Callable[..., Any]:
     _warn_once((op.name, device_type, pol.backend, reason),
                f"apt_hal: {op.name} falls back to the reference implementation on {device_type}: {reason}")
     return op.reference
+
+
+def compile_target(op_name: str, device_type: str) -> str:
+    """The traceable op torch.compile should call for ``op_name`` on ``device_type``, or "" to keep
+    the apt_hal op (which selects at run time). Only an unconditional first choice qualifies: a
+    ``supports`` predicate cannot be evaluated once for every future call."""
+    res = _resolve(op_name, device_type, current_policy())
+    if res.candidates and res.candidates[0].supports is None and res.candidates[0].traceable:
+        return res.candidates[0].traceable
+    return ""
 
 
 def clear_warnings() -> None:

@@ -264,3 +264,39 @@ def test_two_backends_claiming_one_name_is_an_error(fresh_discovery):
     fresh_discovery([_EP("evil", "evil:BACKEND", obj=dup)])
     with pytest.raises(PluginError, match="two backends claim the name 'cpu': built-in and entry point 'evil'"):
         registry.backends()
+
+
+# --- torch.compile may trace into a backend's own op; torch.export keeps the apt_hal op --------
+
+_TRACE_LIB = torch.library.Library("apt_hal_test", "DEF")
+_TRACE_LIB.define("rotary(Tensor q, Tensor k, Tensor positions, Tensor cos_sin_cache, str style='neox') -> (Tensor, Tensor)")
+_TRACE_LIB.impl("rotary", lambda *a: ops.rotary.reference(*a), "CompositeExplicitAutograd")
+torch.library.register_fake("apt_hal_test::rotary", lambda q, k, *rest: (torch.empty_like(q), torch.empty_like(k)),
+                            lib=_TRACE_LIB)
+
+
+def test_compile_traces_the_backends_traceable_op_and_export_keeps_apt_hal(test_backend):
+    def rotary_test(q, k, positions, cos_sin_cache, style="neox"):
+        return ops.rotary.reference(q, k, positions, cos_sin_cache, style)
+
+    test_backend.append(registry.register_impl(ops.rotary, "test", rotary_test, traceable="apt_hal_test::rotary"))
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    class M(torch.nn.Module):
+        def forward(self, q, k, positions, cos_sin_cache):
+            return ops.rotary(q, k, positions, cos_sin_cache)
+
+    args = _rotary_args()[:4]
+    with apt_hal.use("test", strict=True):
+        torch._dynamo.reset()
+        out = torch.compile(M(), backend=capture, fullgraph=True)(*args)
+        exported = torch.export.export(M(), args)
+    called = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert any("apt_hal_test.rotary" in c for c in called), called
+    assert "apt_hal.rotary.default" in {str(n.target) for n in exported.graph.nodes}
+    for o, e in zip(out, ops.rotary.reference(*args)):
+        torch.testing.assert_close(o, e, rtol=0, atol=0)
