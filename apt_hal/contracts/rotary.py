@@ -2,7 +2,9 @@
 
 Every scaling variant (default, linear, dynamic NTK, YaRN, Llama 3.1, LongRoPE, Llama 4) only
 changes the cos/sin cache and the attention factor; :mod:`apt_hal.rope` builds both. This op only
-*applies* a cache, so one kernel serves every variant.
+*applies* a cache, so one kernel serves every variant. Two scalings are outside this op: Llama 4's
+NoPE-layer query temperature (:func:`apt_hal.rope.llama4_nope_temperature`) and DeepSeek's extra
+softmax scale ``m(s, mscale_all_dim)^2``; the model applies them.
 
 Arguments
 ---------
