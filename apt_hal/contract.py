@@ -147,7 +147,9 @@ class Op:
         for i in self._tensor_idx:
             a = args[i]
             if a is not None and type(a) is not torch.Tensor:
-                return False  # fake, functional or other subclass tensors take the dispatcher
+                # Fake, functional and other tensor subclasses take the dispatcher; a non-tensor
+                # stays here, where the contract's check names the argument.
+                return not isinstance(a, torch.Tensor)
         return not self._needs_grad(args)  # autograd must record the op
 
     def _device_type(self, args: tuple) -> str:

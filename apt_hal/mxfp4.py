@@ -33,8 +33,10 @@ For each block, computed in float32 (bf16 and fp16 inputs convert exactly):
    rounds to zero is kept (-0 is code 8), as IEEE rounding does.
 
 Dequantization: ``value = E2M1(code) * 2^(scale - 127)``; a 0xFF scale makes all 32 values NaN.
-Every MXFP4 value is exact in float32 and bfloat16; in float16, magnitudes below 2^-24 flush to
-zero and above 65504 become Inf (float16's range, documented rather than hidden).
+Every value is exact in float32 and bfloat16 except magnitudes >= 2^128 (scale codes 253-254 with
+large elements, which quantizing a float32 never produces), which overflow to Inf. Dequantizing to
+float16 rounds each value once: above 65504 to Inf, below 2^-14 into float16's subnormals, at or
+below 2^-25 to 0.
 
 Interoperability: :func:`to_torch_dtypes` / :func:`from_torch_dtypes` view the storage as
 ``torch.float4_e2m1fn_x2`` / ``torch.float8_e8m0fnu`` where the torch version has them; every
@@ -140,7 +142,8 @@ def quantize(w: torch.Tensor, nonfinite: Literal["nan", "raise"] = "nan") -> Tup
     # x / 2^shared is exact in float64 (shared >= -127, |x| < 2^128).
     y = torch.ldexp(x.to(torch.float64), (-shared).to(torch.float64).unsqueeze(-1))
     codes = _round_e2m1(y) | (torch.signbit(y).to(torch.uint8) << 3)
-    codes = torch.where(bad_block.unsqueeze(-1), torch.zeros_like(codes), codes)
+    # NaN/Inf blocks and all-zero blocks (even of -0s) encode +0 elements, as the rules state.
+    codes = torch.where((bad_block | zero_block).unsqueeze(-1), torch.zeros_like(codes), codes)
     codes = codes.reshape(*lead, k)
     packed = (codes[..., 0::2] | (codes[..., 1::2] << 4)).contiguous()
     return packed, scale_code.reshape(*lead, k // BLOCK).contiguous()

@@ -48,7 +48,8 @@ hidden width, ``S = T*k`` assignments. Assignment ``a = t*k + j`` is token ``t``
 ``tokens_per_expert`` (kept, int64 ``[E]``), ``dropped`` (int64 scalar), the Switch load-balance
 loss ``E * sum_e f_e * P_e`` (``f_e``: fraction of the ``S`` assignments routed to ``e`` before
 capacity; ``P_e``: mean softmax probability of ``e``) and the router z-loss
-``mean_t logsumexp(logits_t)^2``. Both losses are differentiable with respect to the logits.
+``mean_t logsumexp(logits_t)^2``. Both losses are differentiable with respect to the logits, and
+are 0 for an empty batch (``T = 0``).
 
 Gradients flow through ``moe_route`` (weights w.r.t. logits), ``moe_experts`` (w.r.t. ``x``, the
 unquantized weights and biases) and ``moe_combine`` (w.r.t. ``y`` and the weights).
@@ -331,7 +332,7 @@ def moe_combine(y: torch.Tensor, sorted_assignments: torch.Tensor, expert_offset
     row_of = torch.empty(s, dtype=torch.long, device=y.device)
     row_of[sorted_assignments.long()] = torch.arange(s, device=y.device)  # assignment -> row
     kept = (row_of < expert_offsets[-1]).reshape(t, k)
-    contrib = y.float()[row_of].reshape(t, k, -1)  # [T, k, d]
+    contrib = y.float()[row_of].reshape(t, k, y.shape[1])  # [T, k, d]
     w = torch.where(kept, topk_weights, torch.zeros((), device=y.device))
     out = torch.zeros((t, y.shape[1]), dtype=torch.float32, device=y.device)
     for j in range(k):  # in j order, as the spec states
@@ -371,12 +372,13 @@ def load_balance_loss(router_logits: torch.Tensor, topk_ids: torch.Tensor) -> to
     e = router_logits.shape[-1]
     probs = torch.softmax(router_logits.float(), dim=-1)
     f = torch.bincount(topk_ids.reshape(-1).long(), minlength=e).float() / max(topk_ids.numel(), 1)
-    return e * (f * probs.mean(dim=0)).sum()
+    mean_probs = probs.sum(dim=0) / max(router_logits.shape[0], 1)  # 0 for an empty batch, not NaN
+    return e * (f * mean_probs).sum()
 
 
 def router_z_loss(router_logits: torch.Tensor) -> torch.Tensor:
     """Router z-loss ``mean_t logsumexp(logits_t)^2`` (ST-MoE)."""
-    return torch.logsumexp(router_logits.float(), dim=-1).square().mean()
+    return torch.logsumexp(router_logits.float(), dim=-1).square().sum() / max(router_logits.shape[0], 1)
 
 
 def moe_dispatch(x: torch.Tensor, router_logits: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, *,
