@@ -63,7 +63,7 @@ def inner_contiguous(op: str, name: str, t: torch.Tensor, from_dim: int = -1) ->
     if t.is_contiguous():  # the common case, and much cheaper than reading the strides
         return
     shape, strides = t.shape, t.stride()
-    first = from_dim % t.dim()
+    first = from_dim if from_dim >= 0 else from_dim + t.dim()
     expected = 1
     for d in range(t.dim() - 1, first - 1, -1):
         if shape[d] != 1 and strides[d] != expected:
@@ -87,6 +87,8 @@ def index_range(op: str, name: str, t: torch.Tensor, low: int, high: int, allow:
     """Every value of ``t`` is in ``[low, high)`` or one of ``allow``."""
     if not t.numel():
         return
+    info = torch.iinfo(t.dtype)  # bounds past the dtype's range would wrap in the comparison
+    low, high = max(low, info.min), min(high, info.max + 1)
     bad = (t < low) | (t >= high)
     for a in allow:
         bad &= t != a
