@@ -83,17 +83,17 @@ def no_nan(op: str, name: str, t: torch.Tensor) -> None:
                  "which this contract does not accept")
 
 
-def index_range(op: str, name: str, t: torch.Tensor, low: int, high: int, allow: Sequence[int] = ()) -> None:
-    """Every value of ``t`` is in ``[low, high)`` or one of ``allow``."""
+def index_range(op: str, name: str, t: torch.Tensor, low: int, high: int, negative_ok: bool = False) -> None:
+    """Every value of ``t`` is in ``[low, high)``, or negative when ``negative_ok`` (a skip marker)."""
     if not t.numel():
         return
-    info = torch.iinfo(t.dtype)  # bounds past the dtype's range would wrap in the comparison
-    low, high = max(low, info.min), min(high, info.max + 1)
-    bad = (t < low) | (t >= high)
-    for a in allow:
-        bad &= t != a
+    # Compare against inclusive bounds clamped to the dtype: a bound outside it would wrap.
+    info = torch.iinfo(t.dtype)
+    bad = t > min(high - 1, info.max)
+    if not negative_ok:
+        bad |= t < max(low, info.min)
     if bad.any():
         v = t[bad][0].item()
-        extra = f" or {', '.join(map(str, allow))}" if allow else ""
+        extra = " or negative" if negative_ok else ""
         fail(op, f"argument '{name}' must hold values in [{low}, {high}){extra}, found {v} "
                  f"({int(bad.sum())} value(s) out of range)")
