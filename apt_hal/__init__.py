@@ -24,6 +24,7 @@ from apt_hal.errors import (
     ContractError,
     CorruptBlockError,
     OpNotImplementedError,
+    PagedStoreFullError,
     PluginError,
     UnknownBackendError,
 )
@@ -34,7 +35,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AptHalError", "Backend", "BackendUnavailableError", "ContractError", "CorruptBlockError",
-    "OpNotImplementedError", "PluginError", "Probe", "UnknownBackendError", "device_count",
+    "OpNotImplementedError", "PagedStoreFullError", "PluginError", "Probe", "UnknownBackendError", "device_count",
     "device_type", "empty_cache", "explain", "get_device", "impl", "max_memory_allocated",
     "memory_allocated", "mxfp4", "nn", "ops", "register_impl", "rope", "synchronize", "use",
 ]

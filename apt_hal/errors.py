@@ -30,3 +30,8 @@ class PluginError(AptHalError, RuntimeError):
 
 class CorruptBlockError(AptHalError, IOError):
     """A paged block read back from disk does not match the checksum written with it."""
+
+
+class PagedStoreFullError(AptHalError, MemoryError):
+    """A :class:`~apt_hal.contracts.paged_tensor.PagedTensor` has no room: every tier is full, or
+    too many blocks are pinned."""

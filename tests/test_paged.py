@@ -1,0 +1,654 @@
+"""paged_tensor: the three ops' references on hand cases and error paths, and the PagedTensor store
+(tiers, LRU eviction, pinning, prefetch, checksummed disk tier) against a plain dict model.
+
+Store tests run on the ``dev`` fixture's device: on a GPU machine they also exercise pinned host
+memory, the side stream and its events.
+"""
+
+import collections
+import random
+import re
+import threading
+import time
+
+import pytest
+import torch
+
+from apt_hal import ops
+from apt_hal.contracts.paged_tensor import PagedStoreFullError, PagedTensor
+from apt_hal.errors import ContractError, CorruptBlockError
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The bytes of ``t`` (NaN payloads included), for exact comparisons."""
+    return t.contiguous().view(torch.uint8)
+
+
+def _assert_same_bytes(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype
+    assert torch.equal(_bits(actual.cpu()), _bits(expected.cpu()))
+
+
+def _random_blocks(shape, dtype, gen) -> torch.Tensor:
+    """Random bit patterns of ``dtype`` (NaN and Inf encodings included); 0/1 for bool."""
+    if dtype == torch.bool:
+        return torch.randint(0, 2, shape, generator=gen).bool()
+    size = torch.empty((), dtype=dtype).element_size()
+    raw = torch.randint(0, 256, (*shape[:-1], shape[-1] * size), dtype=torch.uint8, generator=gen)
+    return raw.view(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# The ops' references: hand cases
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+def test_write_skips_negative_slots(index_dtype):
+    cache = torch.zeros(3, 2, 2)  # 3 blocks of 2 slots, items of 2
+    values = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0], [7.0, 8.0]])
+    ops.paged_write(cache, values, torch.tensor([5, -1, 0, -7], dtype=index_dtype))
+    expected = torch.zeros(3, 2, 2)
+    expected[2, 1] = torch.tensor([1.0, 2.0])  # slot 5 = block 2, offset 1
+    expected[0, 0] = torch.tensor([5.0, 6.0])
+    torch.testing.assert_close(cache, expected, rtol=0, atol=0, equal_nan=False)
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+def test_gather_negative_entries_give_zero_blocks(index_dtype):
+    cache = torch.arange(1, 25, dtype=torch.float32).reshape(4, 3, 2)
+    table = torch.tensor([[2, -1, 0], [-1, -1, 3]], dtype=index_dtype)
+    out = ops.paged_gather(cache, table)
+    assert out.shape == (2, 3, 3, 2)
+    zero = torch.zeros(3, 2)
+    for b, row in enumerate(table.tolist()):
+        for m, block in enumerate(row):
+            torch.testing.assert_close(out[b, m], cache[block] if block >= 0 else zero, rtol=0, atol=0,
+                                       equal_nan=False)
+
+
+def test_copy_blocks_between_pools():
+    src = torch.arange(4 * 2 * 3, dtype=torch.int64).reshape(4, 2, 3)
+    dst = torch.full((6, 2, 3), -1, dtype=torch.int64)
+    ops.paged_copy_blocks(src, torch.tensor([3, 0, 3]), dst, torch.tensor([0, 5, 2], dtype=torch.int32))
+    expected = torch.full((6, 2, 3), -1, dtype=torch.int64)
+    expected[0], expected[5], expected[2] = src[3], src[0], src[3]
+    assert torch.equal(dst, expected)
+
+
+def test_ops_on_per_layer_views_touch_only_their_layer():
+    # A whole-model KV cache [blocks, layers, 2 (K/V), block_size, heads, head_dim]; a layer's K is a
+    # pool whose first dimension is strided.
+    gen = torch.Generator().manual_seed(1)
+    big = torch.randn(5, 3, 2, 4, 2, 3, generator=gen)
+    before = big.clone()
+    k1 = big[:, 1, 0]
+    assert not k1.is_contiguous()
+    values = torch.randn(3, 2, 3, generator=gen)
+    ops.paged_write(k1, values, torch.tensor([9, 0, -1]))  # block 2 offset 1, block 0 offset 0
+    expected = before.clone()
+    expected[2, 1, 0, 1] = values[0]
+    expected[0, 1, 0, 0] = values[1]
+    assert torch.equal(big, expected)
+    torch.testing.assert_close(ops.paged_gather(k1, torch.tensor([2, -1])),
+                               torch.stack([expected[2, 1, 0], torch.zeros(4, 2, 3)]), rtol=0, atol=0)
+    v2 = big[:, 2, 1]
+    ops.paged_copy_blocks(k1, torch.tensor([2]), v2, torch.tensor([4]))
+    expected[4, 2, 1] = expected[2, 1, 0]
+    assert torch.equal(big, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int64, torch.bool, torch.float16, torch.bfloat16,
+                                   torch.float32, torch.float8_e4m3fn])
+def test_ops_move_bytes_exactly(dtype):
+    gen = torch.Generator().manual_seed(2)
+    cache = _random_blocks((4, 2, 3), dtype, gen)
+    values = _random_blocks((3, 3), dtype, gen)
+    expected = cache.clone()
+    ops.paged_write(cache, values, torch.tensor([7, 2, -1]))
+    expected[3, 1], expected[1, 0] = values[0], values[1]
+    _assert_same_bytes(cache, expected)
+    out = ops.paged_gather(cache, torch.tensor([3, -1, 1]))
+    _assert_same_bytes(out[0], expected[3])
+    _assert_same_bytes(out[2], expected[1])
+    assert not _bits(out[1]).any()
+    dst = _random_blocks((2, 2, 3), dtype, gen)
+    ops.paged_copy_blocks(cache, torch.tensor([1, 3]), dst, torch.tensor([1, 0]))
+    _assert_same_bytes(dst, torch.stack([expected[3], expected[1]]))
+
+
+def test_empty_inputs():
+    cache = torch.randn(3, 2, 4)
+    before = cache.clone()
+    ops.paged_write(cache, torch.empty(0, 4), torch.empty(0, dtype=torch.int64))
+    assert torch.equal(cache, before)
+    assert ops.paged_gather(cache, torch.empty(0, dtype=torch.int32)).shape == (0, 2, 4)
+    assert ops.paged_gather(cache, torch.empty(2, 0, dtype=torch.int32)).shape == (2, 0, 2, 4)
+    dst = torch.randn(1, 2, 4)
+    dst_before = dst.clone()
+    ops.paged_copy_blocks(cache, torch.empty(0, dtype=torch.int64), dst, torch.empty(0, dtype=torch.int64))
+    assert torch.equal(dst, dst_before)
+
+
+def _pool(n=3, dtype=torch.float32, device="cpu"):
+    return torch.zeros(n, 2, 4, dtype=dtype, device=device)
+
+
+_I = torch.tensor
+_OP_ERRORS = {
+    "write: values dtype": (lambda: ops.paged_write(_pool(), torch.zeros(1, 4, dtype=torch.float16), _I([0])),
+                            "'values' must have dtype float32"),
+    "write: values item shape": (lambda: ops.paged_write(_pool(), torch.zeros(1, 5), _I([0])),
+                                 "'values' must have shape"),
+    "write: slot dtype": (lambda: ops.paged_write(_pool(), torch.zeros(1, 4), _I([0.0])),
+                          "'slot_mapping' must have dtype"),
+    "write: slot count": (lambda: ops.paged_write(_pool(), torch.zeros(2, 4), _I([0])),
+                          "'slot_mapping' must have size 2"),
+    "write: device": (lambda: ops.paged_write(_pool(), torch.zeros(1, 4, device="meta"), _I([0])),
+                      "'values' is on meta"),
+    "write: duplicate slots": (lambda: ops.paged_write(_pool(), torch.zeros(3, 4), _I([1, -1, 1])),
+                               "'slot_mapping' names one slot more than once"),
+    "write: slot out of range": (lambda: ops.paged_write(_pool(), torch.zeros(1, 4), _I([6])),
+                                 r"'slot_mapping' must hold values in \[.*, 6\)"),
+    "write: cache rank": (lambda: ops.paged_write(torch.zeros(4), torch.zeros(1), _I([0])),
+                          "'cache' must have at least 2 dimensions"),
+    "write: cache layout": (lambda: ops.paged_write(torch.zeros(3, 4, 2).transpose(1, 2), torch.zeros(1, 4), _I([0])),
+                            "'cache' must be contiguous"),
+    "gather: table dtype": (lambda: ops.paged_gather(_pool(), _I([0.5])), "'block_table' must have dtype"),
+    "gather: device": (lambda: ops.paged_gather(_pool(), _I([0], device="meta")), "'block_table' is on meta"),
+    "gather: id out of range": (lambda: ops.paged_gather(_pool(), _I([[0, 3]])),
+                                r"'block_table' must hold values in \[.*, 3\)"),
+    "copy: dtype": (lambda: ops.paged_copy_blocks(_pool(), _I([0]), _pool(dtype=torch.float16), _I([0])),
+                    "'src' blocks .* and 'dst' blocks .* must have one shape and dtype"),
+    "copy: block shape": (lambda: ops.paged_copy_blocks(_pool(), _I([0]), torch.zeros(3, 2, 5), _I([0])),
+                          "'src' blocks .* and 'dst' blocks .* must have one shape and dtype"),
+    "copy: id count": (lambda: ops.paged_copy_blocks(_pool(), _I([0, 1]), _pool(), _I([0])),
+                       "'dst_ids' must have size 2"),
+    "copy: src device": (lambda: ops.paged_copy_blocks(_pool(), _I([0], device="meta"), _pool(), _I([0])),
+                         "'src_ids' is on meta"),
+    "copy: dst device": (lambda: ops.paged_copy_blocks(_pool(), _I([0]), _pool(device="meta"), _I([0])),
+                         "'dst_ids' is on cpu but 'dst' is on meta"),
+    "copy: duplicate dst ids": (lambda: ops.paged_copy_blocks(_pool(), _I([0, 1]), _pool(), _I([2, 2])),
+                                "'dst_ids' names one block more than once"),
+    "copy: src id out of range": (lambda: ops.paged_copy_blocks(_pool(), _I([3]), _pool(), _I([0])),
+                                  r"'src_ids' must hold values in \[0, 3\)"),
+    "copy: negative dst id": (lambda: ops.paged_copy_blocks(_pool(), _I([0]), _pool(), _I([-1])),
+                              r"'dst_ids' must hold values in \[0, 3\)"),
+}
+
+
+@pytest.mark.parametrize("case", list(_OP_ERRORS))
+def test_op_errors_name_the_argument(case):
+    call, message = _OP_ERRORS[case]
+    with pytest.raises(ContractError, match=message):
+        call()
+
+
+def test_compile_and_export_keep_both_ops():
+    def write_then_gather(pool, values, slot_mapping, table):
+        ops.paged_write(pool, values, slot_mapping)
+        return ops.paged_gather(pool, table)
+
+    gen = torch.Generator().manual_seed(3)
+    pool, values = torch.randn(4, 2, 3, generator=gen), torch.randn(3, 3, generator=gen)
+    slot_mapping, table = torch.tensor([0, -1, 5]), torch.tensor([[0, 2], [-1, 1]])
+    eager_pool = pool.clone()
+    expected = write_then_gather(eager_pool, values, slot_mapping, table)
+
+    compiled_pool = pool.clone()
+    out = torch.compile(write_then_gather, fullgraph=True, backend="aot_eager")(compiled_pool, values, slot_mapping,
+                                                                                 table)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0, equal_nan=False)
+    torch.testing.assert_close(compiled_pool, eager_pool, rtol=0, atol=0, equal_nan=False)
+
+    class WriteThenGather(torch.nn.Module):
+        def forward(self, pool, values, slot_mapping, table):
+            return write_then_gather(pool, values, slot_mapping, table)
+
+    program = torch.export.export(WriteThenGather(), (pool.clone(), values, slot_mapping, table))
+    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert {"apt_hal.paged_write.default", "apt_hal.paged_gather.default"} <= targets
+    exported_pool = pool.clone()
+    torch.testing.assert_close(program.module()(exported_pool, values, slot_mapping, table), expected, rtol=0, atol=0)
+    torch.testing.assert_close(exported_pool, eager_pool, rtol=0, atol=0, equal_nan=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# The store
+# ---------------------------------------------------------------------------------------------
+
+
+def _store(dev, tmp_path, device=2, host=2, disk=2, block_shape=(2, 3), dtype=torch.float32):
+    path = str(tmp_path / "blocks.bin") if disk else None
+    return PagedTensor(block_shape, dtype, dev, device, host, path, disk)
+
+
+def _fill(store, ids, gen):
+    """Write a random block to each id; returns {id: block}."""
+    blocks = {i: _random_blocks(store.block_shape, store.dtype, gen) for i in ids}
+    for i, b in blocks.items():
+        store.write_block(i, b)
+    return blocks
+
+
+def test_new_blocks_are_zero_on_every_tier(dev, tmp_path):
+    store = _store(dev, tmp_path, device=1, host=1, disk=1)
+    ids = store.allocate(3)
+    assert [store.tier_of(i) for i in ids] == ["device", "host", "disk"]  # fastest tier with room
+    for i in ids:
+        assert torch.equal(store.read_block(i), torch.zeros(2, 3))
+    store.free(ids)
+    again = store.allocate(1)  # a freed block's bytes do not leak into a new one
+    assert torch.equal(store.read_block(again[0]), torch.zeros(2, 3))
+
+
+def test_lru_eviction_goes_to_host_and_host_lru_goes_to_disk(dev, tmp_path):
+    gen = torch.Generator().manual_seed(4)
+    store = _store(dev, tmp_path, device=2, host=2, disk=2)
+    a, b, c, d = store.allocate(4)
+    blocks = _fill(store, [a, b, c, d], gen)
+    assert [store.tier_of(i) for i in (a, b, c, d)] == ["device", "device", "host", "host"]
+    store.read_block(a)  # a is now more recent than b; c is the host's least recently used
+    slots = store.device_slots([d])
+    # b left the device; the full host first sent its least recently used block, c, to disk.
+    assert [store.tier_of(i) for i in (a, b, c, d)] == ["device", "host", "disk", "device"]
+    _assert_same_bytes(ops.paged_gather(store.pool, slots)[0], blocks[d])
+    for i, block in blocks.items():
+        _assert_same_bytes(store.read_block(i), block)
+    stats = store.stats()
+    assert stats["moved"] == {"device->host": 1, "host->disk": 1, "host->device": 1}
+    assert stats["device"] == {"capacity": 2, "used": 2, "free": 0}
+    assert stats["allocated"] == 4 and stats["in_flight"] == 0
+
+
+def test_every_tier_full_still_swaps_blocks_in(dev, tmp_path):
+    gen = torch.Generator().manual_seed(5)
+    store = _store(dev, tmp_path, device=2, host=1, disk=2)
+    ids = store.allocate(5)
+    blocks = _fill(store, ids, gen)
+    on_disk = [i for i in ids if store.tier_of(i) == "disk"]
+    slots = store.device_slots(on_disk)  # every tier is full: the blocks leaving must take their slots
+    assert [store.tier_of(i) for i in on_disk] == ["device", "device"]
+    out = ops.paged_gather(store.pool, slots)
+    for k, i in enumerate(on_disk):
+        _assert_same_bytes(out[k], blocks[i])
+    for i, block in blocks.items():
+        _assert_same_bytes(store.read_block(i), block)
+
+
+def test_pinned_blocks_stay_on_the_device(dev, tmp_path):
+    gen = torch.Generator().manual_seed(6)
+    store = _store(dev, tmp_path, device=2, host=4, disk=0)
+    a, b, c, d = store.allocate(4)
+    blocks = _fill(store, [a, b, c, d], gen)
+    store.evict([a], "host")
+    store.pin([a])  # brings a back to the device
+    slot = store.device_slots([a]).item()
+    for other in (b, c, d, b, c, d):
+        store.device_slots([other])
+        assert store.tier_of(a) == "device" and store.device_slots([a]).item() == slot
+    with pytest.raises(PagedStoreFullError, match="1 of its 2 blocks are pinned and this call needs 2 there"):
+        store.device_slots([b, c])
+    with pytest.raises(ContractError, match="'ids' names pinned block"):
+        store.evict([a], "host")
+    with pytest.raises(ContractError, match="'ids' names pinned block"):
+        store.free([a])
+    store.pin([a])  # pins nest
+    store.unpin([a])
+    with pytest.raises(PagedStoreFullError):
+        store.device_slots([b, c])
+    store.unpin([a])
+    with pytest.raises(ContractError, match="'ids' names block .*, which is not pinned"):
+        store.unpin([a])
+    store.device_slots([b, c])
+    assert store.tier_of(a) == "host"
+    for i, block in blocks.items():
+        _assert_same_bytes(store.read_block(i), block)
+
+
+def test_device_slots_feed_paged_write_and_gather_on_layer_views(dev, tmp_path):
+    # A whole-model KV cache block: [layers, 2 (K/V), block_size, heads, head_dim].
+    gen = torch.Generator().manual_seed(7)
+    store = _store(dev, tmp_path, device=2, host=2, disk=3, block_shape=(2, 2, 4, 2, 3), dtype=torch.bfloat16)
+    ids = store.allocate(3)
+    expected = {i: torch.zeros(2, 2, 4, 2, 3, dtype=torch.bfloat16) for i in ids}
+    for layer in range(2):
+        slots = store.device_slots([ids[2], ids[0]])  # ids[2] starts on the host
+        k, v = store.pool[:, layer, 0], store.pool[:, layer, 1]
+        keys = torch.randn(5, 2, 3, generator=gen).to(torch.bfloat16)
+        positions = [(0, 0), (0, 3), (1, 1), (1, 2), (0, 1)]  # (index in the table, offset)
+        slot_mapping = torch.tensor([slots[j].item() * 4 + o for j, o in positions], device=dev)
+        ops.paged_write(k, keys.to(dev), slot_mapping)
+        ops.paged_write(v, (-keys).to(dev), slot_mapping)
+        for t, (j, o) in enumerate(positions):
+            block = [ids[2], ids[0]][j]
+            expected[block][layer, 0, o], expected[block][layer, 1, o] = keys[t], -keys[t]
+        gathered = ops.paged_gather(k, torch.stack([slots, torch.tensor([-1, -1], dtype=torch.int32, device=dev)]))
+        _assert_same_bytes(gathered[0, 0], expected[ids[2]][layer, 0])
+        _assert_same_bytes(gathered[0, 1], expected[ids[0]][layer, 0])
+        assert not _bits(gathered[1]).any()
+        store.evict(ids, "disk")
+    for i in ids:
+        _assert_same_bytes(store.read_block(i), expected[i])
+
+
+def test_prefetch_then_wait_and_implicit_wait(dev, tmp_path):
+    gen = torch.Generator().manual_seed(8)
+    store = _store(dev, tmp_path, device=4, host=2, disk=6)
+    ids = store.allocate(6)
+    blocks = _fill(store, ids, gen)
+    store.evict(ids[:2], "host")
+    store.evict(ids[2:4], "disk")
+    assert [store.tier_of(i) for i in ids[:4]] == ["host", "host", "disk", "disk"]
+    handle = store.prefetch(ids[:4])
+    handle.wait()
+    assert handle.done()
+    assert [store.tier_of(i) for i in ids[:4]] == ["device"] * 4
+    for i in ids:
+        _assert_same_bytes(store.read_block(i), blocks[i])
+
+    store.evict(ids[:3], "disk")
+    store.prefetch(ids[:3])  # no wait: the next access waits
+    out = ops.paged_gather(store.pool, store.device_slots(ids[:3]))
+    for k, i in enumerate(ids[:3]):
+        _assert_same_bytes(out[k], blocks[i])
+    store.evict(ids[:2], "disk")
+    store.prefetch(ids[:2])
+    for i in ids[:2]:
+        _assert_same_bytes(store.read_block(i), blocks[i])
+    store.close()
+
+
+@pytest.mark.parametrize("access", ["wait", "read_block", "device_slots"])
+def test_prefetch_reads_disk_in_a_background_thread(dev, tmp_path, monkeypatch, access):
+    gen = torch.Generator().manual_seed(9)
+    store = _store(dev, tmp_path, device=2, host=0, disk=2)
+    a, b = store.allocate(2)
+    c = store.allocate(1)[0]  # on disk
+    blocks = _fill(store, [a, b, c], gen)
+    store.read_block(a)
+    store.read_block(b)  # the slot c will take holds other bytes, so reading it too early would fail
+    readers, gate = [], threading.Event()
+    disk_read = store._disk_read
+
+    def gated_disk_read(ids, slots):
+        readers.append(threading.current_thread())
+        assert gate.wait(timeout=30)
+        return disk_read(ids, slots)
+
+    monkeypatch.setattr(store, "_disk_read", gated_disk_read)
+    handle = store.prefetch([c])  # returns while the read is held at the gate
+    assert not handle.done()
+    assert store.stats()["in_flight"] == 1
+    threading.Timer(0.2, gate.set).start()
+    if access == "wait":
+        handle.wait()
+    elif access == "read_block":  # waits for the prefetch by itself
+        _assert_same_bytes(store.read_block(c), blocks[c])
+    else:
+        _assert_same_bytes(ops.paged_gather(store.pool, store.device_slots([c]))[0], blocks[c])
+    assert handle.done()
+    _assert_same_bytes(store.read_block(c), blocks[c])
+    assert len(readers) == 1 and readers[0] is not threading.main_thread()
+    assert readers[0].name.startswith("apt_hal-paged-prefetch")
+    for i in (a, b):
+        _assert_same_bytes(store.read_block(i), blocks[i])
+    store.close()
+
+
+@pytest.mark.parametrize("full", [False, True], ids=["room on device", "every tier full"])
+@pytest.mark.parametrize("where", ["checksum", "first data byte", "last data byte"])
+def test_disk_corruption_is_detected(dev, tmp_path, where, full):
+    gen = torch.Generator().manual_seed(10)
+    store = _store(dev, tmp_path, device=1 if full else 2, host=0, disk=1)
+    a, b = store.allocate(2)
+    blocks = _fill(store, [a, b], gen)
+    store.evict([b], "disk")  # b is the disk's only record
+    path = tmp_path / "blocks.bin"
+    offset = {"checksum": 0, "first data byte": 4, "last data byte": path.stat().st_size - 1}[where]
+
+    def flip():
+        with open(path, "r+b") as f:
+            f.seek(offset)
+            byte = f.read(1)[0]
+            f.seek(offset)
+            f.write(bytes([byte ^ 0x10]))
+
+    flip()
+    message = f"block {b} read from {re.escape(str(path))} .* does not match its CRC-32"
+    with pytest.raises(CorruptBlockError, match=message):
+        store.read_block(b)
+    with pytest.raises(CorruptBlockError, match=message):
+        store.device_slots([b])
+    if full:  # the move needs b's slot for a, so it runs before prefetch returns
+        with pytest.raises(CorruptBlockError, match=message):
+            store.prefetch([b])
+    else:
+        handle = store.prefetch([b])
+        with pytest.raises(CorruptBlockError, match=message):
+            handle.wait()
+    assert store.tier_of(b) == "disk" and store.tier_of(a) == "device"  # the failed moves changed nothing
+    _assert_same_bytes(store.read_block(a), blocks[a])
+    flip()  # undo: the block reads back whole, so the error was the flip's
+    _assert_same_bytes(store.read_block(b), blocks[b])
+    store.close()
+
+
+def test_store_errors_name_the_argument(dev, tmp_path):
+    with pytest.raises(ContractError, match="'block_shape' must be a non-empty tuple"):
+        PagedTensor((), torch.float32, dev, 2)
+    with pytest.raises(ContractError, match="'num_device_blocks' must be an int >= 1"):
+        PagedTensor((2,), torch.float32, dev, 0)
+    with pytest.raises(ContractError, match="'disk_path' and 'num_disk_blocks' go together"):
+        PagedTensor((2,), torch.float32, dev, 2, num_disk_blocks=3)
+    store = _store(dev, tmp_path, device=1, host=1, disk=0)
+    ids = store.allocate(2)
+    with pytest.raises(PagedStoreFullError, match="asked for 1 blocks but only 0 of 2 are free"):
+        store.allocate(1)
+    with pytest.raises(ContractError, match="'n' must be an int >= 0"):
+        store.allocate(-1)
+    with pytest.raises(ContractError, match="'ids' names block 7, which is not allocated"):
+        store.read_block(7)
+    with pytest.raises(ContractError, match="'ids' names one block more than once"):
+        store.free([ids[0], ids[0]])
+    with pytest.raises(ContractError, match=r"'value' must have shape \[2, 3\]"):
+        store.write_block(ids[0], torch.zeros(3, 2))
+    with pytest.raises(ContractError, match="'value' must have dtype float32"):
+        store.write_block(ids[0], torch.zeros(2, 3, dtype=torch.float64))
+    with pytest.raises(ContractError, match="'tier' must be a lower tier of this store \\('host'\\), got 'disk'"):
+        store.evict(ids, "disk")
+    with pytest.raises(PagedStoreFullError, match="2 blocks are needed on the device at once but its tier holds 1"):
+        store.device_slots(ids)
+    store.free(ids)
+    with pytest.raises(ContractError, match="not allocated"):
+        store.tier_of(ids[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# The store against a dict model, under random operations
+# ---------------------------------------------------------------------------------------------
+
+
+class _Model:
+    """What the store must hold: block bytes by id, pins, and the capacities."""
+
+    def __init__(self, store):
+        self.store = store
+        self.blocks: dict[int, torch.Tensor] = {}
+        self.pins: collections.Counter = collections.Counter()
+        stats = store.stats()
+        self.capacity = {t: stats[t]["capacity"] if t in stats else 0 for t in ("device", "host", "disk")}
+
+    def check(self, i: int, actual: torch.Tensor) -> None:
+        _assert_same_bytes(actual, self.blocks[i])
+
+    def fits_on_device(self, ids) -> bool:
+        return len(set(ids) | {i for i, n in self.pins.items() if n}) <= self.capacity["device"]
+
+
+def _random_store_ops(store, n_ops: int, seed: int) -> collections.Counter:
+    """Run ``n_ops`` random operations, checking every read against the model; returns what ran
+    (``"<op>"``: succeeded, ``"<op>: full"`` / ``"<op>: pinned"``: raised as the model predicted)."""
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model = _Model(store)
+    dev, layers, block_size, item = store.device, store.block_shape[0], store.block_shape[1], store.block_shape[2:]
+    total = sum(model.capacity.values())
+    lower = [t for t in ("host", "disk") if model.capacity[t]]
+    handles = []
+    done = collections.Counter()
+
+    def some(k_max, unique=True, unpinned=False):
+        alive = sorted(i for i in model.blocks if not (unpinned and model.pins[i]))
+        k = rng.randint(1, min(k_max, len(alive))) if alive else 0
+        return rng.sample(alive, k) if unique else rng.choices(alive, k=k)
+
+    def attempt(kind, fits, call):
+        """``call()``, which must raise PagedStoreFullError exactly when ``fits`` is false."""
+        if fits:
+            done[kind] += 1
+            return call()
+        with pytest.raises(PagedStoreFullError):
+            call()
+        done[kind + ": full"] += 1
+        return None
+
+    def evict(ids, tier):
+        """Must raise exactly when a block is pinned or the tiers from ``tier`` down lack room."""
+        where = {i: store.tier_of(i) for i in model.blocks}
+        order = ["device", *lower]
+        moving = [i for i in ids if order.index(where[i]) < order.index(tier)]
+        used = collections.Counter(where.values())
+        room = sum(model.capacity[t] - used[t] for t in order[order.index(tier):])
+        if any(model.pins[i] for i in ids):
+            with pytest.raises(ContractError, match="pinned"):
+                store.evict(ids, tier)
+            done["evict: pinned"] += 1
+        else:
+            fits = len(moving) <= room
+            attempt("evict", fits, lambda: store.evict(ids, tier))
+            if fits:
+                assert all(order.index(store.tier_of(i)) >= order.index(tier) for i in ids)
+
+    kinds = ["allocate", "free", "write_block", "read_block", "paged_write", "paged_gather", "evict", "prefetch",
+             "wait", "pin"]
+    weights = [8, 8, 10, 15, 15, 15, 10, 10, 3, 6]
+    for step in range(n_ops):
+        kind = rng.choices(kinds, weights)[0]
+        if not model.blocks:
+            kind = "allocate"
+        if kind == "allocate":
+            n = rng.randint(1, 3)
+            for i in attempt(kind, n <= total - len(model.blocks), lambda: store.allocate(n)) or []:
+                assert i not in model.blocks
+                model.blocks[i] = torch.zeros(store.block_shape, dtype=store.dtype)
+        elif kind == "free":
+            ids = some(3, unpinned=True)
+            store.free(ids)
+            for i in ids:
+                del model.blocks[i]
+            done[kind] += 1
+        elif kind == "write_block":
+            i = rng.choice(sorted(model.blocks))
+            model.blocks[i] = _random_blocks(store.block_shape, store.dtype, gen)
+            store.write_block(i, model.blocks[i].to(dev))
+            done[kind] += 1
+        elif kind == "read_block":
+            i = rng.choice(sorted(model.blocks))
+            model.check(i, store.read_block(i))
+            done[kind] += 1
+        elif kind == "paged_write":
+            ids = some(model.capacity["device"])
+            slots = attempt(kind, model.fits_on_device(ids), lambda: store.device_slots(ids))
+            if slots is not None:
+                layer = rng.randrange(layers)
+                places = rng.sample([(j, o) for j in range(len(ids)) for o in range(block_size)],
+                                    rng.randint(0, len(ids) * block_size))
+                values = _random_blocks((len(places) + 1, *item), store.dtype, gen)
+                slot_mapping = [slots[j].item() * block_size + o for j, o in places] + [-1]  # -1: a padding token
+                ops.paged_write(store.pool[:, layer], values.to(dev), torch.tensor(slot_mapping, device=dev))
+                for (j, o), value in zip(places, values):
+                    model.blocks[ids[j]][layer, o] = value
+        elif kind == "paged_gather":
+            ids = some(model.capacity["device"] + 1, unique=False)  # a table may name a block twice
+            slots = attempt(kind, model.fits_on_device(ids), lambda: store.device_slots(ids))
+            if slots is not None:
+                layer = rng.randrange(layers)
+                unused = torch.tensor([rng.random() < 0.2 for _ in ids])
+                table = torch.where(unused.to(dev), -1, slots)  # -1: an unused table entry
+                assert table.dtype == torch.int32
+                out = ops.paged_gather(store.pool[:, layer], table).cpu()
+                for k, i in enumerate(ids):
+                    expected = torch.zeros_like(model.blocks[i][layer]) if unused[k] else model.blocks[i][layer]
+                    _assert_same_bytes(out[k], expected)
+        elif kind == "evict" and lower:
+            evict(some(3), rng.choice(lower))
+        elif kind == "prefetch":
+            ids = some(model.capacity["device"] + 1, unique=False)
+            if lower and rng.random() < 0.5:  # from the lowest tier, as when an offloaded sequence resumes
+                evict(sorted(set(ids)), lower[-1])
+            handle = attempt(kind, model.fits_on_device(ids), lambda: store.prefetch(ids))
+            if handle is not None:
+                done["prefetch: in flight"] += store.stats()["in_flight"] > 0
+                if rng.random() < 0.5:
+                    handle.wait()
+                    assert handle.done() and all(store.tier_of(i) == "device" for i in ids)
+                else:
+                    handles.append(handle)  # no wait: later accesses must wait by themselves
+        elif kind == "wait" and handles:
+            handles.pop(rng.randrange(len(handles))).wait()
+            done[kind] += 1
+        elif kind == "pin":
+            pinned = sorted(i for i, n in model.pins.items() if n)
+            if len(pinned) < model.capacity["device"] // 2 and rng.random() < 0.5:
+                ids = some(2)
+                attempt("pin", model.fits_on_device(ids), lambda: store.pin(ids))
+                if model.fits_on_device(ids):
+                    model.pins.update(ids)
+                    assert all(store.tier_of(i) == "device" for i in ids)
+            elif pinned:
+                i = rng.choice(pinned)
+                store.unpin([i])
+                model.pins[i] -= 1
+                done["unpin"] += 1
+        if step % 5000 == 4999:
+            for i in sorted(model.blocks):
+                model.check(i, store.read_block(i))
+            stats = store.stats()
+            assert stats["allocated"] == len(model.blocks)
+            assert stats["pinned"] == sum(1 for n in model.pins.values() if n)
+    for i in sorted(model.blocks):
+        model.check(i, store.read_block(i))
+    store.close()
+    return done
+
+
+def test_store_matches_a_dict_model_under_100k_random_operations(dev, tmp_path, monkeypatch):
+    # float16 blocks of random bits carry NaN and Inf encodings: every tier must move bytes, not values.
+    store = PagedTensor((2, 2, 3), torch.float16, dev, 4, 4, str(tmp_path / "blocks.bin"), 6)
+    disk_read = store._disk_read
+
+    def slow_background_read(ids, slots):  # so that prefetches are still in flight when blocks are used
+        if threading.current_thread() is not threading.main_thread():
+            time.sleep(0.0002)
+        return disk_read(ids, slots)
+
+    monkeypatch.setattr(store, "_disk_read", slow_background_read)
+    done = _random_store_ops(store, 100_000, seed=0)
+    for kind in ("allocate", "free", "write_block", "read_block", "paged_write", "paged_gather", "evict", "prefetch",
+                 "prefetch: in flight", "wait", "pin", "unpin"):
+        assert done[kind] > 1000, (kind, done)  # every operation ran many times
+    for refusal in ("allocate: full", "paged_write: full", "paged_gather: full", "evict: full", "evict: pinned",
+                    "prefetch: full"):
+        assert done[refusal] > 500, (refusal, done)  # and so did every refusal the model predicts
+    moved = store.stats()["moved"]
+    for route in ("device->host", "host->disk", "host->device", "disk->device", "device->disk", "device->parked"):
+        assert moved.get(route, 0) > 1000, (route, moved)
+
+
+@pytest.mark.parametrize("tiers", [(3, 0, 5), (3, 5, 0)], ids=["device+disk", "device+host"])
+def test_store_with_two_tiers_matches_a_dict_model(dev, tmp_path, tiers):
+    device, host, disk = tiers
+    path = str(tmp_path / "blocks.bin") if disk else None
+    store = PagedTensor((2, 2, 3), torch.int64, dev, device, host, path, disk)
+    _random_store_ops(store, 10_000, seed=1)
