@@ -3,7 +3,7 @@ expected, and raises :class:`~apt_hal.errors.ContractError`.
 
 Metadata checks (shape, dtype, device, layout) read no tensor data and run on every call.
 Value checks (NaN, index ranges) read data, so they run in the references and, for backends,
-only under ``APT_HAL_CHECKS=values`` (see :func:`apt_hal.contract.backend_value_checks`).
+only under ``APT_HAL_CHECKS=values`` (see :func:`apt_hal.set_checks`).
 """
 
 from __future__ import annotations

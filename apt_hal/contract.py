@@ -49,13 +49,33 @@ def value_checks_enabled() -> bool:
     return not (tracing() or _in_reference_vjp.get())
 
 
-def backend_value_checks() -> bool:
-    """``APT_HAL_CHECKS=values`` makes every call check values before a backend runs it.
+CHECK_LEVELS = ("none", "metadata", "values")
 
-    Off by default because on an accelerator it costs a device synchronisation per call;
-    metadata checks (shape, dtype, device, layout) always run.
+
+def _level_from_env() -> str:
+    level = os.environ.get("APT_HAL_CHECKS", "metadata").strip() or "metadata"
+    if level not in CHECK_LEVELS:
+        raise ValueError(f"APT_HAL_CHECKS must be one of {', '.join(CHECK_LEVELS)}, got {level!r}")
+    return level
+
+
+_check_level = _level_from_env()  # read once: os.environ costs more than a whole fast-path call
+
+
+def set_checks(level: str) -> str:
+    """How much every op call checks before a backend runs it; returns the previous level.
+
+    ``"metadata"`` (default, also ``APT_HAL_CHECKS``): shape, dtype, device and layout, reading no
+    tensor data. ``"values"``: also NaN and index ranges (on an accelerator this costs a device
+    synchronisation per call). ``"none"``: no checks, for hot loops whose arguments were validated
+    once (a decode loop); a bad argument then fails inside the backend, or silently. References
+    check values whatever the level.
     """
-    return os.environ.get("APT_HAL_CHECKS", "metadata") == "values"
+    global _check_level
+    if level not in CHECK_LEVELS:
+        raise ValueError(f"apt_hal.set_checks: level must be one of {', '.join(CHECK_LEVELS)}, got {level!r}")
+    previous, _check_level = _check_level, level
+    return previous
 
 
 class Op:
@@ -130,9 +150,10 @@ class Op:
         return any(args[i] is not None and args[i].requires_grad for i in self._diff_idx)
 
     def _run(self, args: tuple):
-        self.check(*args)
-        if self.check_values is not None and backend_value_checks():
-            self.check_values(*args)
+        if _check_level != "none":
+            self.check(*args)
+            if _check_level == "values" and self.check_values is not None:
+                self.check_values(*args)
         return registry.select(self, self._device_type(args), args)(*args)
 
     def _kernel(self, *args, **kwargs):
@@ -142,15 +163,21 @@ class Op:
         return self._run(args)
 
     def _plain_eager(self, args: tuple) -> bool:
+        """Plain tensors, no dispatch or function mode, no gradient to record: skip the dispatcher."""
         if torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled():
             return False
+        grad = self._diff_idx and torch.is_grad_enabled()
         for i in self._tensor_idx:
             a = args[i]
-            if a is not None and type(a) is not torch.Tensor:
+            if a is None:
+                continue
+            if type(a) is not torch.Tensor:
                 # Fake, functional and other tensor subclasses take the dispatcher; a non-tensor
                 # stays here, where the contract's check names the argument.
                 return not isinstance(a, torch.Tensor)
-        return not self._needs_grad(args)  # autograd must record the op
+            if grad and a.requires_grad and i in self._diff_idx:
+                return False  # autograd must record the op
+        return True
 
     def _device_type(self, args: tuple) -> str:
         for i in self._device_idx:

@@ -300,3 +300,31 @@ def test_compile_traces_the_backends_traceable_op_and_export_keeps_apt_hal(test_
     assert "apt_hal.rotary.default" in {str(n.target) for n in exported.graph.nodes}
     for o, e in zip(out, ops.rotary.reference(*args)):
         torch.testing.assert_close(o, e, rtol=0, atol=0)
+
+
+def test_check_levels(test_backend):
+    seen = []
+
+    def rotary_test(q, k, positions, cos_sin_cache, style="neox"):
+        seen.append(positions.max().item())
+        return q, k
+
+    test_backend.append(registry.register_impl(ops.rotary, "test", rotary_test))
+    q, k, pos, cache, style = _rotary_args()
+    with apt_hal.use("test", strict=True):
+        far = pos + 100  # outside the cache: a value error only 'values' checks see
+        ops.rotary(q, k, far, cache, style)
+        assert seen == [102]
+        previous = apt_hal.set_checks("values")
+        try:
+            with pytest.raises(apt_hal.ContractError, match="'positions' must hold values in"):
+                ops.rotary(q, k, far, cache, style)
+            apt_hal.set_checks("none")  # no checks at all: even a wrong dtype reaches the backend
+            ops.rotary(q, k, pos.float(), cache, style)
+            assert len(seen) == 2
+        finally:
+            apt_hal.set_checks(previous)
+        with pytest.raises(apt_hal.ContractError, match="'positions' must have dtype int32 or int64"):
+            ops.rotary(q, k, pos.float(), cache, style)
+    with pytest.raises(ValueError, match="level must be one of none, metadata, values"):
+        apt_hal.set_checks("some")
