@@ -137,7 +137,7 @@ class Op:
         # torch.export keeps the apt_hal op (portable, and what compile/ lowers). torch.compile may
         # trace into the backend's own traceable op (a triton_op) so Inductor sees the kernel; the
         # choice is fixed when the graph is traced, so choose the backend before compiling.
-        if not torch.compiler.is_exporting() and not self._needs_grad(args):
+        if not self._needs_grad(args):
             target = _compile_target(self.name, self._device_type(args))
             if target:
                 namespace, name = target.split("::")
@@ -245,6 +245,10 @@ class Op:
 
 @torch._dynamo.assume_constant_result
 def _compile_target(op_name: str, device_type: str) -> str:
+    # Runs as plain Python when the graph is traced, so is_exporting() reads the real flag (torch
+    # 2.11's Dynamo folds a traced is_exporting() to True even under torch.compile).
+    if torch.compiler.is_exporting():
+        return ""
     return registry.compile_target(op_name, device_type)
 
 
