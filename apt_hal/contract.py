@@ -217,7 +217,8 @@ class Op:
         args = list(ctx.args)
         for i, t in zip(ctx.tensor_pos, ctx.saved_tensors):
             args[i] = t
-        diff = [i for i in self._diff_idx if isinstance(args[i], torch.Tensor)]
+        # Integer tensors (MXFP4 codes in a differentiable slot) have no gradient.
+        diff = [i for i in self._diff_idx if isinstance(args[i], torch.Tensor) and args[i].is_floating_point()]
 
         def f(*diff_vals):
             a = list(args)

@@ -113,6 +113,20 @@ def manual_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def get_rng_state(dev_type: Optional[str] = None) -> list:
+    """The random-generator states of every device of ``dev_type`` (default: the active type);
+    empty for the CPU, whose state is ``torch.get_rng_state()``."""
+    dev = dev_type or device_type()
+    return [] if dev == "cpu" else list(_module(dev).get_rng_state_all())
+
+
+def set_rng_state(states: list, dev_type: Optional[str] = None) -> None:
+    """Restore what :func:`get_rng_state` returned."""
+    dev = dev_type or device_type()
+    if dev != "cpu" and states:
+        _module(dev).set_rng_state_all(states)
+
+
 def _is_current_accelerator(dev_type: str) -> bool:
     try:
         cur = torch.accelerator.current_accelerator()

@@ -209,6 +209,12 @@ def device_type_of(name: str) -> str:
     return p.device_type or get_backend(name).device_type
 
 
+def activation_error(name: str) -> Optional[str]:
+    """The traceback of a backend whose probe said "available" but whose activation failed, or None."""
+    get_backend(name)
+    return _activated.get(name)
+
+
 def activate(name: str) -> None:
     """Import the backend's implementation module (it registers its implementations).
 

@@ -371,7 +371,11 @@ def load_balance_loss(router_logits: torch.Tensor, topk_ids: torch.Tensor) -> to
     """Switch load-balance loss ``E * sum_e f_e * P_e`` (differentiable through ``P_e``)."""
     e = router_logits.shape[-1]
     probs = torch.softmax(router_logits.float(), dim=-1)
-    f = torch.bincount(topk_ids.reshape(-1).long(), minlength=e).float() / max(topk_ids.numel(), 1)
+    ids = topk_ids.reshape(-1).long()
+    # index_add_, not bincount: bincount reads the largest id on the host, a sync per MoE layer.
+    counts = torch.zeros(e, dtype=torch.float32, device=ids.device).index_add_(
+        0, ids, torch.ones(ids.shape, dtype=torch.float32, device=ids.device))
+    f = counts / max(ids.numel(), 1)
     mean_probs = probs.sum(dim=0) / max(router_logits.shape[0], 1)  # 0 for an empty batch, not NaN
     return e * (f * mean_probs).sum()
 
