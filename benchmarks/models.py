@@ -1,0 +1,202 @@
+"""Prefill and decode throughput of the APT models against transformers' eager implementation.
+
+For apt-dense-1b (Llama-shaped) and apt-moe-1b (Mixtral-shaped): random bf16 weights are built,
+saved with apt_hal.models.hf.save_pretrained and loaded into transformers' LlamaForCausalLM /
+MixtralForCausalLM (attn_implementation="eager"), so both hold the same weights in the same run.
+Their logits are compared before anything is timed. Each model then generates greedily from
+random prompts: prefill tokens/s = B * prompt_len / time(1 new token); decode tokens/s =
+B * decode_len / (time(1 + decode_len new tokens) - time(1 new token)). Medians of --repeats
+runs after one warm-up. The MXFP4 rows convert the experts and every linear layer but lm_head and
+the routers to MXFP4 and time the same; the weight-memory ratio is their MXFP4 bytes over the bf16
+bytes of the same weights.
+
+    python benchmarks/models.py            # GPU: 1B models, bf16, batch 1 and 16, 512-token prompts
+    python benchmarks/models.py --tiny     # CPU smoke test: tiny presets, float32, a minute or less
+
+Targets (issue 5): decode >= 1.5x transformers' eager; MXFP4 weights <= 0.28x of bf16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import statistics
+import tempfile
+import time
+
+import torch
+
+import apt_hal
+from apt_hal.models import GenerationConfig, ModelConfig, build_model, convert_experts, generate
+from apt_hal.models.hf import save_pretrained
+from apt_hal.nn import MXFP4Linear, convert_model_to_mxfp4
+
+DECODE_TARGET = 1.5
+MEMORY_TARGET = 0.28
+
+
+@dataclasses.dataclass
+class Row:
+    model: str
+    weights: str
+    batch: int
+    prefill: tuple  # (apt tokens/s, transformers tokens/s)
+    decode: tuple
+
+
+def _seconds(fn, repeats: int) -> float:
+    fn()  # warm-up: kernel compilation, allocator
+    times = []
+    for _ in range(repeats):
+        apt_hal.synchronize()
+        start = time.perf_counter()
+        fn()
+        apt_hal.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _throughput(run, batch: int, prompt_len: int, decode_len: int, repeats: int) -> tuple:
+    """(prefill tokens/s, decode tokens/s) of ``run(new_tokens)``."""
+    first = _seconds(lambda: run(1), repeats)
+    full = _seconds(lambda: run(1 + decode_len), repeats)
+    return batch * prompt_len / first, batch * decode_len / max(full - first, 1e-9)
+
+
+def _ours(model, prompts: torch.Tensor):
+    rows = prompts.tolist()
+
+    def run(n):
+        out = generate(model, rows, GenerationConfig(max_new_tokens=n, greedy=True))
+        assert all(len(t) == n for t in out)
+    return run
+
+
+def _theirs(model, prompts: torch.Tensor):
+    mask = torch.ones_like(prompts)
+
+    def run(n):
+        out = model.generate(prompts, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                             pad_token_id=0, eos_token_id=None)
+        assert out.shape[1] == prompts.shape[1] + n
+    return run
+
+
+def _check_logits(ours, theirs, vocab: int, device) -> str:
+    """Per position, the largest logit difference: its median must be small against the logit
+    scale (MoE positions may differ more where a bf16 router near-tie picks other experts)."""
+    torch.manual_seed(1)
+    ids = torch.randint(0, vocab, (2, 64), device=device)
+    with torch.inference_mode():
+        a, b = ours(ids).logits.float(), theirs(ids).logits.float()
+    diff = (a - b).abs().amax(-1).flatten()
+    scale = b.abs().amax().item()
+    median = diff.median().item()
+    if not median <= 0.02 * scale:
+        raise SystemExit(f"logits disagree: median per-position max difference {median:.4g} at logit scale "
+                         f"{scale:.3g}; not timing models that compute different things")
+    return f"logits agree: median per-position max |diff| {median:.3g}, max {diff.max().item():.3g}, scale {scale:.3g}"
+
+
+def _mxfp4_copy(model):
+    """A copy with its experts and every linear layer but lm_head and the routers in MXFP4 (as
+    gpt-oss ships), and the weight-memory ratio."""
+    quantized = copy.deepcopy(model)
+    if model.config.n_experts:
+        convert_experts(quantized, True)
+    convert_model_to_mxfp4(quantized, exclude=("lm_head", "router"))
+    fp4_bytes = bf16_bytes = 0
+    for module in quantized.modules():
+        if isinstance(module, MXFP4Linear):
+            fp4_bytes += module.weight_packed.numel() + module.weight_scales.numel()
+            bf16_bytes += 2 * module.in_features * module.out_features
+    for name, buf in quantized.named_buffers():
+        if name.endswith(("w_up", "w_down")):
+            fp4_bytes += buf.numel() + quantized.get_buffer(name + "_scales").numel()
+            bf16_bytes += 2 * 2 * buf.numel()  # two codes per byte, two bytes per bf16 value
+    return quantized, fp4_bytes / bf16_bytes
+
+
+def bench_family(family: str, args, device) -> tuple:
+    from transformers import AutoModelForCausalLM
+
+    size = "tiny" if args.tiny else "1b"
+    cfg = ModelConfig.preset(f"apt-{family}-{size}", dtype="float32" if args.tiny else "bfloat16")
+    torch.manual_seed(0)
+    ours = build_model(cfg, device=device).eval()
+    with tempfile.TemporaryDirectory() as folder:
+        save_pretrained(ours, folder)
+        theirs = AutoModelForCausalLM.from_pretrained(folder, dtype=cfg.torch_dtype, attn_implementation="eager")
+    theirs = theirs.to(device).eval()
+    notes = [f"apt-{family}-{size}: {_check_logits(ours, theirs, cfg.vocab_size, device)}"]
+    variants = [("bf16" if not args.tiny else "fp32", ours)]
+    if not args.no_mxfp4:
+        quantized, ratio = _mxfp4_copy(ours)
+        variants.append(("mxfp4", quantized))
+        met = "yes" if ratio <= MEMORY_TARGET else "NO"
+        notes.append(f"apt-{family}-{size}: MXFP4 weight memory {ratio:.4f}x of bf16 "
+                     f"(target <= {MEMORY_TARGET}: {met})")
+    rows = []
+    for batch in args.batch:
+        torch.manual_seed(2)
+        prompts = torch.randint(0, cfg.vocab_size, (batch, args.prompt_len), device=device)
+        reference = _throughput(_theirs(theirs, prompts), batch, args.prompt_len, args.decode_len, args.repeats)
+        for weights, model in variants:
+            ours_tp = _throughput(_ours(model, prompts), batch, args.prompt_len, args.decode_len, args.repeats)
+            rows.append(Row(f"apt-{family}-{size}", weights, batch, (ours_tp[0], reference[0]),
+                            (ours_tp[1], reference[1])))
+    del theirs, variants
+    apt_hal.empty_cache()
+    return rows, notes
+
+
+def print_table(rows: list[Row]) -> None:
+    head = ["model", "weights", "batch", "prefill tok/s apt", "prefill tok/s HF eager", "prefill x",
+            "decode tok/s apt", "decode tok/s HF eager", "decode x", f"target >= {DECODE_TARGET}x decode"]
+    body = []
+    for r in rows:
+        ratio = r.decode[0] / r.decode[1]
+        body.append([r.model, r.weights, str(r.batch), f"{r.prefill[0]:.0f}", f"{r.prefill[1]:.0f}",
+                     f"{r.prefill[0] / r.prefill[1]:.2f}x", f"{r.decode[0]:.1f}", f"{r.decode[1]:.1f}", f"{ratio:.2f}x",
+                     "met" if ratio >= DECODE_TARGET else "NOT met"])
+    widths = [max(len(c) for c in col) for col in zip(head, *body)]
+    print("| " + " | ".join(h.ljust(w) for h, w in zip(head, widths)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for cells in body:
+        print("| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |", flush=True)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="tiny presets in float32 on the CPU: a smoke test")
+    parser.add_argument("--families", nargs="+", default=["dense", "moe"], choices=["dense", "moe"])
+    parser.add_argument("--batch", nargs="+", type=int, default=None, help="batch sizes (default 1 16; tiny: 1 4)")
+    parser.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (default 512; tiny: 32)")
+    parser.add_argument("--decode-len", type=int, default=None, help="decoded tokens timed (default 64; tiny: 8)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per point, median (default 3; tiny: 1)")
+    parser.add_argument("--no-mxfp4", action="store_true", help="skip the MXFP4 rows")
+    args = parser.parse_args(argv)
+    defaults = dict(batch=[1, 4], prompt_len=32, decode_len=8, repeats=1) if args.tiny else \
+        dict(batch=[1, 16], prompt_len=512, decode_len=64, repeats=3)
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    device = torch.device("cpu") if args.tiny else apt_hal.get_device()
+    if device.type == "cpu" and not args.tiny:
+        raise SystemExit("no accelerator found: the 1B benchmark needs one (use --tiny for a CPU smoke test)")
+    print(f"device: {device}; backend policy: {apt_hal.registry.current_policy().backend}; "
+          f"prompt {args.prompt_len} tokens, decode {args.decode_len} tokens, median of {args.repeats}", flush=True)
+    rows, notes = [], []
+    for family in args.families:
+        r, n = bench_family(family, args, device)
+        rows += r
+        notes += n
+        for line in n:
+            print(line, flush=True)
+    print()
+    print_table(rows)
+
+
+if __name__ == "__main__":
+    main()
