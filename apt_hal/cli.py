@@ -10,6 +10,10 @@ import sys
 
 SUBCOMMANDS = {
     "info": "apt_hal.info",
+    "train": "apt_hal.models.train",
+    "generate": "apt_hal.models.cli",
+    "chat": "apt_hal.models.chat",
+    "conformance": "apt_hal.conformance.cli",
 }
 
 EPILOG = """Choose the backend in code with apt_hal.use("cuda-triton") (default "auto": the best available
