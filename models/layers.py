@@ -25,6 +25,7 @@ from torch import nn
 
 from apt_hal import mxfp4, ops
 from apt_hal import rope as rope_lib
+from apt_hal.contract import tracing
 from apt_hal.models.config import ModelConfig
 
 
@@ -59,7 +60,9 @@ class RotaryTable:
             # A normal tensor even when first needed inside generate's inference mode: an inference
             # tensor could not be used by training afterwards.
             with torch.inference_mode(False):
-                table = self._tables[device] = rope_lib.cos_sin_cache(self.config, device=device)
+                table = rope_lib.cos_sin_cache(self.config, device=device)
+            if not tracing():  # a table made while tracing is a fake tensor: never keep it
+                self._tables[device] = table
         return table
 
 
@@ -164,7 +167,8 @@ class AttentionBatch:
     def mask(self, window: Optional[int]) -> Optional[torch.Tensor]:
         """The mask for a layer with this window; None means plain causal (``is_causal``)."""
         seq = self.positions.shape[1]
-        if self._plain_causal and (window is None or window >= seq):
+        # While tracing, seq is symbolic: the window test would specialise the graph to seq <= window.
+        if self._plain_causal and (window is None or (not tracing() and window >= seq)):
             return None
         if window not in self._masks:
             self._masks[window] = attention_mask(self.positions, self.key_pos, self.key_valid, self.causal, window)
