@@ -1,0 +1,287 @@
+"""``apt-compile`` as a Python function: load a model, export it, validate it, prepare TensorRT.
+
+    from apt_hal.compile import compile_model
+    result = compile_model("apt-moe-tiny", "out/moe", target="onnx", dynamic_batch=True, dynamic_seq=True)
+    print(result.validations[0].table()); result.exit_code   # 0: exported and within tolerance
+
+Stages, each logged: **load** the model (a preset name, a ModelConfig JSON file, an ``apt-hal
+train`` checkpoint folder or a Hugging Face checkpoint folder); **export** (see
+:mod:`apt_hal.compile.export`); **validate** on several input sets, unseen shapes included, against
+eager PyTorch (:mod:`apt_hal.compile.validate`); for ``--target tensorrt`` the **TensorRT** readiness
+report, the build script, and a real build where TensorRT and a GPU exist.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import stat
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from apt_hal.compile import lowering, tensorrt, validate
+from apt_hal.compile.export import DimRange, Exported, ExportError, export_onnx
+
+EXIT_OK = 0
+EXIT_USAGE = 2  # bad arguments or a model that cannot be loaded
+EXIT_EXPORT_FAILED = 3
+EXIT_OUT_OF_TOLERANCE = 4  # exported, but validation failed (an output out of tolerance, or the runtime failed)
+EXIT_TRT_REQUIRED = 5  # --require-trt, and no TensorRT engine was built and checked
+
+MODEL_FILE = "model.onnx"
+DECODE_FILE = "model.decode.onnx"  # the tensorrt graph with MXFP4 decoded: what ONNX Runtime runs
+EXAMPLE_BATCH, EXAMPLE_SEQ = 2, 8
+SEED = 0
+
+
+@dataclasses.dataclass
+class CompileResult:
+    exit_code: int
+    verdict: str  # one line
+    files: list[Path] = dataclasses.field(default_factory=list)
+    exported: Optional[Exported] = None
+    validations: list[validate.Validation] = dataclasses.field(default_factory=list)
+    readiness: Optional[tensorrt.Readiness] = None
+    tensorrt: str = ""  # "TensorRT build: ..." line, for --target tensorrt
+
+
+class LogitsOf(torch.nn.Module):
+    """A model whose forward returns only ``.logits``: the exported graph's one output."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, decoder_input_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if decoder_input_ids is None:
+            return self.model(input_ids).logits
+        return self.model(input_ids, decoder_input_ids=decoder_input_ids).logits
+
+
+def load_model(spec: str) -> tuple[torch.nn.Module, str]:
+    """``(model in eval mode on the CPU, description)`` from a preset name, a ModelConfig JSON file,
+    an ``apt-hal train`` checkpoint (or run) folder, or a Hugging Face checkpoint folder. Random
+    weights (presets, configs) are seeded, so an export is reproducible."""
+    from apt_hal.models import PRESETS, ModelConfig, build_model
+
+    path = Path(spec)
+    if spec in PRESETS or (path.suffix == ".json" and path.is_file()):
+        cfg = ModelConfig.preset(spec) if spec in PRESETS else ModelConfig.from_json(path)
+        torch.manual_seed(SEED)
+        return build_model(cfg).eval(), f"{spec} ({cfg.family}, random weights, seed {SEED})"
+    if path.is_dir():
+        from apt_hal.models import checkpoint
+
+        if (path / checkpoint.MANIFEST).exists() or checkpoint.latest_checkpoint(path) is not None:
+            model, _, folder = checkpoint.load_trained_model(path, device="cpu")
+            return model.eval(), f"apt-hal checkpoint {folder}"
+        if (path / "config.json").exists():
+            from apt_hal.models.hf import load_pretrained
+
+            return load_pretrained(path).eval(), f"Hugging Face checkpoint {path}"
+    raise ValueError(f"--model {spec!r} is not a preset ({', '.join(PRESETS)}), a ModelConfig .json file, an apt-hal "
+                     "checkpoint folder or a Hugging Face checkpoint folder (with config.json)")
+
+
+def _example_inputs(model: torch.nn.Module, batch: int, seq: int, generator: torch.Generator) -> tuple:
+    cfg = model.config
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq), generator=generator)
+    if cfg.family == "seq2seq":
+        return ids, torch.randint(0, cfg.vocab_size, (batch, seq), generator=generator)
+    return (ids,)
+
+
+def _dynamic(model: torch.nn.Module, dynamic_batch: bool, dynamic_seq: bool) -> dict[str, dict[int, str]]:
+    names = ["input_ids", "decoder_input_ids"] if model.config.family == "seq2seq" else ["input_ids"]
+    out = {}
+    for n in names:
+        axes = {}
+        if dynamic_batch:
+            axes[0] = "batch"
+        if dynamic_seq:
+            axes[1] = "seq" if n == "input_ids" else "decoder_seq"
+        if axes:
+            out[n] = axes
+    return out
+
+
+def unseen_size(d: DimRange) -> int:
+    """A size of ``d`` that the export never saw, inside the range torch.export proved."""
+    high = d.high if d.high is not None else d.example + 3
+    for size in (d.example + 3, d.example - 1, d.example + 1, d.low):
+        if d.low <= size <= high and size != d.example:
+            return size
+    return d.example  # the range is one size: nothing unseen exists
+
+
+def input_sets(model: torch.nn.Module, exported: Exported, generator: torch.Generator) -> list[validate.InputSet]:
+    """Fresh token ids at the export's shape, at an unseen size of every dynamic dimension, and at
+    size 1 of every dynamic dimension (below torch.export's guaranteed range: batch 1 and one-token
+    steps are what a server runs most)."""
+    cfg = model.config
+    example_shape = {"batch": EXAMPLE_BATCH, "seq": min(EXAMPLE_SEQ, cfg.max_position)}
+    example_shape["decoder_seq"] = example_shape["seq"]
+
+    def make(sizes: dict[str, int]) -> tuple:
+        shape = lambda s: (sizes.get("batch", example_shape["batch"]), sizes.get(s, example_shape[s]))  # noqa: E731
+        ids = torch.randint(0, cfg.vocab_size, shape("seq"), generator=generator)
+        if cfg.family == "seq2seq":
+            return ids, torch.randint(0, cfg.vocab_size, shape("decoder_seq"), generator=generator)
+        return (ids,)
+
+    sets = [validate.InputSet("export shape", make({}))]
+    if exported.dims:
+        sets.append(validate.InputSet("unseen", make({n: unseen_size(d) for n, d in exported.dims.items()})))
+        sets.append(validate.InputSet("unseen, size 1", make({n: 1 for n in exported.dims})))
+    else:
+        sets.append(validate.InputSet("export shape, new values", make({})))
+    return sets
+
+
+def trt_profiles(exported: Exported, args: tuple, vocab_size: int) -> list[tensorrt.InputProfile]:
+    """One optimization profile: each dynamic dimension from 1 to its proved maximum (at most 64x
+    the example), optimized for the example."""
+    profiles = []
+    for name, a in zip(exported.input_names, args):
+        axes = exported.dynamic.get(name, {})
+        dims = {axis: exported.dims[n] for axis, n in axes.items()}
+        shape = tuple(a.shape)
+        low = tuple(1 if i in dims else s for i, s in enumerate(shape))
+        high = tuple(min(dims[i].high or 64 * s, 64 * s) if i in dims else s for i, s in enumerate(shape))
+        profiles.append(tensorrt.InputProfile(name, low, shape, high, (0, vocab_size - 1)))
+    return profiles
+
+
+def compile_model(model: Union[str, torch.nn.Module], output: Union[str, Path], *, target: str = "onnx",
+                  opset: Optional[int] = None, fp4: Optional[str] = None, dynamic_batch: bool = False,
+                  dynamic_seq: bool = False, validate_graph: bool = True, require_trt: bool = False,
+                  log=print) -> CompileResult:
+    """Everything ``apt-compile`` does; the CLI only parses arguments and prints the result.
+    ``model`` is a spec for :func:`load_model` or an APT model (``.config``, output ``.logits``)."""
+    output = Path(output)
+    if require_trt and target != "tensorrt":
+        return CompileResult(EXIT_USAGE, "--require-trt needs --target tensorrt")
+    try:
+        fp4 = lowering.resolve_target(target, opset, fp4).fp4
+        log("load: " + (model if isinstance(model, str) else type(model).__name__))
+        module, what = load_model(model) if isinstance(model, str) else (model.eval(), type(model).__name__)
+    except (ValueError, OSError) as e:
+        return CompileResult(EXIT_USAGE, f"cannot start: {e}")
+    log(f"  {what}")
+    wrapper, cfg = LogitsOf(module), module.config
+    generator = torch.Generator().manual_seed(SEED)
+    args = _example_inputs(module, EXAMPLE_BATCH, min(EXAMPLE_SEQ, cfg.max_position), generator)
+    export = dict(target=target, opset=opset, dynamic=_dynamic(module, dynamic_batch, dynamic_seq),
+                  input_names=["input_ids", "decoder_input_ids"][:len(args)], output_names=["logits"])
+    result = CompileResult(EXIT_OK, "")
+
+    log(f"export: target {target}")
+    try:
+        exported = export_onnx(wrapper, args, output / MODEL_FILE, fp4=fp4, log=log, **export)
+        result.exported, result.files = exported, [exported.path]
+        for name, d in exported.dims.items():
+            narrowed = "seq" in name and (d.high or 0) < cfg.max_position
+            log(f"  dynamic {name}: {d}" + (f"; torch.export proved only up to {d.high}: the model branches on the "
+                                             "length" if narrowed else ""))
+        reference = exported.path  # the graph ONNX Runtime runs: this one, or its MXFP4-decoded twin
+        if any(n.op_type == "DequantizeLinear" for n in exported.model.graph.node):
+            log(f"export: {DECODE_FILE}, MXFP4 decoded in the graph (ONNX Runtime has no FP4 DequantizeLinear)")
+            reference = export_onnx(wrapper, args, output / DECODE_FILE, fp4="decode", log=lambda *a: None,
+                                    **export).path
+            result.files.append(reference)
+    except (ExportError, ValueError) as e:
+        result.exit_code, result.verdict = EXIT_EXPORT_FAILED, f"export failed: {e}"
+        return result
+
+    sets = input_sets(module, exported, generator)
+    if validate_graph:
+        runs = [("onnxruntime", exported.path)] if reference == exported.path else \
+            [("onnx.reference", exported.path), ("onnxruntime", reference)]
+        for runtime, path in runs:
+            log(f"validate: {path.name} on {runtime}, {len(sets)} input sets")
+            v = validate.validate(path, wrapper, sets, exported.output_names, op="model", runtime=runtime)
+            v.runtime = f"{runtime}, {path.name}"
+            result.validations.append(v)
+    else:
+        log("validate: skipped (--no-validate)")
+    if target == "tensorrt":
+        with torch.no_grad():
+            logit_scale = float(wrapper(*args).float().abs().max())
+        _tensorrt_stage(result, exported, reference, args, sets, cfg.vocab_size, logit_scale, log)
+    _write_report(result, output)
+    _set_verdict(result, require_trt)
+    return result
+
+
+def _set_verdict(result: CompileResult, require_trt: bool) -> None:
+    failed = [v for v in result.validations if not v.passed]
+    if failed:
+        result.exit_code = EXIT_OUT_OF_TOLERANCE
+        result.verdict = "exported, but validation FAILED: " + "; ".join(
+            v.error or f"{sum(not r.passed for r in v.rows)} output(s) out of tolerance on {v.runtime}" for v in failed)
+    elif require_trt and not result.tensorrt.startswith("TensorRT build: OK"):
+        result.exit_code, result.verdict = EXIT_TRT_REQUIRED, f"--require-trt: {result.tensorrt}"
+    else:
+        checked = "validated within tolerance" if result.validations else "not validated (--no-validate)"
+        result.verdict = f"exported and {checked}"
+
+
+def _tensorrt_stage(result: CompileResult, exported: Exported, reference: Path, args: tuple, sets,
+                    vocab_size: int, logit_scale: float, log) -> None:
+    output = exported.path.parent
+    readiness = tensorrt.readiness(exported.model)
+    result.readiness = readiness
+    (output / "trt_readiness.md").write_text(readiness.markdown())
+    log(f"tensorrt: readiness against TensorRT {readiness.tensorrt_version}'s operator list: {readiness.verdict}")
+    profiles = trt_profiles(exported, args, vocab_size)
+    # polygraphy checks |got - ref| <= atol elementwise: the model's relaxed rel_inf band times the
+    # largest logit of the export example is that band in absolute terms.
+    _, relaxed = validate.tolerance("model", "logits", torch.float32).bands()
+    script = output / "build_trt.sh"
+    script.write_text(tensorrt.build_script(exported.path.name, profiles, rtol=0.0, atol=relaxed * logit_scale,
+                                            reference_file=None if reference == exported.path else reference.name))
+    script.chmod(script.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    result.files += [output / "trt_readiness.md", script]
+
+    available, why = tensorrt.availability()
+    if not available:
+        result.tensorrt = f"TensorRT build: SKIPPED ({why}; run {script.name} on a machine with TensorRT)"
+        log("tensorrt: " + result.tensorrt)
+        return
+    engine_graph = exported.path if reference == exported.path or tensorrt.supports_fp4() else reference
+    log(f"tensorrt: {why}; building {engine_graph.name}")
+    try:
+        v = tensorrt.build_and_compare(engine_graph, reference, profiles, sets, exported.output_names,
+                                       lambda name, dtype: validate.tolerance("model", name, dtype), log)
+    except Exception as e:  # a parser or builder error: reported, never an engine claimed
+        result.tensorrt = f"TensorRT build: FAILED ({e})"
+        log("tensorrt: " + result.tensorrt)
+        return
+    result.validations.append(v)
+    engine = engine_graph.with_suffix(".engine")
+    result.files.append(engine)
+    result.tensorrt = f"TensorRT build: OK ({engine.name}, {'matches' if v.passed else 'DIFFERS FROM'} ONNX Runtime)"
+    log("tensorrt: " + result.tensorrt)
+
+
+def _write_report(result: CompileResult, output: Path) -> None:
+    """``compile_report.json``: what was written and every check's numbers, for CI and diffing."""
+    e = result.exported
+    report = {
+        "target": e.target.profile.name, "opset": e.target.opset, "ir_version": e.model.ir_version,
+        "fp4": e.target.fp4, "inputs": e.input_names, "outputs": e.output_names,
+        "dynamic": {n: dataclasses.asdict(d) for n, d in e.dims.items()},
+        "apt_hal_ops": {n: {"nodes": c, "lowering": lowering.LOWERINGS[e.target.profile.name][n].how}
+                        for n, c in sorted(e.apt_hal_ops.items())},
+        "validations": [{"runtime": v.runtime, "passed": v.passed, "error": v.error,
+                         "rows": [dataclasses.asdict(r) for r in v.rows]}
+                        for v in result.validations],
+        "tensorrt": result.tensorrt or None,
+        "readiness": result.readiness.to_dict() if result.readiness else None,
+    }
+    path = output / "compile_report.json"
+    result.files.append(path)
+    report["files"] = {str(f.name): f.stat().st_size if f.exists() else None for f in result.files if f != path}
+    path.write_text(json.dumps(report, indent=1, default=str) + "\n")

@@ -1,0 +1,132 @@
+"""The ``apt-compile`` command: export an APT model to ONNX or TensorRT, validated against eager."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+EPILOG = """examples:
+  apt-compile --target onnx --model apt-moe-tiny --output out/moe --dynamic-batch --dynamic-seq
+  apt-compile --target tensorrt --model apt-oss-tiny --output out/oss-trt --dynamic-batch --dynamic-seq
+  apt-compile --target onnx --model path/to/hf_checkpoint --output out/hf --opset 21
+  apt-compile --list-lowerings
+
+--model takes a preset (apt-{dense,moe,oss,seq2seq}-{tiny,1b}; random weights, seed 0), a
+ModelConfig .json file, an 'apt-hal train' checkpoint folder, or a Hugging Face checkpoint folder.
+The graph takes input_ids [batch, seq] (and decoder_input_ids for seq2seq) and returns logits.
+
+Validation (on by default) runs the graph on ONNX Runtime's CPU provider on several input sets,
+including dynamic sizes the export never saw and size 1, and compares each output with eager
+PyTorch; a graph ONNX Runtime cannot run (FP4 DequantizeLinear) runs on onnx.reference, and its
+MXFP4-decoded twin model.decode.onnx on ONNX Runtime. --target tensorrt also writes
+trt_readiness.md (every node against TensorRT 10.15's operator list) and build_trt.sh (trtexec
+and polygraphy), and builds an engine when the tensorrt package and a CUDA GPU are present.
+
+exit codes:
+  0  exported (and validated within tolerance; TensorRT build skipped unless --require-trt)
+  2  bad arguments, or the model cannot be loaded
+  3  export failed (torch.export, ONNX translation or the ONNX checker)
+  4  exported, but out of tolerance (or the runtime could not run the graph)
+  5  --require-trt and no TensorRT engine was built and checked
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from apt_hal.compile import lowering
+
+    p = argparse.ArgumentParser(
+        prog="apt-compile", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Export an APT model to ONNX (portable, ONNX Runtime) or TensorRT, every apt_hal op "
+                    "lowered by one table per target, and validate the graph against eager PyTorch.")
+    p.add_argument("--target", choices=tuple(lowering.PROFILES), help="what the graph must run on")
+    p.add_argument("--model", metavar="CONFIG_OR_CHECKPOINT", help="preset, config .json or checkpoint folder")
+    p.add_argument("--output", metavar="DIR", type=Path, help="folder for the graph, reports and scripts")
+    p.add_argument("--opset", type=int, metavar="N", help="ONNX opset (" + "; ".join(
+        f"{n}: {t.min_opset}-{t.max_opset}, default {t.default_opset}" for n, t in lowering.PROFILES.items()) + ")")
+    p.add_argument("--dynamic-batch", action="store_true", help="batch size chosen at run time")
+    p.add_argument("--dynamic-seq", action="store_true", help="sequence length chosen at run time")
+    p.add_argument("--no-validate", action="store_true", help="skip running and comparing the graph")
+    p.add_argument("--require-trt", action="store_true",
+                   help="fail (exit 5) unless a TensorRT engine is built and checked here")
+    p.add_argument("--fp4", choices=lowering.FP4_MODES,
+                   help="MXFP4 weights as FP4 DequantizeLinear (qdq; tensorrt at opset 24, Blackwell GPUs) or "
+                        "decoded in the graph (decode); default: qdq for tensorrt, decode for onnx")
+    p.add_argument("--list-lowerings", action="store_true", help="print the lowering table of every target and exit")
+    return p
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def print_lowerings() -> None:
+    from apt_hal.compile import lowering
+
+    for name, table in lowering.LOWERINGS.items():
+        p = lowering.PROFILES[name]
+        print(f"{name}: {p.description}; opsets {p.min_opset}-{p.max_opset}, default {p.default_opset}")
+        width = max(map(len, table))
+        for op, low in table.items():
+            print(f"  {op.ljust(width)}  {low.how}")
+        print()
+    print("rotary_ (in place), paged_write and paged_copy_blocks are exported through functional twins.")
+
+
+def print_summary(result, model: str) -> None:
+    print("\n== apt-compile summary ==")
+    e = result.exported
+    if e is not None:
+        t = e.target
+        print(f"model     {model}")
+        print(f"target    {t.profile.name} ({t.profile.description}); opset {t.opset}, IR version "
+              f"{e.model.ir_version}, MXFP4 as {t.fp4}")
+        print("dynamic   " + ("; ".join(f"{n} {d}" for n, d in e.dims.items()) or "none (static shapes)"))
+        print("files")
+        for f in result.files:
+            print(f"  {str(f):<48} {_size(f.stat().st_size) if f.exists() else '(missing)'}")
+        from apt_hal.compile import lowering
+
+        table = lowering.LOWERINGS[t.profile.name]
+        print("lowered")
+        for op, count in sorted(e.apt_hal_ops.items()):
+            print(f"  {op} x{count}: {table[op].how}")
+        for v in result.validations:
+            print()
+            print(v.table())
+        if result.readiness is not None:
+            print(f"\nTensorRT {result.readiness.tensorrt_version} readiness: {result.readiness.verdict} "
+                  "(trt_readiness.md)")
+        if result.tensorrt:
+            print(result.tensorrt)
+    print(f"\nresult: {result.verdict} (exit {result.exit_code})")
+
+
+def main(argv=None) -> int:
+    try:
+        parser = build_parser()
+    except ModuleNotFoundError as e:  # the export extra is optional
+        print(f"apt-compile needs the {e.name} package: pip install \"apt-hal[export]\"", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
+    if args.list_lowerings:
+        print_lowerings()
+        return 0
+    missing = [f"--{n}" for n in ("target", "model", "output") if getattr(args, n) is None]
+    if missing:
+        parser.error(f"the following arguments are required: {', '.join(missing)}")
+    from apt_hal.compile.api import compile_model
+
+    result = compile_model(args.model, args.output, target=args.target, opset=args.opset, fp4=args.fp4,
+                           dynamic_batch=args.dynamic_batch, dynamic_seq=args.dynamic_seq,
+                           validate_graph=not args.no_validate, require_trt=args.require_trt,
+                           log=lambda msg: print(msg, flush=True))
+    print_summary(result, args.model)
+    return result.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""apt-compile --target tensorrt: the strongly typed graph, FP4 as DequantizeLinear (FLOAT4E2M1 elements,
+FLOAT8E8M0 block-32 scales) validated under onnx.reference, the readiness report against TensorRT's
+operator list, the build script, and an honest TensorRT line (an engine only where one was built)."""
+
+import json
+import subprocess
+
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper
+
+from apt_hal import mxfp4, ops
+from apt_hal.compile import api, cli, tensorrt, validate
+from apt_hal.compile.export import export_onnx
+from apt_hal.compile.validate import InputSet
+from apt_hal.models import ModelConfig
+
+QUIET = dict(log=lambda *a: None)
+TRT_AVAILABLE, TRT_WHY = tensorrt.availability()
+
+
+class Fp4Linear(torch.nn.Module):
+    def __init__(self, n=40, k=64):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        w = torch.randn(n, k, generator=g)
+        w[3, :32] = float("nan")  # a NaN scale (0xFF)
+        w[4, 32:] *= 1e-38  # tiny scales: 2^-127 is a float32 subnormal, still exact
+        packed, scales = mxfp4.quantize(w)
+        self.register_buffer("w_packed", packed)
+        self.register_buffer("w_scales", scales)
+
+    def forward(self, x):
+        return ops.fp4_matmul(x, self.w_packed, self.w_scales)
+
+
+def _x(shape, seed, dtype=torch.float32):
+    return torch.randn(*shape, 64, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp4_qdq_graph_validates_under_onnx_reference(tmp_path, dtype):
+    m = Fp4Linear()
+    sets = [InputSet("seen", (_x((2, 3), 0, dtype),)), InputSet("unseen", (_x((5, 1), 1, dtype),))]
+    e = export_onnx(m, sets[0].args, tmp_path / "fp4.onnx", target="tensorrt", dynamic={"x": {0: "b", 1: "m"}},
+                    output_names=["y"], **QUIET)
+    assert e.target.opset == 24 and e.model.ir_version == 12
+    (dq,) = [n for n in e.model.graph.node if n.op_type == "DequantizeLinear"]
+    attrs = {a.name: helper.get_attribute_value(a) for a in dq.attribute}
+    assert attrs["block_size"] == 32 and attrs["axis"] == 1 and attrs["output_dtype"] == TensorProto.FLOAT
+    inits = {i.name: i for i in e.model.graph.initializer}
+    packed, scales = inits[dq.input[0]], inits[dq.input[1]]
+    assert (packed.data_type, list(packed.dims)) == (TensorProto.FLOAT4E2M1, [40, 64])
+    assert (scales.data_type, list(scales.dims)) == (TensorProto.FLOAT8E8M0, [40, 2])
+    assert packed.raw_data == m.w_packed.numpy().tobytes()  # the same bytes: no re-quantization
+    v = validate.validate(e.path, m, sets, e.output_names, op="fp4_matmul", runtime="onnx.reference", reduction=64)
+    assert v.passed, v.table()
+    assert torch.isnan(m(sets[1].args[0])[..., 3]).all()  # the NaN block was really compared
+
+
+def _graph(nodes, inputs, outputs, initializers=(), opset=24):
+    model = helper.make_model(helper.make_graph(nodes, "g", inputs, outputs, initializer=list(initializers)),
+                              opset_imports=[helper.make_opsetid("", opset)], ir_version=12)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _vi(name, dtype, shape):
+    return helper.make_tensor_value_info(name, dtype, shape)
+
+
+def test_readiness_reports_unsupported_operators_types_and_restrictions():
+    k = helper.make_tensor("k", TensorProto.INT64, [1], [2])
+    axis = helper.make_tensor("axis", TensorProto.INT64, [], [0])
+    model = _graph(
+        [helper.make_node("TopK", ["x", "k"], ["v", "i"]),                    # restriction checkable: ok
+         helper.make_node("CumSum", ["i", "axis"], ["c"]),                    # INT64: not a TensorRT type
+         helper.make_node("BitShift", ["u", "u"], ["s"], direction="LEFT"),   # listed, unsupported
+         helper.make_node("Softmax", ["v"], ["p"])],
+        [_vi("x", TensorProto.FLOAT, [3, 5]), _vi("u", TensorProto.UINT8, [4])],
+        [_vi("p", TensorProto.FLOAT, [3, 2]), _vi("c", TensorProto.INT64, [3, 2]), _vi("s", TensorProto.UINT8, [4])],
+        [k, axis])
+    r = tensorrt.readiness(model)
+    status = {o.op_type: o for o in r.ops}
+    assert status["TopK"].status == "ok" and "restriction verified" in status["TopK"].notes[0]
+    assert status["Softmax"].status == "ok" and status["Softmax"].types == ["FP32"]
+    assert status["CumSum"].status == "unsupported" and "INT64" in status["CumSum"].notes[0]
+    assert status["BitShift"].status == "unsupported"
+    assert not r.ready and r.verdict == "NOT READY"
+    md = r.markdown()
+    assert "NOT READY" in md and "| CumSum | 1 | unsupported |" in md and r.source in md
+
+    big_k = helper.make_tensor("k", TensorProto.INT64, [1], [4000])  # past TensorRT's K < 3840
+    model = _graph([helper.make_node("TopK", ["x", "k"], ["v", "i"])], [_vi("x", TensorProto.FLOAT, [3, 5000])],
+                   [_vi("v", TensorProto.FLOAT, [3, 4000])], [big_k], opset=25)
+    r = tensorrt.readiness(model)
+    assert r.ops[0].status == "check" and not r.ready  # opset 25 is past TensorRT 10.15's 24
+    assert "OUTSIDE" in r.markdown()
+
+
+def test_operator_list_names_its_source_and_covers_the_ops_we_emit():
+    data = tensorrt.load_support()
+    assert "onnx-tensorrt" in data["source"] and data["tensorrt_version"] == "10.15"
+    assert (data["opset_min"], data["opset_max"]) == (9, 24)
+    table = data["operators"]
+    assert "FP4" in table["DequantizeLinear"]["types"] and table["RotaryEmbedding"]["supported"]
+    assert table["CumSum"]["types"] == ["FP32", "FP16", "BF16"]
+    for entry in table.values():
+        assert set(entry) == {"supported", "types", "restrictions"}
+        assert entry["supported"] or not entry["types"]
+
+
+def test_moe_exports_for_tensorrt_with_float_counters_exactly(tmp_path):
+    class MoE(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            g = torch.Generator().manual_seed(0)
+            self.register_buffer("w_up", torch.randn(4, 64, 32, generator=g) * 0.2)
+            self.register_buffer("w_down", torch.randn(4, 32, 32, generator=g) * 0.2)
+
+        def forward(self, x, logits):
+            out = ops.moe_dispatch(x, logits, self.w_up, self.w_down, top_k=2, capacity_factor=0.75)
+            return out.output, out.topk_ids, out.tokens_per_expert
+
+    def inputs(t, seed):
+        g = torch.Generator().manual_seed(seed)
+        return torch.randn(t, 32, generator=g), torch.randn(t, 4, generator=g)
+
+    m = MoE()
+    sets = [InputSet("seen", inputs(8, 0)), InputSet("unseen", inputs(21, 1))]
+    e = export_onnx(m, sets[0].args, tmp_path / "moe.onnx", target="tensorrt", output_names=["y", "ids", "kept"],
+                    dynamic={"x": {0: "tokens"}, "logits": {0: "tokens"}}, **QUIET)
+    v = validate.validate(e.path, m, sets, e.output_names, op="moe_dispatch")  # no FP4: ONNX Runtime runs it
+    assert v.passed, v.table()
+    r = tensorrt.readiness(e.model)
+    assert r.ready, r.markdown()
+    assert {o.op_type: o.types for o in r.ops}["CumSum"] == ["FP32"]
+
+
+def test_tensorrt_target_writes_graph_report_and_script(tmp_path):
+    # apt-oss (MXFP4 experts, YaRN, sinks, sliding window) with one layer, to keep CI short.
+    ModelConfig.preset("apt-oss-tiny", n_layers=1, layer_types=("sliding",)).to_json(tmp_path / "oss.json")
+    result = api.compile_model(str(tmp_path / "oss.json"), tmp_path, target="tensorrt", dynamic_batch=True,
+                               dynamic_seq=True, **QUIET)
+    assert result.exit_code == api.EXIT_OK, result.verdict
+    names = {f.name for f in result.files}
+    assert {"model.onnx", "model.decode.onnx", "trt_readiness.md", "build_trt.sh", "compile_report.json"} <= names
+    model = onnx.load(tmp_path / "model.onnx")
+    fp4 = [i for i in model.graph.initializer if i.data_type == TensorProto.FLOAT4E2M1]
+    assert fp4 and all(i.dims[-1] % 32 == 0 for i in fp4)  # MXFP4 experts as FP4 DequantizeLinear
+    runtimes = [v.runtime for v in result.validations]
+    assert runtimes[:2] == ["onnx.reference, model.onnx", "onnxruntime, model.decode.onnx"]
+    assert all(v.passed for v in result.validations)
+    assert result.readiness.ready, result.readiness.markdown()
+
+    script = (tmp_path / "build_trt.sh").read_text()
+    subprocess.run(["bash", "-n", str(tmp_path / "build_trt.sh")], check=True)  # it parses
+    seq_max = result.exported.dims["seq"].high
+    assert f"--maxShapes=input_ids:128x{seq_max}" in script and "--stronglyTyped" in script
+    assert "polygraphy run model.decode.onnx --onnxrt" in script and "--load-outputs reference.json" in script
+    report = json.loads((tmp_path / "compile_report.json").read_text())
+    assert report["readiness"]["ready"] and report["opset"] == 24 and report["ir_version"] == 12
+
+    if TRT_AVAILABLE:  # a real engine, compared with ONNX Runtime
+        assert result.tensorrt.startswith("TensorRT build: OK") and (tmp_path / "model.engine").exists()
+    else:  # never an engine claimed where none was built
+        assert result.tensorrt == f"TensorRT build: SKIPPED ({TRT_WHY}; run build_trt.sh on a machine with TensorRT)"
+        assert not list(tmp_path.glob("*.engine"))
+
+
+def test_require_trt_fails_without_an_engine(tmp_path, capsys):
+    code = cli.main(["--target", "tensorrt", "--model", "apt-dense-tiny", "--output", str(tmp_path), "--no-validate",
+                     "--require-trt"])
+    out = capsys.readouterr().out
+    if TRT_AVAILABLE:
+        assert code == api.EXIT_OK and "TensorRT build: OK" in out
+    else:
+        assert code == api.EXIT_TRT_REQUIRED
+        assert f"TensorRT build: SKIPPED ({TRT_WHY}" in out and "(exit 5)" in out
+    assert (tmp_path / "model.onnx").exists() and (tmp_path / "build_trt.sh").exists()
