@@ -34,4 +34,20 @@ BACKEND = Backend(
     install_hint="pip install 'apt-hal[triton]' with a CUDA build of torch on a machine with an NVIDIA GPU",
     auto_rank=0,
     description="Triton kernels for NVIDIA GPUs",
+    # What the kernels are written to support (the kernel briefs ask for every dtype and feature of
+    # the conformance vocabulary); a failing claim is a FAIL to fix, not a reason to shrink this.
+    claims={
+        **{op: {"dtypes": ["float32", "bfloat16", "float16"], "features": []}
+           for op in ("mxfp4_quantize", "moe_route")},
+        "fp4_matmul": {"dtypes": ["float32", "bfloat16", "float16"],
+                       "features": ["bias", "batch_dims", "noncontiguous_x", "nan_scale", "torch_fp4_dtypes"]},
+        "moe_permute": {"dtypes": ["int32", "int64"], "features": ["capacity"]},
+        "moe_experts": {"dtypes": ["float32", "bfloat16", "float16"],
+                        "features": ["mxfp4_experts", "capacity", "gelu", "gpt_oss_swiglu", "bias"]},
+        "moe_combine": {"dtypes": ["float32", "bfloat16", "float16"], "features": ["capacity"]},
+        **{op: {"dtypes": ["float32", "bfloat16", "float16"], "features": ["gptj", "partial", "gqa", "strided"]}
+           for op in ("rotary", "rotary_")},
+        **{op: {"dtypes": ["*"], "features": ["strided_pool"]} for op in ("paged_write", "paged_gather")},
+        "paged_copy_blocks": {"dtypes": ["*"], "features": ["strided_pool", "cross_device"]},
+    },
 )

@@ -1,0 +1,239 @@
+"""paged_write, paged_gather and paged_copy_blocks as one Triton row-copy kernel.
+
+The three ops move bytes and never convert, so every tensor is first viewed as a matrix of
+integer *words* (the widest of 8, 4, 2 or 1 bytes that divides every row length, block stride
+and address involved): every dtype, fp8 and uint8 included, is copied bit for bit, and aligned
+rows move as 16-byte vector accesses.
+
+The kernel copies rows: ``dst row dst_ids[i] = src row src_ids[i]`` (ids omitted: ``i``). Source
+rows sit ``stride(0)`` words apart (blocks of a pool, possibly a per-layer view of a larger
+allocation, or tokens); destination row ``j`` is row ``j % rows_per_block`` of block
+``j // rows_per_block`` (a slot, for writes). A negative source id reads zeros, a negative
+destination id skips the row. Then
+
+* ``paged_write``   = rows of ``values`` -> slots of the pool (``rows_per_block = block_size``);
+* ``paged_gather``  = blocks of the pool named by the table -> a dense output;
+* ``paged_copy_blocks`` on one device = pool blocks -> pool blocks, one launch. Across devices
+  (host <-> GPU) the source side gathers the blocks into one contiguous staging buffer (pinned
+  on the host), ONE copy moves it, and the destination side scatters it (see
+  :func:`copy_blocks_across_devices`).
+
+A program copies a ``[rows, cols]`` tile of ``hw.STREAM_TILE_BYTES``; tiles shrink (fewer rows)
+only when the grid would otherwise have too few programs to fill the GPU.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from apt_hal import ops
+from apt_hal.backends.cuda_triton import hw
+from apt_hal.contract import tracing
+from apt_hal.registry import impl
+
+_WORD_DTYPES = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
+
+
+@triton.jit
+def _copy_rows_kernel(src, src_ids, src_row_stride, dst, dst_ids, dst_rows_per_block, dst_block_stride,
+                      n_rows, row_len, col_blocks, ROWS: tl.constexpr, COLS: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = (pid // col_blocks).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < n_rows
+    s = rows
+    if src_ids is not None:
+        s = tl.load(src_ids + rows, mask=row_ok).to(tl.int64)
+    d = rows
+    if dst_ids is not None:
+        d = tl.load(dst_ids + rows, mask=row_ok).to(tl.int64)
+    src_at = s * src_row_stride
+    dst_at = (d // dst_rows_per_block) * dst_block_stride + (d % dst_rows_per_block) * row_len
+    cols = (pid % col_blocks) * COLS + tl.arange(0, COLS)
+    col_ok = (cols < row_len)[None, :]
+    x = tl.load(src + src_at[:, None] + cols[None, :], mask=(row_ok & (s >= 0))[:, None] & col_ok, other=0)
+    tl.store(dst + dst_at[:, None] + cols[None, :], x, mask=(row_ok & (d >= 0))[:, None] & col_ok)
+
+
+def launch_copy_rows(src: torch.Tensor, src_ids: Optional[torch.Tensor], dst: torch.Tensor,
+                     dst_ids: Optional[torch.Tensor], n_rows: int, row_len: int, *, dst_rows_per_block: int = 1,
+                     kernel=_copy_rows_kernel, tile_bytes: int = hw.STREAM_TILE_BYTES) -> None:
+    """Copy ``n_rows`` rows of ``row_len`` words between word matrices ``src``/``dst`` (``[blocks,
+    block_len]``, dim 0 strided); see the module docstring. ``kernel`` is the Triton kernel or its
+    ``wrap_triton`` wrapper."""
+    if n_rows == 0 or row_len == 0:
+        return
+    word = src.element_size()
+    most = hw.stream_tile(word, tile_bytes)
+    cols = min(triton.next_power_of_2(row_len), most)
+    rows = min(most // cols, triton.next_power_of_2(n_rows))
+    col_blocks = triton.cdiv(row_len, cols)
+    enough = hw.stream_min_programs(dst.device.index or 0)
+    while rows > 1 and triton.cdiv(n_rows, rows) * col_blocks < enough:
+        rows //= 2
+    with hw.device_guard(dst):
+        kernel[(triton.cdiv(n_rows, rows) * col_blocks,)](
+            src, src_ids, src.stride(0), dst, dst_ids, dst_rows_per_block, dst.stride(0), n_rows, row_len,
+            col_blocks, ROWS=rows, COLS=cols, num_warps=hw.stream_num_warps(rows * cols * word))
+
+
+# ---- byte views -----------------------------------------------------------------------------------
+
+
+def _byte_rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` ``[n, *dense]`` as the ``[n, row_bytes]`` uint8 matrix of the same memory."""
+    n, inner = t.shape[0], math.prod(t.shape[1:])
+    stride0 = t.stride(0) if n > 1 else inner  # a size-1 dimension's stride is arbitrary
+    return t.as_strided((n, inner), (stride0, 1)).view(torch.uint8)
+
+
+def _word_rows(*tensors: torch.Tensor, unit: int) -> list[torch.Tensor]:
+    """Views of ``tensors`` as ``[n, row_bytes / w]`` matrices of the widest integer word ``w`` that
+    divides ``unit`` (bytes of the smallest piece copied), every row stride and every address."""
+    rows = [_byte_rows(t) for t in tensors]
+    # Traced tensors have no address: rely on torch's allocators aligning every storage.
+    addresses = [r.storage_offset() if tracing() else r.data_ptr() for r in rows]
+    for w in (8, 4, 2, 1):
+        if unit % w == 0 and all(r.stride(0) % w == 0 and a % w == 0 for r, a in zip(rows, addresses)):
+            return [r.view(_WORD_DTYPES[w]) for r in rows]
+    raise AssertionError("unreachable: 1-byte words divide everything")
+
+
+# ---- paged_write ----------------------------------------------------------------------------------
+
+
+def _write(cache, values, slot_mapping, kernel):
+    slot_bytes = math.prod(values.shape[1:]) * values.element_size()
+    if values.shape[0] == 0 or slot_bytes == 0:
+        return
+    cache_w, values_w = _word_rows(cache, values, unit=slot_bytes)
+    slot_len = slot_bytes // cache_w.element_size()
+    launch_copy_rows(values_w, None, cache_w, slot_mapping, values.shape[0], slot_len,
+                     dst_rows_per_block=cache.shape[1], kernel=kernel)
+
+
+@impl(ops.paged_write, backend="cuda-triton", name="triton", traceable="apt_hal_triton::paged_write")
+def paged_write_triton(cache, values, slot_mapping):
+    _write(cache, values, slot_mapping, _copy_rows_kernel)
+
+
+# ---- paged_gather ---------------------------------------------------------------------------------
+
+
+def _gather(cache, block_table, kernel):
+    out = torch.empty((*block_table.shape, *cache.shape[1:]), dtype=cache.dtype, device=cache.device)
+    n = block_table.numel()
+    if out.numel():
+        block_bytes = math.prod(cache.shape[1:]) * cache.element_size()
+        cache_w, out_w = _word_rows(cache, out.view(n, *cache.shape[1:]), unit=block_bytes)
+        launch_copy_rows(cache_w, block_table.reshape(n), out_w, None, n, out_w.shape[1], kernel=kernel)
+    return out
+
+
+@impl(ops.paged_gather, backend="cuda-triton", name="triton", traceable="apt_hal_triton::paged_gather")
+def paged_gather_triton(cache, block_table):
+    return _gather(cache, block_table, _copy_rows_kernel)
+
+
+# ---- paged_copy_blocks ----------------------------------------------------------------------------
+
+
+def _host_run(rows: torch.Tensor, ids: torch.Tensor) -> Optional[torch.Tensor]:
+    """``rows[a:a+n]`` when host ``ids`` are ``a, a+1, .., a+n-1`` and that slice is one contiguous
+    piece of pinned memory: the blocks are then their own staging buffer, and the copy engine
+    moves them with no gather or scatter on the CPU."""
+    if tracing() or not rows.is_pinned():
+        return None
+    first, n = int(ids[0]), ids.numel()
+    if not torch.equal(ids, torch.arange(first, first + n, dtype=ids.dtype)):
+        return None
+    run = rows[first:first + n]
+    return run if run.is_contiguous() else None
+
+
+def _stage(src_w: torch.Tensor, src_ids: torch.Tensor, pin: bool, kernel) -> torch.Tensor:
+    """The blocks ``src_ids`` of word matrix ``src_w`` as one contiguous ``[n, block_len]`` tensor on
+    ``src_w``'s device (pinned if asked, on the host)."""
+    run = _host_run(src_w, src_ids) if pin else None
+    if run is not None:
+        return run
+    n, block_len = src_ids.numel(), src_w.shape[1]
+    staged = torch.empty((n, block_len), dtype=src_w.dtype, device=src_w.device, pin_memory=pin)
+    if src_w.device.type == "cpu":
+        torch.index_select(src_w, 0, src_ids, out=staged)
+    else:
+        launch_copy_rows(src_w, src_ids, staged, None, n, block_len, kernel=kernel)
+    return staged
+
+
+def copy_blocks_across_devices(src, src_ids, dst, dst_ids, kernel=_copy_rows_kernel) -> None:
+    """``dst[dst_ids] = src[src_ids]`` for pools on different devices (host <-> GPU, or two GPUs).
+
+    The source side gathers the blocks into one contiguous staging buffer (pinned memory when the
+    source is the host; none when the ids are a contiguous run of a pinned pool), ONE copy moves
+    it, and the destination side scatters it (the Triton kernel on a GPU).
+
+    Host memory and stream order: a copy *from* the host reads the host blocks when called (the
+    CPU gathers them) or, for a contiguous run, in stream order (the copy engine reads them); the
+    scatter on the GPU is in stream order. A copy *to* the host has landed when the call returns,
+    so the CPU may read or reuse those blocks at once, and no later host-side gather can read bytes
+    still in flight.
+    """
+    n = src_ids.numel()
+    block_bytes = math.prod(src.shape[1:]) * src.element_size()
+    if n == 0 or block_bytes == 0:
+        return
+    src_w, dst_w = _word_rows(src, dst, unit=block_bytes)
+    to_host = dst.device.type == "cpu"
+    staged = _stage(src_w, src_ids, pin=src.device.type == "cpu" and not to_host, kernel=kernel)
+    if not to_host:
+        moved = staged.to(dst.device, non_blocking=True)
+        launch_copy_rows(moved, None, dst_w, dst_ids, n, dst_w.shape[1], kernel=kernel)
+        return
+    run = _host_run(dst_w, dst_ids)
+    if run is not None:
+        run.copy_(staged)  # blocking (see above)
+        return
+    if staged.device.type != "cpu":
+        host = torch.empty(staged.shape, dtype=staged.dtype, pin_memory=True)
+        host.copy_(staged)  # blocking (see above), then the CPU scatters
+        staged = host
+    dst_w.index_copy_(0, dst_ids.long(), staged)  # index_copy_ takes int64 ids only
+
+
+def _copy_blocks(src, src_ids, dst, dst_ids, kernel):
+    if src.device != dst.device:
+        copy_blocks_across_devices(src, src_ids, dst, dst_ids, kernel)
+        return
+    block_bytes = math.prod(src.shape[1:]) * src.element_size()
+    if src_ids.numel() and block_bytes:
+        src_w, dst_w = _word_rows(src, dst, unit=block_bytes)
+        launch_copy_rows(src_w, src_ids, dst_w, dst_ids, src_ids.numel(), src_w.shape[1], kernel=kernel)
+
+
+@impl(ops.paged_copy_blocks, backend="cuda-triton", name="triton")
+def paged_copy_blocks_triton(src, src_ids, dst, dst_ids):
+    _copy_blocks(src, src_ids, dst, dst_ids, _copy_rows_kernel)
+
+
+# ---- the same launches as torch ops whose Triton kernel torch.compile can see -------------------
+
+
+@triton_op("apt_hal_triton::paged_write", mutates_args=("cache",))
+def paged_write_op(cache: torch.Tensor, values: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    _write(cache, values, slot_mapping, wrap_triton(_copy_rows_kernel))
+
+
+@triton_op("apt_hal_triton::paged_gather", mutates_args=())
+def paged_gather_op(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
+    return _gather(cache, block_table, wrap_triton(_copy_rows_kernel))
+
+
+@triton_op("apt_hal_triton::paged_copy_blocks", mutates_args=("dst",))
+def paged_copy_blocks_op(src: torch.Tensor, src_ids: torch.Tensor, dst: torch.Tensor, dst_ids: torch.Tensor) -> None:
+    _copy_blocks(src, src_ids, dst, dst_ids, wrap_triton(_copy_rows_kernel))
