@@ -1,0 +1,233 @@
+"""Benchmark: cuda-triton ``fp4_matmul`` (MXFP4 weights, bf16 activations) against bf16
+``F.linear`` on the dequantized weight (cuBLAS) and against "dequantize, then ``F.linear``" as users
+write it today, timed in the same run with the harness (CUDA graphs, rotating inputs).
+
+Shapes (the issue): (K, N) in {(8192, 8192), (4096, 14336), (14336, 4096)}, M in {1, 16, 128, 4096}.
+Targets, as speed-ups over bf16 cuBLAS: M = 1 and 16 >= 3.0x, M = 128 >= 1.8x, M = 4096 >= 0.95x.
+% ceiling: for M <= 16, weight bytes (N*K/2 + N*K/32) per second against the measured copy rate;
+for larger M, TFLOP/s (2*M*N*K) against the measured bf16 GEMM rate.
+
+Before a shape is timed, apt_hal's result is checked against the contract's reference (float32
+dequantization and float32 matmul) on the GPU with the bounds of tests/test_cuda_triton_fp4_matmul.py:
+relative-norm error < 1e-2 (bf16 results), and element-wise |out - ref| <= 2 ulp |ref| +
+(2 ulp + 4 sqrt(K) 2^-24) sum_k |x||w| (output rounding plus float32 accumulation order); the bf16
+cuBLAS baseline is held to the norm bound. A wrong result raises instead of
+reporting a time. ``gpu_checks`` first runs GPU-size cases the interpreter tests cannot afford
+(fp16 / fp32 x, bias, odd N, a partial last K block, scale codes 0..230, float32 subnormal x,
+every schedule) and torch.compile of the triton_op.
+
+Run from the repository root on a GPU:
+``python -m benchmarks.ops.fp4_matmul [--quick] [--sweep]``. ``--sweep`` also times other tile
+schedules per shape (tuning data for hw.fp4_matmul_tiles).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+import apt_hal
+from apt_hal import mxfp4, ops
+from apt_hal.backends.cuda_triton import fp4_matmul as kernels
+from benchmarks import harness
+
+SHAPES = [(8192, 8192), (4096, 14336), (14336, 4096)]  # (K, N)
+ROWS = [1, 16, 128, 4096]
+TARGET_SPEEDUP = {1: 3.0, 16: 3.0, 128: 1.8, 4096: 0.95}  # over bf16 cuBLAS
+ULP = {torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10, torch.float32: 2.0 ** -23}
+REL_NORM = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-4}
+
+
+# ---- inputs and checks --------------------------------------------------------------------------
+
+
+def make_weights(n: int, k: int, gen: torch.Generator):
+    """MXFP4 weights on the GPU: every E2M1 code, scales over 2^-10 .. 2^0 (typical LLM weights)."""
+    packed = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device="cuda", generator=gen)
+    scales = torch.randint(117, 128, (n, k // mxfp4.BLOCK), dtype=torch.uint8, device="cuda", generator=gen)
+    return packed, scales
+
+
+def weight_bytes(n: int, k: int) -> int:
+    return n * k // 2 + n * k // mxfp4.BLOCK
+
+
+def check(name, out, x, packed, scales, bias=None, elementwise=True):
+    """Raise unless ``out`` matches the contract's reference (bounds in the module docstring)."""
+    ref = ops.fp4_matmul.reference(x, packed, scales, bias)
+    if out.shape != ref.shape or out.dtype != ref.dtype:
+        raise AssertionError(f"{name}: got {tuple(out.shape)} {out.dtype}, expected {tuple(ref.shape)} {ref.dtype}")
+    rel = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+    if not rel < REL_NORM[x.dtype]:  # written so that NaN fails too
+        raise AssertionError(f"{name}: relative-norm error {rel:.2e} >= {REL_NORM[x.dtype]}; not timed")
+    if elementwise:
+        k = x.shape[-1]
+        w = mxfp4.dequantize(packed, scales, torch.float32)
+        magnitude = (x.float().abs().reshape(-1, k) @ w.abs().T).reshape(ref.shape).double()
+        ulp = ULP[x.dtype]
+        bound = 2 * ulp * ref.double().abs() + (2 * ulp + 4 * k ** 0.5 * 2.0 ** -24) * magnitude
+        excess = (out.double() - ref.double()).abs() - bound
+        if not excess.max().item() <= 0:
+            raise AssertionError(f"{name}: {(excess > 0).sum().item()} element(s) off the reference beyond "
+                                 f"the bound (worst excess {excess.max().item():.3g}); not timed")
+
+
+def fp4_linear(x, packed, scales, bias=None):
+    with apt_hal.use("cuda-triton", strict=True):
+        return ops.fp4_matmul(x, packed, scales, bias)
+
+
+def dequantize_then_linear(x, packed, scales):
+    """What users write today: materialize the bf16 weight, then cuBLAS."""
+    return F.linear(x, mxfp4.dequantize(packed, scales, x.dtype))
+
+
+def gpu_checks() -> None:
+    """GPU-size correctness cases beyond the timed shapes; raises on the first wrong result."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for m, k, n in [(1, 4096 + 32, 1000), (16, 8192, 4097), (300, 4096 + 96, 1000)]:
+            packed, scales = make_weights(n, k, gen)
+            x = torch.randn(m, k, device="cuda", dtype=dtype, generator=gen)
+            bias = torch.randn(n, device="cuda", dtype=dtype, generator=gen)
+            check(f"fp4_matmul {dtype} M={m} K={k} N={n}", fp4_linear(x, packed, scales, bias),
+                  x, packed, scales, bias)
+    packed, scales = make_weights(1000, 4096, gen)
+    scales = torch.randint(0, 231, scales.shape, dtype=torch.uint8, device="cuda", generator=gen)
+    x = torch.randn(5, 4096, device="cuda", dtype=torch.bfloat16, generator=gen)
+    check("fp4_matmul scale codes 0..230 (subnormal 2^-127 included)", fp4_linear(x, packed, scales), x, packed, scales)
+    scales.fill_(245)
+    x = (torch.rand(20, 4096, device="cuda", generator=gen) - 0.5) * 2.0 ** -126  # float32 subnormals
+    check("fp4_matmul float32 subnormal x, weights ~2^120", fp4_linear(x, packed, scales), x, packed, scales)
+    for swap, split in [(True, 1), (True, 4), (False, 1), (False, 3)]:
+        cfg = kernels.TileConfig(block_m=16 if swap else 128, block_n=128, block_k=128, num_warps=8,
+                                 num_stages=3, swap_ab=swap, split_k=split)
+        packed, scales = make_weights(1000, 4096 + 64, gen)
+        x = torch.randn(40, 4096 + 64, device="cuda", dtype=torch.bfloat16, generator=gen)
+        check(f"fp4_matmul schedule {cfg}", kernels.launch(x, packed, scales, config=cfg), x, packed, scales)
+    print("gpu checks: fp4_matmul matches the reference (bf16/fp16/fp32, bias, odd K and N, extreme scales, "
+          "subnormal x, every schedule)", flush=True)
+    packed, scales = make_weights(512, 1024, gen)
+    x = torch.randn(16, 1024, device="cuda", dtype=torch.bfloat16, generator=gen)
+    try:
+        compiled = torch.compile(lambda a: torch.ops.apt_hal_triton.fp4_matmul(a, packed, scales) * 2,
+                                 fullgraph=True)
+        got = compiled(x)
+        torch.testing.assert_close(got, 2 * kernels.launch(x, packed, scales), rtol=0, atol=0)
+        print("gpu checks: torch.compile(fullgraph) of torch.ops.apt_hal_triton.fp4_matmul matches eager", flush=True)
+    except Exception as e:  # reported, not fatal: it is not a wrong kernel result
+        print(f"gpu checks: torch.compile of the triton_op FAILED: {type(e).__name__}: {e}", flush=True)
+
+
+# ---- timing -------------------------------------------------------------------------------------
+
+
+def _row(ceilings: harness.Ceilings, m: int, k: int, n: int) -> harness.Row:
+    gen = torch.Generator(device="cuda").manual_seed(m * 7 + k + n)
+
+    def make():
+        packed, scales = make_weights(n, k, gen)
+        return torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=gen), packed, scales
+
+    x, packed, scales = make()
+    label = f"M={m} K={k} N={n}"
+    check(f"apt_hal {label}", fp4_linear(x, packed, scales), x, packed, scales)
+    w_bf16 = mxfp4.dequantize(packed, scales, torch.bfloat16)
+    check(f"bf16 cuBLAS {label}", F.linear(x, w_bf16), x, packed, scales, elementwise=False)
+    del w_bf16
+
+    set_bytes = weight_bytes(n, k) + 2 * m * (k + n)
+    ours = harness.time_calls(harness.rotating(make, fp4_linear, set_bytes))
+
+    def make_bf16():
+        x_, packed_, scales_ = make()
+        return x_, mxfp4.dequantize(packed_, scales_, torch.bfloat16)
+
+    baselines = {
+        "bf16 cuBLAS": harness.time_calls(harness.rotating(make_bf16, F.linear, 2 * (n * k + m * (k + n)))),
+        "dequant+linear": harness.time_calls(harness.rotating(make, dequantize_then_linear, set_bytes)),
+    }
+    speedup = baselines["bf16 cuBLAS"] / ours
+    if m <= 16:
+        pct, ceiling = 100 * weight_bytes(n, k) / ours / 1e3 / ceilings.copy_gbps, "copy"
+    else:
+        pct, ceiling = 100 * 2 * m * n * k / ours / 1e6 / ceilings.gemm_tflops, "gemm"
+    target = TARGET_SPEEDUP[m]
+    return harness.Row(ops.fp4_matmul.name, f"{label} bf16", ours, baselines, pct, ceiling,
+                       f">= {target:g}x bf16 cuBLAS", speedup >= target)
+
+
+def run(ceilings: harness.Ceilings, quick: bool = False) -> list[harness.Row]:
+    gpu_checks()
+    shapes = SHAPES[:1] if quick else SHAPES
+    return [_row(ceilings, m, k, n) for k, n in shapes for m in ROWS]
+
+
+# ---- tuning data --------------------------------------------------------------------------------
+
+
+def _candidates(m: int, k: int, n: int) -> list[kernels.TileConfig]:
+    """The default schedule first, then a few others around it."""
+    auto = kernels.choose_config(m, n, k)
+    if auto.swap_ab:
+        tiles = [(64, 256, 4, 3), (128, 256, 8, 3), (128, 256, 8, 2), (128, 128, 8, 4), (64, 128, 4, 4)]
+        configs = [kernels.TileConfig(block_m=auto.block_m, block_n=bn, block_k=bk, num_warps=nw, num_stages=ns,
+                                      swap_ab=True, split_k=split)
+                   for bn, bk, nw, ns in tiles for split in sorted({max(auto.split_k // 2, 1), auto.split_k,
+                                                                    2 * auto.split_k})]
+    else:
+        tiles = [(128, 128, 64, 4, 3), (128, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 64, 64, 4, 3),
+                 (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 128, 8, 3)]
+        splits = (1, 2, 4) if m <= 256 else (1,)
+        configs = [kernels.TileConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=nw, num_stages=ns,
+                                      swap_ab=False, split_k=split)
+                   for bm, bn, bk, nw, ns in tiles if bm <= max(m, 128) for split in splits]
+        configs += [kernels.TileConfig(block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=3,
+                                       swap_ab=True, split_k=split) for split in splits if m <= 256]
+    return list(dict.fromkeys([auto] + configs))
+
+
+def sweep(ceilings: harness.Ceilings, quick: bool = False) -> None:
+    """Time other tile schedules on the benchmark shapes, each checked first (norm bound), with
+    rotating inputs as in the table; prints one line per schedule."""
+    for k, n in (SHAPES[:1] if quick else SHAPES):
+        for m in ROWS:
+            gen = torch.Generator(device="cuda").manual_seed(1)
+
+            def make():
+                packed, scales = make_weights(n, k, gen)
+                return torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=gen), packed, scales
+
+            sets = [make() for _ in range(max(1, min(16, -(-120 * 2 ** 20 // weight_bytes(n, k)))))]
+            auto = kernels.choose_config(m, n, k)
+            for cfg in _candidates(m, k, n):
+                run_cfg = lambda x, p, s, cfg=cfg: kernels.launch(x, p, s, config=cfg)  # noqa: E731
+                try:
+                    check("sweep", run_cfg(*sets[0]), *sets[0], elementwise=False)
+                    t = harness.time_calls([lambda s=s: run_cfg(*s) for s in sets])
+                except Exception as e:  # a schedule that does not compile or fit is tuning data too
+                    print(f"sweep fp4_matmul M={m} K={k} N={n} {cfg}: FAILED {type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:120] if str(e) else ''}", flush=True)
+                    continue
+                if m <= 16:
+                    perf = f"{100 * weight_bytes(n, k) / t / 1e3 / ceilings.copy_gbps:5.1f}% copy"
+                else:
+                    perf = f"{2 * m * n * k / t / 1e6:6.1f} TFLOP/s"
+                print(f"sweep fp4_matmul M={m} K={k} N={n} bm={cfg.block_m} bn={cfg.block_n} bk={cfg.block_k} "
+                      f"warps={cfg.num_warps} stages={cfg.num_stages} swap={int(cfg.swap_ab)} split={cfg.split_k}: "
+                      f"{t:8.1f} us  {perf}{'  (default)' if cfg == auto else ''}", flush=True)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="only K = N = 8192")
+    parser.add_argument("--sweep", action="store_true", help="also time other tile schedules")
+    args = parser.parse_args()
+    measured = harness.measure_ceilings()
+    print(f"{measured.device}: copy {measured.copy_gbps:.0f} GB/s, bf16 GEMM {measured.gemm_tflops:.0f} TFLOP/s",
+          flush=True)
+    harness.print_table(run(measured, quick=args.quick))
+    if args.sweep:
+        sweep(measured, quick=args.quick)

@@ -1,0 +1,234 @@
+"""cuda-triton fp4_matmul kernels against the contract's reference.
+
+Runs under Triton's interpreter on CPU (tests/conftest.py sets TRITON_INTERPRET=1 without a GPU)
+and unmodified on a CUDA GPU, where the shapes grow. Every case is run through
+``apt_hal.use("cuda-triton", strict=True)`` (a fallback to the reference would raise), on fresh
+seeded inputs, with outputs compared by relative-norm error and by an element-wise bound (NaN
+fails both).
+
+Tolerances. The kernel's products are exact (MXFP4 values are bf16 values and x is split into
+exact bf16 parts) and accumulate in fp32, so its result differs from the reference only by the
+order of the fp32 additions and by the final rounding to x's dtype (under the interpreter, fp32->bf16
+stores truncate: up to one bf16 ulp). Hence, with ulp the relative spacing of x's dtype:
+  * relative-norm error < 1e-2 (bf16 results; the brief's bound), 2e-3 (fp16), 1e-4 (fp32);
+  * element-wise, |out - ref| <= 2 ulp |ref| + (2 ulp + 4 sqrt(K) 2^-24) sum_k |x||w|: the output
+    rounding, plus two float32 summation orders (typical error ~ sqrt(K) 2^-24 of sum |terms|).
+"""
+
+import pytest
+import torch
+
+import apt_hal
+from apt_hal import mxfp4
+from apt_hal.backends.cuda_triton import fp4_matmul as kernels
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+GPU = DEV == "cuda"
+REL_NORM = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-4}
+ULP = {torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10, torch.float32: 2.0 ** -23}
+
+M_SIZES = [0, 1, 3, 16, 33] + ([128, 600] if GPU else [])
+K_SIZES = [32, 96, 256] + ([4096] if GPU else [])
+N_SIZES = [1, 17, 64] + ([1000] if GPU else [])
+
+
+def make_weights(n: int, k: int, gen: torch.Generator):
+    """Random MXFP4 weights: every E2M1 code, scales spread over 2^-12 .. 2^3."""
+    packed = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=gen)
+    scales = torch.randint(127 - 12, 127 + 4, (n, k // 32), dtype=torch.uint8, generator=gen)
+    return packed.to(DEV), scales.to(DEV)
+
+
+def run(x, packed, scales, bias=None):
+    """The cuda-triton implementation through apt_hal's dispatch, fallback forbidden."""
+    with apt_hal.use("cuda-triton", strict=True):
+        return apt_hal.ops.fp4_matmul(x, packed, scales, bias)
+
+
+def elementwise_excess(out, ref, x, packed, scales):
+    """|out - ref| minus its bound (module docstring), per element; <= 0 where within bounds."""
+    k = x.shape[-1]
+    magnitude = (x.float().abs().reshape(-1, k) @ mxfp4.dequantize(packed, scales).abs().T).reshape(ref.shape)
+    ulp = ULP[x.dtype]
+    bound = 2 * ulp * ref.double().abs() + (2 * ulp + 4 * k ** 0.5 * 2.0 ** -24) * magnitude.double()
+    return (out.double() - ref.double()).abs() - bound
+
+
+def check(out, x, packed, scales, bias=None):
+    ref = apt_hal.ops.fp4_matmul.reference(x, packed, scales, bias)
+    assert out.shape == ref.shape and out.dtype == ref.dtype and out.device == ref.device
+    if ref.numel() == 0:
+        return
+    err = (out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)
+    assert err < REL_NORM[x.dtype], f"relative-norm error {err:.3g}"
+    excess = elementwise_excess(out, ref, x, packed, scales)
+    assert (excess <= 0).all(), f"{int((excess > 0).sum())} element(s) beyond the bound, worst {excess.max():.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("m", M_SIZES)
+def test_matches_reference_over_shapes(m, dtype):
+    gen = torch.Generator().manual_seed(1000 + m)
+    for k in K_SIZES:
+        for n in N_SIZES:
+            packed, scales = make_weights(n, k, gen)
+            x = torch.randn(m, k, generator=gen).to(DEV, dtype)
+            bias = torch.randn(n, generator=gen).to(DEV, dtype) if (k + n) % 2 else None
+            check(run(x, packed, scales, bias), x, packed, scales, bias)
+
+
+SCHEDULES = [  # (swap_ab, split_k): both schedules, with and without split-K
+    (True, 1), (True, 3), (False, 1), (False, 2)]
+
+
+@pytest.mark.parametrize("swap_ab,split_k", SCHEDULES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_every_schedule_matches_reference(swap_ab, split_k, dtype):
+    """Each schedule of the kernel, forced through launch(config=...), on a K with a partial last
+    block (K = 3.5 blocks: split-K lowers 3 to a divisor of 4 blocks), odd M and N, and a bias."""
+    bm, bn, bk = (16, 64, 64) if not GPU else (16 if swap_ab else 64, 64, 128)
+    cfg = kernels.TileConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=4, num_stages=2,
+                             swap_ab=swap_ab, split_k=split_k)
+    gen = torch.Generator().manual_seed(10 + split_k)
+    m, n, k = (5, 70, 7 * bk // 2) if swap_ab else (37, 70, 7 * bk // 2)
+    packed, scales = make_weights(n, k, gen)
+    x = torch.randn(m, k, generator=gen).to(DEV, dtype)
+    bias = torch.randn(n, generator=gen).to(DEV, dtype)
+    check(kernels.launch(x, packed, scales, bias, config=cfg), x, packed, scales, bias)
+
+
+def test_registered_function_is_what_runs():
+    gen = torch.Generator().manual_seed(1)
+    packed, scales = make_weights(17, 96, gen)
+    x = torch.randn(3, 96, generator=gen).to(DEV, torch.bfloat16)
+    direct = kernels.fp4_matmul_triton(x, packed, scales, None)
+    torch.testing.assert_close(run(x, packed, scales), direct, rtol=0, atol=0)
+    check(direct, x, packed, scales)
+
+
+@pytest.mark.parametrize("m", [1, 40])  # decode (swap AB, split K) and prefill schedules
+def test_every_output_is_written(m, monkeypatch):
+    """Outputs are poisoned with NaN before the kernels run: an unwritten element would stay NaN.
+    torch.empty is patched for the whole test, so the launcher's output and its split-K partial
+    sums (M = 1 splits K here) both start as NaN."""
+    real_empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    k = 4096 if GPU else 256
+    assert kernels.choose_config(1, 70, k).split_k > 1
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    gen = torch.Generator().manual_seed(2)
+    packed, scales = make_weights(70, k, gen)
+    x = torch.randn(m, k, generator=gen).to(DEV, torch.bfloat16)
+    bias = torch.randn(70, generator=gen).to(DEV, torch.bfloat16)
+    check(run(x, packed, scales, bias), x, packed, scales, bias)
+
+
+def test_leading_batch_dims_and_noncontiguous_x():
+    gen = torch.Generator().manual_seed(3)
+    packed, scales = make_weights(33, 128, gen)
+    big = torch.randn(2, 3, 5, 256, generator=gen).to(DEV, torch.bfloat16)
+    x = big[:, :, 1:4, ::2]  # [2, 3, 3, 128], strided in every dimension
+    assert not x.is_contiguous()
+    out = run(x, packed, scales)
+    assert out.shape == (2, 3, 3, 33)
+    check(out, x, packed, scales)
+    xt = torch.randn(64, 4, generator=gen).to(DEV, torch.float16).T  # [4, 64] column-major
+    packed2, scales2 = make_weights(8, 64, gen)
+    check(run(xt, packed2, scales2), xt, packed2, scales2)
+
+
+@pytest.mark.parametrize("m", [2, 20])
+def test_nan_scale_poisons_exactly_its_outputs(m):
+    gen = torch.Generator().manual_seed(4)
+    packed, scales = make_weights(20, 96, gen)
+    scales[5, 1] = mxfp4.E8M0_NAN
+    scales[6, 2] = mxfp4.E8M0_NAN  # a block of +1.0 only, times x > 0: NaN, not +Inf
+    packed[6, 32:48] = 0x22
+    x = torch.randn(m, 96, generator=gen).to(DEV, torch.bfloat16).abs()
+    out = run(x, packed, scales)
+    assert torch.isnan(out[:, 5:7]).all()
+    finite = (torch.arange(20, device=DEV) < 5) | (torch.arange(20, device=DEV) > 6)
+    assert not torch.isnan(out[:, finite]).any()
+    check(out[:, finite], x, packed[finite], scales[finite])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_extreme_scales_and_special_x_values(dtype):
+    """Scale codes 0 (2^-127, subnormal), 1 and 245 (sums stay below float32's max, so no
+    summation order can overflow); zero weights; Inf and NaN in x propagate as in the reference."""
+    gen = torch.Generator().manual_seed(5)
+    k = 64
+    packed, scales = make_weights(6, k, gen)
+    scales[0] = 0
+    scales[1] = 1
+    scales[2] = 245
+    packed[3] = 0  # +0 everywhere
+    x = torch.rand(4, k, generator=gen).to(DEV, dtype) + 0.5
+    x[1, 7] = float("inf")
+    x[2, 9] = float("nan")
+    out = run(x, packed, scales)
+    ref = apt_hal.ops.fp4_matmul.reference(x, packed, scales)
+    assert torch.equal(torch.isnan(out), torch.isnan(ref))
+    assert torch.equal(torch.isinf(out), torch.isinf(ref))
+    # Rows 0 and 1 of w are tiny (scales 2^-127, 2^-126): the bound is relative to each output's
+    # own magnitude, so they are checked as strictly as the others.
+    finite = torch.isfinite(ref)
+    excess = elementwise_excess(out, ref, x, packed, scales)[finite]
+    assert (excess <= 0).all(), f"worst excess {excess.max().item():.3g}"
+
+
+@pytest.mark.parametrize("m", [1, 20])
+def test_float32_subnormal_activations_times_huge_weights(m):
+    """fp32 x below 2^-126 with weights near 2^120: bf16 parts cannot hold x's low bits unless the
+    kernel lifts such rows first; the outputs are ordinary numbers and must match."""
+    gen = torch.Generator().manual_seed(8)
+    packed, scales = make_weights(24, 128, gen)
+    scales.fill_(245)
+    x = (torch.rand(m, 128, generator=gen) * 2 - 1).to(DEV) * 2.0 ** -127
+    x[0, :64] *= 2.0 ** 60  # a row mixing tiny and small values
+    check(run(x, packed, scales), x, packed, scales)
+
+
+def test_torch_fp4_dtype_views_are_accepted():
+    if not mxfp4.HAS_TORCH_FP4:
+        pytest.skip(f"torch {torch.__version__} has no float4_e2m1fn_x2 dtype")
+    gen = torch.Generator().manual_seed(6)
+    packed, scales = make_weights(17, 64, gen)
+    x = torch.randn(3, 64, generator=gen).to(DEV, torch.bfloat16)
+    p4, s8 = mxfp4.to_torch_dtypes(packed, scales)
+    torch.testing.assert_close(run(x, p4, s8), run(x, packed, scales), rtol=0, atol=0)
+
+
+def test_triton_op_matches_the_eager_launcher():
+    """torch.ops.apt_hal_triton.fp4_matmul launches the same kernels through wrap_triton."""
+    gen = torch.Generator().manual_seed(7)
+    packed, scales = make_weights(17, 96, gen)
+    x = torch.randn(3, 96, generator=gen).to(DEV, torch.bfloat16)
+    bias = torch.randn(17, generator=gen).to(DEV, torch.bfloat16)
+    torch.testing.assert_close(torch.ops.apt_hal_triton.fp4_matmul(x, packed, scales, bias),
+                               kernels.fp4_matmul_triton(x, packed, scales, bias), rtol=0, atol=0)
+
+
+def test_empty_k_gives_the_bias():
+    x = torch.randn(3, 0, device=DEV, dtype=torch.bfloat16)
+    packed = torch.zeros(5, 0, dtype=torch.uint8, device=DEV)
+    scales = torch.zeros(5, 0, dtype=torch.uint8, device=DEV)
+    bias = torch.randn(5, device=DEV, dtype=torch.bfloat16)
+    torch.testing.assert_close(run(x, packed, scales, bias), bias.expand(3, 5), rtol=0, atol=0)
+
+
+def test_config_choice_splits_k_only_when_tiles_are_few():
+    """Split-K engages when the M x N tiles cannot fill the GPU, never beyond the programs wanted
+    or K / (16 M) (partial sums' traffic at most the weight bytes), and not at all for large M."""
+    want = kernels.hw.device_properties()["sm_count"] * kernels.hw.FP4_MATMUL_CTAS_PER_SM
+    for m, n, k in [(1, 1024, 8192), (16, 1024, 14336), (5, 512, 4096)]:
+        cfg = kernels.choose_config(m, n, k)
+        tiles = -(-m // cfg.block_m) * -(-n // cfg.block_n)
+        assert cfg.swap_ab and 1 < cfg.split_k <= k // (16 * m)
+        assert tiles * cfg.split_k <= want
+    assert kernels.choose_config(4096, 8192, 8192).split_k == 1
+    assert not kernels.choose_config(4096, 8192, 8192).swap_ab
