@@ -45,6 +45,7 @@ apt_hal function accepts either view.
 
 from __future__ import annotations
 
+import functools
 from typing import Literal, Tuple
 
 import torch
@@ -60,9 +61,20 @@ HAS_TORCH_FP4 = hasattr(torch, "float4_e2m1fn_x2") and hasattr(torch, "float8_e8
 
 
 def e2m1_table(dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
-    """The 16 values of the E2M1 codes, code order: a lookup table for decoding."""
-    mags = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=device)
-    return torch.cat([mags, -mags]).to(dtype)
+    """The 16 values of the E2M1 codes, code order: a lookup table for decoding. Built once per
+    (dtype, device) and shared -- read it, never write to it (a table built from a Python list on
+    every call would also break CUDA-graph capture). While tracing (compile, export) it is built in
+    the graph instead: a cached real tensor cannot mix with fake ones."""
+    device = torch.device(device if device is not None else "cpu")
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+        return _e2m1_table.__wrapped__(dtype, device)
+    return _e2m1_table(dtype, device)
+
+
+@functools.lru_cache(maxsize=None)
+def _e2m1_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    mags = torch.tensor(E2M1_VALUES, dtype=torch.float32)
+    return torch.cat([mags, -mags]).to(dtype=dtype, device=device)
 
 
 def as_uint8(t: torch.Tensor) -> torch.Tensor:
