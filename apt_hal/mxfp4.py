@@ -109,6 +109,12 @@ def _floor_log2(amax: torch.Tensor) -> torch.Tensor:
     return torch.where(biased == 0, sub, normal)
 
 
+def _pow2(e: torch.Tensor) -> torch.Tensor:
+    """2^e as float64, exactly, for integer ``e`` in [-1022, 1023], built from its exponent bits.
+    (torch.ldexp / torch.pow are not exact on every device: on CUDA they broke round-half-even ties.)"""
+    return ((e.to(torch.int64) + 1023) << 52).view(torch.float64)
+
+
 def _round_e2m1(y: torch.Tensor) -> torch.Tensor:
     """Codes 0..7 of |y| (float64, finite), round to nearest E2M1 magnitude, ties to even, saturate at 6."""
     a = y.abs()
@@ -152,7 +158,7 @@ def quantize(w: torch.Tensor, nonfinite: Literal["nan", "raise"] = "nan") -> Tup
     scale_code = torch.where(bad_block, torch.full_like(scale_code, E8M0_NAN), scale_code)
 
     # x / 2^shared is exact in float64 (shared >= -127, |x| < 2^128).
-    y = torch.ldexp(x.to(torch.float64), (-shared).to(torch.float64).unsqueeze(-1))
+    y = x.to(torch.float64) * _pow2(-shared).unsqueeze(-1)
     codes = _round_e2m1(y) | (torch.signbit(y).to(torch.uint8) << 3)
     # NaN/Inf blocks and all-zero blocks (even of -0s) encode +0 elements, as the rules state.
     codes = torch.where((bad_block | zero_block).unsqueeze(-1), torch.zeros_like(codes), codes)
@@ -179,6 +185,6 @@ def dequantize(packed: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = 
     vals = e2m1_table(torch.float32, p.device)[unpack_codes(p).long()]
     k = vals.shape[-1]
     vals = vals.reshape(*s.shape, BLOCK)
-    scale = torch.ldexp(torch.ones(s.shape, dtype=torch.float32, device=s.device), s.to(torch.int32) - E8M0_BIAS)
+    scale = _pow2(s.to(torch.int32) - E8M0_BIAS).to(torch.float32)  # 2^-127 is a float32 subnormal: exact
     scale = torch.where(s == E8M0_NAN, torch.full_like(scale, float("nan")), scale)
     return (vals * scale.unsqueeze(-1)).reshape(*s.shape[:-1], k).to(dtype)
