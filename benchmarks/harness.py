@@ -10,6 +10,7 @@ host-to-device rate) are measured in the same run, so ratios and percentages com
 from __future__ import annotations
 
 import dataclasses
+import math
 import statistics
 from typing import Callable, Optional, Sequence
 
@@ -118,3 +119,38 @@ def print_table(rows: Sequence[Row]) -> str:
     text = "\n".join(lines)
     print(text, flush=True)
     return text
+
+
+# ---- steady-state timing ------------------------------------------------------------------
+# A memory-bound kernel of a few hundred microseconds timed right after the GPU sat idle runs while
+# its clocks come back up, and a graph of one such call also times the replay's launch gap. So
+# steady_us() fills each graph with at least GRAPH_US of work, keeps the GPU busy for WARM_US
+# first, and times the variants in alternating rounds, reporting each one's median: a drift in
+# clocks or temperature during a row reaches every variant alike.
+
+GRAPH_US = 2000.0
+WARM_US = 200_000.0
+ROUNDS = 3
+
+
+def _filled(calls: Sequence[Callable[[], object]]) -> tuple[list, float]:
+    """``calls`` repeated so that one pass takes at least GRAPH_US; with the microseconds of a pass."""
+    one_pass = time_calls(calls, replays=3, warmup=1) * len(calls)
+    repeat = max(1, math.ceil(GRAPH_US / one_pass))
+    return list(calls) * repeat, one_pass * repeat
+
+
+def warm(calls: Sequence[Callable[[], object]], pass_us: float) -> None:
+    """Keep the GPU busy with ``calls`` (one pass taking ``pass_us``) for about WARM_US."""
+    time_calls(calls, replays=max(1, math.ceil(WARM_US / pass_us)), warmup=1)
+
+
+def steady_us(variants: dict[str, Sequence[Callable[[], object]]], rounds: int = ROUNDS) -> dict[str, float]:
+    """Median microseconds per call of each variant (name -> calls), timed as the module says."""
+    filled = {name: _filled(calls) for name, calls in variants.items()}
+    warm(*next(iter(filled.values())))
+    times: dict[str, list[float]] = {name: [] for name in filled}
+    for _ in range(rounds):
+        for name, (calls, _) in filled.items():
+            times[name].append(time_calls(calls))
+    return {name: statistics.median(t) for name, t in times.items()}

@@ -107,10 +107,11 @@ def test_copy_blocks_on_one_device(dtype, size):
 @pytest.mark.parametrize("ids", ["scattered", "run"])
 @pytest.mark.parametrize("direction", ["to_host", "from_host"])
 def test_copy_blocks_between_host_and_device(direction, ids, id_dtype):
-    """The tier moves. On a GPU: device pool <-> pinned host pool through the op (staging buffer,
-    one copy, scatter; a contiguous run of host blocks is its own staging buffer). The staged path
-    is also called directly, so that on a CPU-only machine (where both pools are host memory and
-    the op takes its one-kernel path) it is checked too."""
+    """The tier moves. On a GPU: device pool <-> pinned host pool through the op (a contiguous run
+    of host blocks is its own staging buffer; scattered host blocks are read by the GPU itself, or,
+    to the host, staged: gather, one copy, scatter). The cross-device path is also called
+    directly, so that on a CPU-only machine (where both pools are host memory and the op takes its
+    one-kernel path) it is checked too."""
     dtype, n_blocks, n = torch.bfloat16, 11, 6
     device_pool = random_bits((n_blocks, BLOCK, 2, 8), dtype, seed=9)
     host_pool = random_bits((n_blocks + 2, BLOCK, 2, 8), dtype, seed=10, device="cpu", pin=PIN)
@@ -135,6 +136,79 @@ def test_copy_blocks_between_host_and_device(direction, ids, id_dtype):
     assert_same_bytes(dst, expected)
 
 
+@pytest.mark.parametrize("programs", [1, 3])
+def test_gpu_reads_scattered_pinned_host_blocks(programs):
+    """The scattered host -> GPU path: the kernel on the GPU reads pinned host blocks itself, a grid
+    of a few programs looping over them (tiles smaller than a block: several per block). On a
+    CPU-only machine both pools are host memory and the same kernel runs interpreted."""
+    dtype, n = torch.bfloat16, 7
+    host_pool = random_bits((n + 4, BLOCK, 2, 8), dtype, seed=18, device="cpu", pin=PIN)
+    device_pool = random_bits((n + 2, BLOCK, 2, 8), dtype, seed=19)
+    g = torch.Generator().manual_seed(20)
+    host_ids = torch.randperm(n + 4, generator=g)[:n]
+    dst_ids = torch.randperm(n + 2, generator=g)[:n].to(DEV)
+    expected = device_pool.cpu().clone()
+    ops.paged_copy_blocks.reference(host_pool, host_ids, expected, dst_ids.cpu())
+    block_bytes = math.prod(host_pool.shape[1:]) * host_pool.element_size()
+    host_w, device_w = triton_paged._word_rows(host_pool, device_pool, unit=block_bytes)
+    triton_paged.read_pinned_host(host_w, host_ids, device_w, dst_ids, programs=programs, tile_bytes=block_bytes // 4)
+    assert_same_bytes(device_pool, expected)
+
+
+class _TorchRowCopy:
+    """Stands in for the Triton row-copy kernel (``kernel[grid](...)``) with torch ops, which
+    functionalization rewrites as it does a triton_op's kernel: the copy of the paged module
+    docstring, done in place on the word matrices the launcher passes."""
+
+    def __getitem__(self, grid):
+        return self.launch
+
+    @staticmethod
+    def launch(src, src_ids, src_row_stride, dst, dst_ids, rows_per_block, dst_block_stride, n_rows, row_len,
+               *_, **__):
+        every = torch.arange(n_rows, device=dst.device)
+        s = every if src_ids is None else src_ids.long()
+        rows = src[s.clamp(min=0), :row_len] * (s >= 0)[:, None]
+        d = every if dst_ids is None else dst_ids.long()
+        slots = dst.unflatten(1, (rows_per_block, row_len))  # [blocks, rows per block, row_len]
+        n_slots = slots.shape[0] * rows_per_block
+        # Which row lands in each slot (-1: none), computed without data-dependent shapes.
+        source = torch.full((n_slots + 1,), -1, device=dst.device).scatter_(0, torch.where(d >= 0, d, n_slots), every)
+        source = source[:-1]
+        landed = torch.where((source >= 0)[:, None], rows[source.clamp(min=0)], slots.reshape(n_slots, row_len))
+        slots.copy_(landed.view_as(slots))
+
+
+def test_kernel_writes_survive_functionalization():
+    """torch.compile functionalizes the traceable ops' bodies: the kernel's writes through the word
+    views must become writes to the op's tensors. (Views built with as_strided cannot: Inductor
+    rejected paged_gather's output view on a GPU.) AOTAutograd functionalizes the bodies here on
+    any device, with the kernel replaced by torch ops; test_torch_compile_traces_the_triton_ops
+    runs the real kernels under Inductor on a GPU."""
+    from functorch.compile import aot_function, nop
+
+    def functional(body):
+        return aot_function(lambda *args: body(*args, _TorchRowCopy()), fw_compiler=nop)
+
+    cache = random_bits((6, 2, BLOCK, 2, 8), torch.float16, seed=21)[:, 1]  # dimension 0 strided
+    values = random_bits((5, 2, 8), torch.float16, seed=22)
+    slots, table = index([3, -1, 9, 22, 0], torch.int64), index([[2, -1], [5, 0]], torch.int32)
+    src_ids, dst_ids = index([1, 4, 4], torch.int64), index([0, 5, 2], torch.int64)
+
+    written, expected = cache.clone(), cache.clone()  # paged_write writes into its input
+    functional(triton_paged._write)(written, values, slots)
+    ops.paged_write.reference(expected, values, slots)
+    assert_same_bytes(written, expected)
+
+    gathered = functional(triton_paged._gather)(cache, table)  # a fresh output, written through views
+    assert_same_bytes(gathered, ops.paged_gather.reference(cache, table.long()))
+
+    copied, expected = cache.flip(0).clone(), cache.flip(0).clone()  # paged_copy_blocks writes into dst
+    functional(triton_paged._copy_blocks)(cache, src_ids, copied, dst_ids)
+    ops.paged_copy_blocks.reference(cache, src_ids, expected, dst_ids)
+    assert_same_bytes(copied, expected)
+
+
 def test_empty_inputs():
     cache = random_bits((5, BLOCK, 2, 8), torch.bfloat16, seed=12)
     before = cache.clone()
@@ -149,14 +223,16 @@ def test_empty_inputs():
     assert_same_bytes(cache, before)
 
 
+@pytest.mark.parametrize("max_programs", [None, 1, 3], ids=["grid_of_tiles", "1_program", "3_programs"])
 @pytest.mark.parametrize("tile_bytes", [64, 1024, 1 << 14])
-def test_copy_rows_writes_every_byte_at_every_tiling(tile_bytes):
+def test_copy_rows_writes_every_byte_at_every_tiling(tile_bytes, max_programs):
     """Destination poisoned: rows wider than a tile (several column blocks, a partial last one),
-    tiles of several rows with a partial last one, and negative source ids (which write zeros)."""
+    tiles of several rows with a partial last one, negative source ids (which write zeros), and
+    capped grids whose programs loop over the tiles (a count that does not divide them)."""
     src = random_bits((9, 120), torch.int16, seed=13)[:, :100]  # rows of 100 words, stride 120
     dst = torch.full((7, 100), 0x5A5A, dtype=torch.int16, device=DEV)
     src_ids = index([4, -1, 0, 8, 8, -3, 2], torch.int64)
-    triton_paged.launch_copy_rows(src, src_ids, dst, None, 7, 100, tile_bytes=tile_bytes)
+    triton_paged.launch_copy_rows(src, src_ids, dst, None, 7, 100, tile_bytes=tile_bytes, max_programs=max_programs)
     expected = torch.stack([src[i] if i >= 0 else torch.zeros_like(src[0]) for i in src_ids.tolist()])
     assert torch.equal(dst, expected)
 

@@ -141,3 +141,17 @@ def fp4_matmul_tiles(m: int, x_parts: int = 1) -> dict:
     if m <= 256 or x_parts > 1:
         return dict(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3, swap_ab=False)
     return dict(block_m=128, block_n=128, block_k=64, num_warps=4, num_stages=3, swap_ab=False)
+
+# ---- GPU reads of pinned host memory (paged.py: scattered host -> GPU block copies) -------------
+
+# Under unified virtual addressing (every 64-bit CUDA platform) a kernel reads pinned host memory
+# at its host address, and Triton takes a pinned CPU tensor as a pointer argument (its launcher
+# asks the driver for the device address). Scattered host blocks then need no CPU gather.
+PINNED_HOST_READABLE = True
+
+# Those reads cross PCIe, so a few programs fill the link provided enough bytes are in flight
+# (bandwidth x latency: 55 GB/s x ~4 us under load is ~220 KB); few programs also leave most SMs
+# to the compute the copy overlaps. A capped grid loops over the blocks: 16 programs of 32 KiB
+# tiles (8 warps, 8 x 16 bytes per thread) keep 512 KiB in flight.
+HOST_READ_PROGRAMS = 16
+HOST_READ_TILE_BYTES = 32 * 1024

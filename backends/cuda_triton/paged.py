@@ -3,7 +3,8 @@
 The three ops move bytes and never convert, so every tensor is first viewed as a matrix of
 integer *words* (the widest of 8, 4, 2 or 1 bytes that divides every row length, block stride
 and address involved): every dtype, fp8 and uint8 included, is copied bit for bit, and aligned
-rows move as 16-byte vector accesses.
+rows move as 16-byte vector accesses. The word matrices are built from ``view`` calls only, never
+``as_strided``: torch.compile cannot functionalize a kernel's write through an ``as_strided`` view.
 
 The kernel copies rows: ``dst row dst_ids[i] = src row src_ids[i]`` (ids omitted: ``i``). Source
 rows sit ``stride(0)`` words apart (blocks of a pool, possibly a per-layer view of a larger
@@ -13,13 +14,14 @@ destination id skips the row. Then
 
 * ``paged_write``   = rows of ``values`` -> slots of the pool (``rows_per_block = block_size``);
 * ``paged_gather``  = blocks of the pool named by the table -> a dense output;
-* ``paged_copy_blocks`` on one device = pool blocks -> pool blocks, one launch. Across devices
-  (host <-> GPU) the source side gathers the blocks into one contiguous staging buffer (pinned
-  on the host), ONE copy moves it, and the destination side scatters it (see
-  :func:`copy_blocks_across_devices`).
+* ``paged_copy_blocks`` on one device = pool blocks -> pool blocks, one launch. Across devices see
+  :func:`copy_blocks_across_devices`: host blocks reach a GPU through the copy engine when they
+  are one contiguous run of pinned memory, else the kernel on the GPU reads them directly from
+  pinned host memory; other directions stage the blocks in one contiguous buffer.
 
-A program copies a ``[rows, cols]`` tile of ``hw.STREAM_TILE_BYTES``; tiles shrink (fewer rows)
-only when the grid would otherwise have too few programs to fill the GPU.
+A program copies ``[rows, cols]`` tiles of ``hw.STREAM_TILE_BYTES``, one tile per program on a
+GPU's own memory (tiles shrink, fewer rows, only when the grid would otherwise have too few
+programs to fill the GPU); a grid capped at fewer programs than tiles loops over them.
 """
 
 from __future__ import annotations
@@ -43,29 +45,35 @@ _WORD_DTYPES = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
 @triton.jit
 def _copy_rows_kernel(src, src_ids, src_row_stride, dst, dst_ids, dst_rows_per_block, dst_block_stride,
                       n_rows, row_len, col_blocks, ROWS: tl.constexpr, COLS: tl.constexpr):
-    pid = tl.program_id(0)
-    rows = (pid // col_blocks).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    row_ok = rows < n_rows
-    s = rows
-    if src_ids is not None:
-        s = tl.load(src_ids + rows, mask=row_ok).to(tl.int64)
-    d = rows
-    if dst_ids is not None:
-        d = tl.load(dst_ids + rows, mask=row_ok).to(tl.int64)
-    src_at = s * src_row_stride
-    dst_at = (d // dst_rows_per_block) * dst_block_stride + (d % dst_rows_per_block) * row_len
-    cols = (pid % col_blocks) * COLS + tl.arange(0, COLS)
-    col_ok = (cols < row_len)[None, :]
-    x = tl.load(src + src_at[:, None] + cols[None, :], mask=(row_ok & (s >= 0))[:, None] & col_ok, other=0)
-    tl.store(dst + dst_at[:, None] + cols[None, :], x, mask=(row_ok & (d >= 0))[:, None] & col_ok)
+    n_tiles = tl.cdiv(n_rows, ROWS) * col_blocks
+    tile = tl.program_id(0)
+    # One pass per program unless the grid is capped. (`while`, as the interpreter's range() needs ints.)
+    while tile < n_tiles:
+        rows = (tile // col_blocks).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        row_ok = rows < n_rows
+        s = rows
+        if src_ids is not None:
+            s = tl.load(src_ids + rows, mask=row_ok).to(tl.int64)
+        d = rows
+        if dst_ids is not None:
+            d = tl.load(dst_ids + rows, mask=row_ok).to(tl.int64)
+        src_at = s * src_row_stride
+        dst_at = (d // dst_rows_per_block) * dst_block_stride + (d % dst_rows_per_block) * row_len
+        cols = (tile % col_blocks) * COLS + tl.arange(0, COLS)
+        col_ok = (cols < row_len)[None, :]
+        x = tl.load(src + src_at[:, None] + cols[None, :], mask=(row_ok & (s >= 0))[:, None] & col_ok, other=0)
+        tl.store(dst + dst_at[:, None] + cols[None, :], x, mask=(row_ok & (d >= 0))[:, None] & col_ok)
+        tile += tl.num_programs(0)
 
 
 def launch_copy_rows(src: torch.Tensor, src_ids: Optional[torch.Tensor], dst: torch.Tensor,
                      dst_ids: Optional[torch.Tensor], n_rows: int, row_len: int, *, dst_rows_per_block: int = 1,
-                     kernel=_copy_rows_kernel, tile_bytes: int = hw.STREAM_TILE_BYTES) -> None:
+                     kernel=_copy_rows_kernel, tile_bytes: int = hw.STREAM_TILE_BYTES,
+                     max_programs: Optional[int] = None, num_warps: Optional[int] = None) -> None:
     """Copy ``n_rows`` rows of ``row_len`` words between word matrices ``src``/``dst`` (``[blocks,
     block_len]``, dim 0 strided); see the module docstring. ``kernel`` is the Triton kernel or its
-    ``wrap_triton`` wrapper."""
+    ``wrap_triton`` wrapper. ``max_programs`` caps the grid (each program then loops over tiles);
+    ``num_warps`` overrides the warps a tile of ``tile_bytes`` gets."""
     if n_rows == 0 or row_len == 0:
         return
     word = src.element_size()
@@ -73,23 +81,23 @@ def launch_copy_rows(src: torch.Tensor, src_ids: Optional[torch.Tensor], dst: to
     cols = min(triton.next_power_of_2(row_len), most)
     rows = min(most // cols, triton.next_power_of_2(n_rows))
     col_blocks = triton.cdiv(row_len, cols)
-    enough = hw.stream_min_programs(dst.device.index or 0)
+    enough = max_programs or hw.stream_min_programs(dst.device.index or 0)
     while rows > 1 and triton.cdiv(n_rows, rows) * col_blocks < enough:
         rows //= 2
+    tiles = triton.cdiv(n_rows, rows) * col_blocks
     with hw.device_guard(dst):
-        kernel[(triton.cdiv(n_rows, rows) * col_blocks,)](
+        kernel[(min(tiles, max_programs or tiles),)](
             src, src_ids, src.stride(0), dst, dst_ids, dst_rows_per_block, dst.stride(0), n_rows, row_len,
-            col_blocks, ROWS=rows, COLS=cols, num_warps=hw.stream_num_warps(rows * cols * word))
+            col_blocks, ROWS=rows, COLS=cols, num_warps=num_warps or hw.stream_num_warps(rows * cols * word))
 
 
-# ---- byte views -----------------------------------------------------------------------------------
+# ---- word views -----------------------------------------------------------------------------------
 
 
 def _byte_rows(t: torch.Tensor) -> torch.Tensor:
     """``t`` ``[n, *dense]`` as the ``[n, row_bytes]`` uint8 matrix of the same memory."""
-    n, inner = t.shape[0], math.prod(t.shape[1:])
-    stride0 = t.stride(0) if n > 1 else inner  # a size-1 dimension's stride is arbitrary
-    return t.as_strided((n, inner), (stride0, 1)).view(torch.uint8)
+    rows = t.unsqueeze(1) if t.dim() == 1 else t.flatten(1)  # views: the dense dimensions merge
+    return rows.view(torch.uint8)
 
 
 def _word_rows(*tensors: torch.Tensor, unit: int) -> list[torch.Tensor]:
@@ -156,12 +164,24 @@ def _host_run(rows: torch.Tensor, ids: torch.Tensor) -> Optional[torch.Tensor]:
     return run if run.is_contiguous() else None
 
 
-def _stage(src_w: torch.Tensor, src_ids: torch.Tensor, pin: bool, kernel) -> torch.Tensor:
+def read_pinned_host(host_w: torch.Tensor, host_ids: torch.Tensor, dst_w: torch.Tensor, dst_ids: torch.Tensor,
+                     kernel=_copy_rows_kernel, programs: int = hw.HOST_READ_PROGRAMS,
+                     tile_bytes: int = hw.HOST_READ_TILE_BYTES, num_warps: Optional[int] = None) -> None:
+    """``dst_w[dst_ids] = host_w[host_ids]`` read by the GPU itself from pinned host memory (zero
+    copy: no CPU gather, no staging buffer), by a grid of ``programs`` that loops over the blocks;
+    see hw.HOST_READ_PROGRAMS. The host blocks are read in stream order."""
+    ids = host_ids.to(dst_w.device, non_blocking=True)
+    launch_copy_rows(host_w, ids, dst_w, dst_ids, ids.numel(), dst_w.shape[1], kernel=kernel, tile_bytes=tile_bytes,
+                     max_programs=programs, num_warps=num_warps)
+    # torch's pinned-memory allocator hands a freed block out again only once the copies recorded
+    # on it have finished, and a kernel's reads are not recorded: a one-word copy from the same
+    # allocation, queued after the kernel, records them (the host pool may be freed at once).
+    torch.empty(1, dtype=host_w.dtype, device=dst_w.device).copy_(host_w[0, :1], non_blocking=True)
+
+
+def _gather_blocks(src_w: torch.Tensor, src_ids: torch.Tensor, pin: bool, kernel) -> torch.Tensor:
     """The blocks ``src_ids`` of word matrix ``src_w`` as one contiguous ``[n, block_len]`` tensor on
     ``src_w``'s device (pinned if asked, on the host)."""
-    run = _host_run(src_w, src_ids) if pin else None
-    if run is not None:
-        return run
     n, block_len = src_ids.numel(), src_w.shape[1]
     staged = torch.empty((n, block_len), dtype=src_w.dtype, device=src_w.device, pin_memory=pin)
     if src_w.device.type == "cpu":
@@ -174,36 +194,47 @@ def _stage(src_w: torch.Tensor, src_ids: torch.Tensor, pin: bool, kernel) -> tor
 def copy_blocks_across_devices(src, src_ids, dst, dst_ids, kernel=_copy_rows_kernel) -> None:
     """``dst[dst_ids] = src[src_ids]`` for pools on different devices (host <-> GPU, or two GPUs).
 
-    The source side gathers the blocks into one contiguous staging buffer (pinned memory when the
-    source is the host; none when the ids are a contiguous run of a pinned pool), ONE copy moves
-    it, and the destination side scatters it (the Triton kernel on a GPU).
+    To a GPU: a contiguous run of pinned host blocks is its own staging buffer (one copy-engine
+    transfer); other pinned host blocks are read by the kernel on the GPU itself
+    (:func:`read_pinned_host`: no CPU gather serialised before the transfer); pageable host blocks
+    and another GPU's blocks are gathered into one contiguous staging buffer (pinned, on the host)
+    and moved by ONE copy. The kernel then scatters the moved blocks.
+    To the host: the GPU gathers the blocks into one staging buffer, one copy brings it to pinned
+    memory, and the CPU scatters it (none of that for a contiguous run of pinned host blocks).
 
-    Host memory and stream order: a copy *from* the host reads the host blocks when called (the
-    CPU gathers them) or, for a contiguous run, in stream order (the copy engine reads them); the
-    scatter on the GPU is in stream order. A copy *to* the host has landed when the call returns,
-    so the CPU may read or reuse those blocks at once, and no later host-side gather can read bytes
-    still in flight.
+    Host memory and stream order: a copy *from* pinned host memory reads the host blocks in stream
+    order (the copy engine or the kernel reads them); from pageable memory, when called (the CPU
+    gathers them). A copy *to* the host has landed when the call returns, so the CPU may read or
+    reuse those blocks at once, and no later host-side gather can read bytes still in flight.
     """
     n = src_ids.numel()
     block_bytes = math.prod(src.shape[1:]) * src.element_size()
     if n == 0 or block_bytes == 0:
         return
     src_w, dst_w = _word_rows(src, dst, unit=block_bytes)
-    to_host = dst.device.type == "cpu"
-    staged = _stage(src_w, src_ids, pin=src.device.type == "cpu" and not to_host, kernel=kernel)
-    if not to_host:
-        moved = staged.to(dst.device, non_blocking=True)
-        launch_copy_rows(moved, None, dst_w, dst_ids, n, dst_w.shape[1], kernel=kernel)
+    if dst.device.type == "cpu":
+        _copy_to_host(src_w, src_ids, dst_w, dst_ids, kernel)
         return
-    run = _host_run(dst_w, dst_ids)
+    from_host = src.device.type == "cpu"
+    run = _host_run(src_w, src_ids) if from_host else None
+    if run is None and from_host and src.is_pinned() and hw.PINNED_HOST_READABLE:
+        read_pinned_host(src_w, src_ids, dst_w, dst_ids, kernel)
+        return
+    staged = run if run is not None else _gather_blocks(src_w, src_ids, pin=from_host, kernel=kernel)
+    launch_copy_rows(staged.to(dst.device, non_blocking=True), None, dst_w, dst_ids, n, dst_w.shape[1], kernel=kernel)
+
+
+def _copy_to_host(src_w, src_ids, host_w, host_ids, kernel) -> None:
+    staged = _gather_blocks(src_w, src_ids, pin=False, kernel=kernel)
+    run = _host_run(host_w, host_ids)
     if run is not None:
-        run.copy_(staged)  # blocking (see above)
+        run.copy_(staged)  # blocking (see copy_blocks_across_devices)
         return
     if staged.device.type != "cpu":
         host = torch.empty(staged.shape, dtype=staged.dtype, pin_memory=True)
-        host.copy_(staged)  # blocking (see above), then the CPU scatters
+        host.copy_(staged)  # blocking, then the CPU scatters
         staged = host
-    dst_w.index_copy_(0, dst_ids.long(), staged)  # index_copy_ takes int64 ids only
+    host_w.index_copy_(0, host_ids.long(), staged)  # index_copy_ takes int64 ids only
 
 
 def _copy_blocks(src, src_ids, dst, dst_ids, kernel):
