@@ -25,7 +25,8 @@ import triton.language as tl
 import apt_hal
 from apt_hal import mxfp4, ops, registry
 from apt_hal.backends.cuda_triton import moe
-from apt_hal.backends.cuda_triton.mxfp4_decode import dequantize_tile
+from apt_hal.backends.cuda_triton.mxfp4_decode import (WORD_CODE_SCALE, dequantize_tile, e8m0_to_float32,
+                                                        float32_codes_from_words)
 from apt_hal.contracts import moe_dispatch as moe_dispatch_contract
 from apt_hal.contracts.moe_dispatch import ACTIVATIONS
 
@@ -185,21 +186,48 @@ def test_experts_other_dtypes(dtype, quant):
     assert_experts_close(y, ops.moe_experts.reference(*args))
 
 
-# Explicit tiles: K loops of several steps with no masked tail, several row tiles per expert
-# (the m-fastest tile order), partial n tiles, and one row tile per expert with spare programs.
+# Explicit tiles of each kernel kind: K loops of several steps with no masked tail and with one
+# (d=96, F=160: tails of 32; TMA zero-fills the columns past K), several row tiles per expert (the
+# m-fastest tile order), partial n tiles (a TMA gate block then reaches into the up rows), one row
+# tile per expert with spare programs, the gemv kernel at 1, 2 and 4 rows a tile, and the TMA
+# kernel (tensor descriptors; halves layouts only).
 TILINGS = {
-    "bk32-bm16": (dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32), dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32)),
-    "bm32-bn64": (dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64), dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64)),
-    "bm64-bk128": (dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=128), dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64)),
+    "mma-bk32-bm16": (dict(KIND="mma", BLOCK_M=16, BLOCK_N=32, BLOCK_K=32),
+                      dict(KIND="mma", BLOCK_M=16, BLOCK_N=32, BLOCK_K=32)),
+    "mma-bm32-bn64": (dict(KIND="mma", BLOCK_M=32, BLOCK_N=64, BLOCK_K=64),
+                      dict(KIND="mma", BLOCK_M=32, BLOCK_N=64, BLOCK_K=64)),
+    "mma-bm64-bk128": (dict(KIND="mma", BLOCK_M=64, BLOCK_N=16, BLOCK_K=128),
+                       dict(KIND="mma", BLOCK_M=64, BLOCK_N=32, BLOCK_K=64)),
+    "tma-bm16-bk32": (dict(KIND="tma", BLOCK_M=16, BLOCK_N=32, BLOCK_K=32),
+                      dict(KIND="tma", BLOCK_M=16, BLOCK_N=64, BLOCK_K=32)),
+    "tma-bm64-bn64": (dict(KIND="tma", BLOCK_M=64, BLOCK_N=64, BLOCK_K=64),
+                      dict(KIND="tma", BLOCK_M=64, BLOCK_N=64, BLOCK_K=64)),
+    "gemv-bm1": (dict(KIND="gemv", BLOCK_M=1, BLOCK_N=16, BLOCK_K=64),
+                 dict(KIND="gemv", BLOCK_M=1, BLOCK_N=32, BLOCK_K=128)),
+    "gemv-bm2": (dict(KIND="gemv", BLOCK_M=2, BLOCK_N=8, BLOCK_K=128),
+                 dict(KIND="gemv", BLOCK_M=2, BLOCK_N=16, BLOCK_K=64)),
+    "gemv-bm4": (dict(KIND="gemv", BLOCK_M=4, BLOCK_N=32, BLOCK_K=64),
+                 dict(KIND="gemv", BLOCK_M=4, BLOCK_N=8, BLOCK_K=32)),
 }
+# (tiling, MXFP4 weights, activation): mma takes both weight formats, tma weights in x's dtype
+# (gate and up rows in halves), gemv MXFP4 weights.
+TILING_CASES = ([(t, q, "gpt_oss_swiglu") for t in TILINGS if t.startswith("mma") for q in (False, True)]
+                + [(t, False, a) for t in TILINGS if t.startswith("tma") for a in ("swiglu", "gelu")]
+                + [(t, True, "gpt_oss_swiglu") for t in TILINGS if t.startswith("gemv")]
+                + [("gemv-bm2", True, "swiglu"), ("gemv-bm4", True, "gelu")])
 
 
-@pytest.mark.parametrize("quant", [False, True], ids=["bf16", "mxfp4"])
-@pytest.mark.parametrize("tiling", TILINGS)
-def test_every_tiling_writes_every_row(tiling, quant):
-    """The output is poisoned with NaN: a row or column a tiling misses fails, dropped rows included."""
-    args = experts_args(40, 4, 2, 15, "gpt_oss_swiglu", quant, seed=12, d=96, f=160)
-    y = torch.full((80, 96), float("nan"), dtype=torch.bfloat16, device=DEV)
+# TMA tiles read whole tiles of rows: past an expert's last row, the next expert's rows or the
+# unwritten activations of dropped rows, whose garbage (NaN under the interpreter) is never stored.
+@pytest.mark.filterwarnings("ignore:invalid value encountered in matmul:RuntimeWarning")
+@pytest.mark.parametrize("tiling,quant,activation", TILING_CASES,
+                         ids=lambda c: {True: "mxfp4", False: "bf16"}.get(c, c) if isinstance(c, bool) else c)
+def test_every_tiling_writes_every_row(tiling, quant, activation):
+    """The output is poisoned with NaN: a row or column a tiling misses fails, dropped rows included.
+    The gemv kernel, made for a few rows per expert, gets fewer tokens (the interpreter is slow)."""
+    t, capacity = (6, 2) if tiling.startswith("gemv") else (40, 15)
+    args = experts_args(t, 4, 2, capacity, activation, quant, seed=12, d=96, f=160)
+    y = torch.full((2 * t, 96), float("nan"), dtype=torch.bfloat16, device=DEV)
     tiles = tuple(dict(t, num_warps=4, num_stages=2) for t in TILINGS[tiling])
     assert moe.experts(*args, tiles=tiles, out=y) is y
     assert_experts_close(y, ops.moe_experts.reference(*args))
@@ -227,42 +255,76 @@ def _decode_kernel(packed_ptr, scales_ptr, out_ptr, N: tl.constexpr, K: tl.const
     tl.store(out_ptr + n * K + tl.arange(0, K)[None, :], values)
 
 
+@triton.jit
+def _decode_words_kernel(packed_ptr, scales_ptr, out_ptr, N: tl.constexpr, K: tl.constexpr,
+                         INTERPRETER: tl.constexpr):
+    n = tl.arange(0, N)[:, None]
+    words = tl.load(packed_ptr.to(tl.pointer_type(tl.uint32)) + n * (K // 8) + tl.arange(0, K // 8)[None, :])
+    scales = tl.load(scales_ptr + n * (K // 32) + tl.arange(0, K // 32)[None, :])
+    codes = tl.reshape(float32_codes_from_words(words, INTERPRETER), [N, K // 32, 32])
+    values = (codes * WORD_CODE_SCALE) * tl.reshape(e8m0_to_float32(scales), [N, K // 32, 1])
+    tl.store(out_ptr + n * K + tl.arange(0, K)[None, :], tl.reshape(values, [N, K]))
+
+
+def _every_code_and_scale():
+    """Every byte value (twice) and scales from the subnormal 2^-127 to 2^127 and NaN."""
+    scale_codes = [0, 1, 2, 100, 126, 127, 128, 129, 200, 252, 253, 254, 255, 127, 120, 130]
+    packed = (torch.arange(16 * 32) % 256).to(torch.uint8).reshape(16, 32)
+    scales = torch.tensor(scale_codes * 2, dtype=torch.uint8).reshape(16, 2)
+    return packed, scales
+
+
+def _assert_bits_equal(out, ref, skip_bf16_subnormals):
+    assert torch.equal(out.isnan(), ref.isnan()) and int(ref.isnan().sum()) == 64
+    compared = ~ref.isnan()
+    if skip_bf16_subnormals:
+        # The interpreter's float32 -> bf16 conversion loses bf16 subnormals (|v| < 2^-126; 48 of
+        # these 1024 values): compared on a GPU only.
+        compared &= (ref == 0) | (ref.float().abs() >= 2.0 ** -126)
+    bits = torch.int32 if out.dtype == torch.float32 else torch.int16
+    assert torch.equal(out[compared].view(bits), ref[compared].view(bits))  # -0.0 included
+
+
 @pytest.mark.filterwarnings("ignore:overflow encountered in multiply:RuntimeWarning")  # 6 * 2^127 is inf
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_mxfp4_decode_is_exact(dtype):
     """The in-register decode equals apt_hal.mxfp4.dequantize rounded to the tile's dtype, bit
     for bit: every byte value, scales from the subnormal 2^-127 to 2^127 (products underflowing
     and overflowing), and the NaN scale. (bf16 on a GPU takes the bf16-pair path.)"""
-    scale_codes = [0, 1, 2, 100, 126, 127, 128, 129, 200, 252, 253, 254, 255, 127, 120, 130]
-    packed = (torch.arange(16 * 32) % 256).to(torch.uint8).reshape(16, 32)  # every byte, twice
-    scales = torch.tensor(scale_codes * 2, dtype=torch.uint8).reshape(16, 2)
+    packed, scales = _every_code_and_scale()
     out = torch.full((16, 64), 7.0, dtype=dtype, device=DEV)
     _decode_kernel[(1,)](packed.to(DEV), scales.to(DEV), out, N=16, K=64, INTERPRETER=DEV == "cpu")
     ref = mxfp4.dequantize(packed, scales, torch.float32).to(dtype).to(DEV)
-    assert torch.equal(out.isnan(), ref.isnan()) and int(ref.isnan().sum()) == 64
-    compared = ~ref.isnan()
-    if DEV == "cpu" and dtype == torch.bfloat16:
-        # The interpreter's float32 -> bf16 conversion loses bf16 subnormals (|v| < 2^-126; 48 of
-        # these 1024 values): compared on a GPU only.
-        compared &= (ref == 0) | (ref.float().abs() >= 2.0 ** -126)
-    bits = torch.int32 if dtype == torch.float32 else torch.int16
-    assert torch.equal(out[compared].view(bits), ref[compared].view(bits))  # -0.0 included
+    _assert_bits_equal(out, ref, DEV == "cpu" and dtype == torch.bfloat16)
 
 
-def test_strided_inputs():
+@pytest.mark.filterwarnings("ignore:overflow encountered in multiply:RuntimeWarning")
+def test_mxfp4_word_decode_is_exact():
+    """The gemv kernel's decode (8 codes per 32-bit word, float16 pairs widened to float32, times
+    2^14 and the scale) equals apt_hal.mxfp4.dequantize in float32 bit for bit, on the same codes
+    and scales as above."""
+    packed, scales = _every_code_and_scale()
+    out = torch.full((16, 64), 7.0, dtype=torch.float32, device=DEV)
+    _decode_words_kernel[(1,)](packed.to(DEV), scales.to(DEV), out, N=16, K=64, INTERPRETER=DEV == "cpu")
+    _assert_bits_equal(out, mxfp4.dequantize(packed, scales, torch.float32).to(DEV), False)
+
+
+@pytest.mark.parametrize("quant", [False, True], ids=["bf16", "mxfp4"])
+def test_strided_inputs(quant):
     """Views as models pass them: x a slice of a wider activation, biases and the row order
     strided, the weights of the combine transposed. Results equal those on contiguous copies."""
-    x, order, offsets, w_up, w_down, _, _, b_up, b_down, *rest = experts_args(5, 4, 2, 3, "swiglu", False, seed=14)
+    x, order, offsets, w_up, w_down, up_s, down_s, b_up, b_down, *rest = experts_args(5, 4, 2, 3, "swiglu", quant,
+                                                                                      seed=14)
     wide = torch.cat([x, x], dim=1)
     x_view = wide[:, : x.shape[1]]
     b_up_view = b_up.t().contiguous().t()
     order_view = torch.stack([order, order], dim=1)[:, 0]
     assert not (x_view.is_contiguous() or b_up_view.is_contiguous() or order_view.is_contiguous())
     with apt_hal.use("cuda-triton", strict=True):
-        y = ops.moe_experts(x_view, order_view, offsets, w_up, w_down, None, None, b_up_view, b_down, *rest)
+        y = ops.moe_experts(x_view, order_view, offsets, w_up, w_down, up_s, down_s, b_up_view, b_down, *rest)
         weights = torch.rand(2, 5, generator=gen(15)).to(DEV).t()
         out = ops.moe_combine(y, order_view, offsets, weights)
-    y_ref = ops.moe_experts.reference(x, order, offsets, w_up, w_down, None, None, b_up, b_down, *rest)
+    y_ref = ops.moe_experts.reference(x, order, offsets, w_up, w_down, up_s, down_s, b_up, b_down, *rest)
     assert_experts_close(y, y_ref)
     torch.testing.assert_close(out, ops.moe_combine.reference(y, order, offsets, weights.contiguous()),
                                rtol=2 ** -7, atol=1e-6, equal_nan=False)
@@ -357,22 +419,26 @@ def test_the_triton_implementations_are_what_runs():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(DEV != "cuda", reason="torch.compile traces into Triton kernels only on a GPU")
-def test_torch_compile_traces_the_triton_ops():
-    t, e, k, d, f = 64, 8, 2, 256, 512
+@pytest.mark.parametrize("t,quant", [(64, False), (1024, False), (4, True)],
+                         ids=["mma", "tma-prefill", "mxfp4-gemv"])
+def test_torch_compile_traces_the_triton_ops(t, quant):
+    """Each expert kernel kind under torch.compile: 16 rows per expert (tensor-core tiles), 256
+    (TMA tensor descriptors on Hopper), 1 with MXFP4 weights (the CUDA-core kernel)."""
+    e, k, d, f = 8, 2, 256, 512
     g = gen(41)
     x = torch.randn(t, d, generator=g).bfloat16().to(DEV)
     logits = margin_logits(t, e, torch.float32, g)
-    w_up, w_down, *_ = make_experts(e, d, f, "swiglu", False, torch.bfloat16, False, g)
+    w_up, w_down, up_scales, down_scales, _, _ = make_experts(e, d, f, "swiglu", quant, torch.bfloat16, False, g)
 
-    def layer(x, logits, w_up, w_down):
+    def layer(x, logits, w_up, w_down, up_scales, down_scales):
         w, ids = torch.ops.apt_hal_triton.moe_route(logits, k, "softmax_topk", True)
         order, offsets = torch.ops.apt_hal_triton.moe_permute(ids, e, -1)
-        y = torch.ops.apt_hal_triton.moe_experts(x, order, offsets, w_up, w_down, None, None, None, None,
+        y = torch.ops.apt_hal_triton.moe_experts(x, order, offsets, w_up, w_down, up_scales, down_scales, None, None,
                                                  k, "swiglu", 1.702, 7.0)
         return torch.ops.apt_hal_triton.moe_combine(y, order, offsets, w)
 
-    out = torch.compile(layer, fullgraph=True)(x, logits, w_up, w_down)
-    *_, ref = reference_layer(x, logits, w_up, w_down, top_k=k, renormalize=True)
+    out = torch.compile(layer, fullgraph=True)(x, logits, w_up, w_down, up_scales, down_scales)
+    *_, ref = reference_layer(x, logits, w_up, w_down, up_scales, down_scales, top_k=k, renormalize=True)
     assert rel_err(out, ref) < 1e-2
 
 

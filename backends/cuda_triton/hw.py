@@ -74,43 +74,87 @@ def device_guard(t: torch.Tensor):
 # ---- MoE grouped GEMMs (moe.py) ----------------------------------------------------------------
 
 # Tiles of the two expert GEMMs by average rows per used expert: (most rows, up tiles, down
-# tiles), the first entry whose bound is not exceeded. BLOCK_N counts output columns (a gated
-# up projection loads a gate and an up weight row per column). Decode streams weights: the
-# 16-row tile tl.dot needs at least, long K tiles, 4 stages in flight. Prefill is MMA-bound:
-# 128-row tiles on 8 warps use wgmma; 3 stages of 128x64 activations + 128x64 weights take 96 KiB
-# of shared memory, and two 128x64 float32 accumulators fit 8 warps' registers without spills
-# (checked with ptxas for sm_90).
+# tiles), the first entry whose bound is not exceeded. KIND names the kernel (moe.py, section 3).
+# BLOCK_N counts output columns (a gated up projection loads a gate and an up weight row per
+# column). Decode streams weights: the 16-row tile tl.dot needs at least, long K tiles, 4 stages
+# in flight. Prefill is MMA-bound: 128-row tiles on 8 warps use wgmma; 3 stages of 128x64
+# activations + 128x64 weights take 96 KiB of shared memory, and two 128x64 float32
+# accumulators fit 8 warps' registers without spills (checked with ptxas for sm_90).
 MOE_GEMM_TILES = (
-    (16, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=4),
-     dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4)),
-    (64, dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4),
-     dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4)),
-    (float("inf"), dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3),
-     dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)),
+    (16, dict(KIND="mma", BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=4),
+     dict(KIND="mma", BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4)),
+    (64, dict(KIND="mma", BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4),
+     dict(KIND="mma", BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4)),
+    (float("inf"), dict(KIND="mma", BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3),
+     dict(KIND="mma", BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)),
 )
+
+# Prefill (more rows per expert than the table's second bound) with weights in x's dtype on
+# Hopper: TMA tiles. Each program computes a 128 x 256 output tile (up: 128 gate and 128 up
+# columns) in two warpgroups, 64 x 256 float32 accumulators each (128 registers a thread);
+# 4 stages of 128x64 + 256x64 bf16 operands take 192 KiB of shared memory (ptxas for sm_90a:
+# up 178 registers, no spills).
+MOE_TMA_TILES = (dict(KIND="tma", BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4),
+                 dict(KIND="tma", BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=4))
+
+# MXFP4 decode with at most this many rows per used expert takes the CUDA-core kernel ("gemv"):
+# its multiply-adds grow with the rows (one per row and weight), the tensor-core tile's padding
+# does not. BLOCK_M (1, 2 or 4) is the rows per expert rounded up to a power of two.
+MOE_GEMV_MAX_ROWS = 4
+MOE_GEMV_TILES = (dict(KIND="gemv", BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=1),
+                  dict(KIND="gemv", BLOCK_N=32, BLOCK_K=512, num_warps=4, num_stages=1))
+
+# MXFP4 weights with more rows per expert than the gemv kernel takes, up to the 16 of one
+# tensor-core tile: longer K tiles than for bf16 weights (the decode needs more independent work
+# per load). Best of the 2026-11-22 H100 sweep for both projections at T=1 and T=64 (Mixtral).
+MOE_MXFP4_MMA_TILES = (dict(KIND="mma", BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, num_warps=4, num_stages=4),
+                       dict(KIND="mma", BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, num_warps=4, num_stages=4))
 
 # float32 activations take IEEE float32 dots on CUDA cores (no tensor cores): small tiles, or the
 # operands and accumulators spill.
-MOE_FP32_TILES = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=2)
+MOE_FP32_TILES = dict(KIND="mma", BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=2)
 
 # Narrowest n tile the decode grids shrink to when few experts leave SMs idle (narrower tiles
-# cost more instructions per weight element than they win back in parallelism).
+# cost more instructions per weight element than they win back in parallelism). The gemv kernel
+# reads whole rows per thread, so it can go narrower.
 MOE_MIN_BLOCK_N = 32
+MOE_GEMV_MIN_BLOCK_N = 8
 
 
-def moe_gemm_tiles(rows_per_expert: float, dtype: torch.dtype) -> tuple:
-    """Fresh copies of the (up, down) tiles for ``rows_per_expert`` rows per used expert."""
+def moe_gemm_tiles(rows_per_expert: float, dtype: torch.dtype, quant: bool = False, tma: bool = False) -> tuple:
+    """Fresh copies of the (up, down) tiles for ``rows_per_expert`` rows per used expert, MXFP4
+    weights or not; ``tma``: the prefill TMA kernel may be used (see MOE_TMA_TILES)."""
     if dtype == torch.float32:
         return dict(MOE_FP32_TILES), dict(MOE_FP32_TILES)
+    if quant and rows_per_expert <= MOE_GEMV_MAX_ROWS:
+        block_m = 1 if rows_per_expert <= 1 else 2 if rows_per_expert <= 2 else 4
+        return tuple(dict(t, BLOCK_M=block_m) for t in MOE_GEMV_TILES)
+    if quant and rows_per_expert <= MOE_GEMM_TILES[0][0]:
+        return tuple(dict(t) for t in MOE_MXFP4_MMA_TILES)
+    if tma and rows_per_expert > MOE_GEMM_TILES[1][0]:
+        return tuple(dict(t) for t in MOE_TMA_TILES)
     up, down = next((up, down) for bound, up, down in MOE_GEMM_TILES if rows_per_expert <= bound)
     return dict(up), dict(down)
 
 
+def has_tma(index: int = 0) -> bool:
+    """Hopper and later: the Tensor Memory Accelerator behind Triton's tensor descriptors."""
+    return device_properties(index)["capability"][0] >= 9
+
+
 # ---- fp4_matmul (fp4_matmul.py) ---------------------------------------------------------------
-# Programs per SM that split-K aims for on decode shapes: enough resident warps to keep weight
-# loads in flight while others dequantize.
-FP4_MATMUL_CTAS_PER_SM = 4
+# Programs per SM that split-K fills with one wave on decode shapes: what the decode tile's
+# registers allow (below). More waves of shorter programs measured slower (2026-11-22 sweep).
+FP4_MATMUL_PROGRAMS_PER_SM = 2
 FP4_MATMUL_MAX_SPLIT_K = 16
+
+# bf16 x with at least this many rows: dequantize the weights to bf16 once (a copy-bound pass
+# writing 2 bytes per weight), then cuBLAS. At large M the GEMM is matrix-bound and cuBLAS runs
+# near the tensor cores' rate, which a Triton kernel that also dequantizes (serialized with
+# wgmma in each program) does not; the pass is a few % of the GEMM from here on.
+FP4_MATMUL_MATERIALIZE_MIN_M = 512
+FP4_MATMUL_MATERIALIZE_TILE = dict(block_m=1, block_n=32, block_k=256, num_warps=4, num_stages=1, swap_ab=False,
+                                   materialize=True)
 
 
 def fp4_matmul_tiles(m: int, x_parts: int = 1) -> dict:
@@ -118,29 +162,33 @@ def fp4_matmul_tiles(m: int, x_parts: int = 1) -> dict:
     and the number of bf16 parts of x (1 bf16, 2 fp16, 3 fp32).
 
     * M <= 16 (decode): weight tile on the left of the tensor-core product (64 rows per
-      warpgroup), M padded to 16; 127 registers: 2 programs of 8 warps per SM.
+      warpgroup), M padded to 16 (8 would make Triton use mma.sync and stage the dequantized
+      weights in shared memory); 128 x 128 weight tiles: 102 registers, 40 KB shared memory,
+      2 programs of 8 warps per SM (256-wide K steps need 171 registers: one program per SM).
     * M <= 64: still swapped, x tile as wide as M.
-    * larger M: x tile on the left, 128 x 128 output tiles. Triton waits for each K step's
-      tensor-core product before dequantizing the next weight tile, so dequantization overlaps
-      the tensor cores only across programs: from M > 256 (no split-K), 4-warp programs that fit
-      two per SM (219 registers, 72 KB shared memory). Up to 256 rows, 8 warps: split-K's float32
-      partial-sum epilogue spills registers with 4. fp16/fp32 x (split into 2-3 parts in
-      registers) also take 8 warps (no spills).
+    * larger M: x tile on the left, 128 x 128 output tiles; from FP4_MATMUL_MATERIALIZE_MIN_M
+      rows (bf16 x), dequantize + cuBLAS. Triton waits for each K step's tensor-core product
+      before dequantizing the next weight tile, so dequantization overlaps the tensor cores only
+      across programs. Up to 256 rows and for fp16/fp32 x (split into 2-3 parts in registers),
+      8 warps; beyond, 4-warp programs that fit two per SM.
     Every x tile is read by all N / block_n weight tiles: for M ~ 128, x traffic (from L2)
     approaches the weight bytes. Under the interpreter: small tiles, same schedules.
     (Register and shared-memory figures: ptxas for sm_90a, bf16 x.)
     """
+    if x_parts == 1 and m >= FP4_MATMUL_MATERIALIZE_MIN_M:
+        return dict(FP4_MATMUL_MATERIALIZE_TILE)
     if interpreting():
         if m <= 16:
             return dict(block_m=16, block_n=32, block_k=64, num_warps=4, num_stages=1, swap_ab=True)
         return dict(block_m=32, block_n=32, block_k=64, num_warps=4, num_stages=1, swap_ab=False)
     if m <= 16:
-        return dict(block_m=16, block_n=128, block_k=256, num_warps=8, num_stages=3, swap_ab=True)
+        return dict(block_m=16, block_n=128, block_k=128, num_warps=8, num_stages=4, swap_ab=True)
     if m <= 64:
         return dict(block_m=64, block_n=128, block_k=128, num_warps=8, num_stages=3, swap_ab=True)
     if m <= 256 or x_parts > 1:
         return dict(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3, swap_ab=False)
     return dict(block_m=128, block_n=128, block_k=64, num_warps=4, num_stages=3, swap_ab=False)
+
 
 # ---- GPU reads of pinned host memory (paged.py: scattered host -> GPU block copies) -------------
 

@@ -7,7 +7,9 @@
   ``expert_offsets``), and a scatter in priority order.
 * experts: two grouped GEMMs over the expert-sorted rows. The up projection gathers the token
   rows and applies the activation in its epilogue; the down projection adds its bias and writes
-  the zeros of the dropped rows. Weights in ``x``'s dtype, or MXFP4 decoded in registers.
+  the zeros of the dropped rows. Weights in ``x``'s dtype, or MXFP4 decoded in registers. Three
+  kernels by rows per expert (section 3): tensor-core tiles loaded through pointers, the same
+  with TMA tensor descriptors for prefill on Hopper, and CUDA-core dot products for MXFP4 decode.
 * combine: invert the row order, then gather each token's rows and sum them in ``j`` order in
   float32 (no atomics: deterministic).
 
@@ -28,10 +30,12 @@ from typing import Optional, Tuple
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from apt_hal import ops
 from apt_hal.backends.cuda_triton import hw
-from apt_hal.backends.cuda_triton.mxfp4_decode import dequantize_tile
+from apt_hal.backends.cuda_triton.mxfp4_decode import (WORD_CODE_SCALE, dequantize_tile, e8m0_to_float32,
+                                                        float32_codes_from_words)
 from apt_hal.contracts.moe_dispatch import ACTIVATIONS
 from apt_hal.registry import impl
 
@@ -212,6 +216,19 @@ def permute(topk_ids: torch.Tensor, num_experts: int, capacity: int = -1, *,
 # ---------------------------------------------------------------------------------------------
 # 3. experts: grouped GEMMs over expert-sorted rows
 # ---------------------------------------------------------------------------------------------
+#
+# Each projection runs one of three kernels, picked per call from the rows per used expert by
+# hw.moe_gemm_tiles (the "KIND" of a tile configuration):
+# * "mma": tl.dot over tiles loaded through pointers, the token rows gathered in the load;
+#   weights in x's dtype, or MXFP4 decoded in registers. Any shape, dtype and GPU.
+# * "tma": prefill with weights in x's dtype on Hopper. The token rows are first gathered into a
+#   contiguous [S, d] buffer (one pass), so that both operands are plain 2-D tiles that the Tensor
+#   Memory Accelerator loads (tensor descriptors): no address arithmetic or gather in the K loop.
+# * "gemv": decode with MXFP4 weights and a few rows per expert. A tensor-core tile would spend
+#   most of its rows on padding while the decode of the weights sets the pace; here the weights
+#   stream through 16-byte loads, are decoded 8 codes per 32-bit word (about 3 instructions a
+#   code) and meet each row in float32 multiply-adds on CUDA cores.
+# Every program owns one expert's tile: a tile never mixes experts (_expert_tile).
 
 
 @triton.jit
@@ -235,6 +252,17 @@ def _expert_tile(pid, offsets_ptr, n_tiles, E, E_PAD: tl.constexpr, BLOCK_M: tl.
     row0 = tl.sum(tl.where(mine, lo, 0), axis=0) + (local % m_tiles_e) * BLOCK_M
     row_end = tl.sum(tl.where(mine, hi, 0), axis=0)
     return e, row0, row_end, local // m_tiles_e, tl.sum(work, axis=0)
+
+
+@triton.jit
+def _gated_rows(cols, F, ACTIVATION: tl.constexpr):
+    """w_up rows of the gate and the up halves of activation columns ``cols``, and w_up's width U."""
+    if ACTIVATION == _GELU:
+        return cols, cols, F
+    elif ACTIVATION == _GPT_OSS:
+        return 2 * cols, 2 * cols + 1, 2 * F  # interleaved: gate, up, gate, up, ...
+    else:
+        return cols, cols + F, 2 * F  # halves: all gates, then all ups
 
 
 @triton.jit
@@ -290,111 +318,278 @@ def _activate(gate, up, alpha, limit, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
-def _moe_up_kernel(x_ptr, assign_ptr, offsets_ptr, w_ptr, w_scales_ptr, b_ptr, act_ptr,
-                   F, top_k, stride_x, alpha, limit, E, K: tl.constexpr,
-                   ACTIVATION: tl.constexpr, QUANT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr, E_PAD: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    # act[r, n] = activation(x[token(r)] @ w_up[e]^T + b_up[e]) for the F activation columns n
-    # of this tile; gated activations accumulate the gate and the up column side by side.
-    # K (= d) is a compile-time constant: a model's widths are fixed, the K loop's trip count is
-    # then known, and Triton 3.6's interpreter (with numpy 2.4) fails on run-time loop bounds.
-    EVEN_K: tl.constexpr = K % BLOCK_K == 0
-    n_tiles = tl.cdiv(F, BLOCK_N)
-    e, row0, row_end, n_tile, _ = _expert_tile(tl.program_id(0), offsets_ptr, n_tiles, E, E_PAD, BLOCK_M)
-    if e >= E:
-        return
-    rows = row0 + tl.arange(0, BLOCK_M)
-    in_expert = rows < row_end
-    # Rows past the expert's end repeat its last row (no masked loads) and are not stored.
-    tokens = tl.load(assign_ptr + tl.minimum(rows, row_end - 1)).to(tl.int64) // top_k
-    cols = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    w_cols = tl.minimum(cols, F - 1).to(tl.int64)  # inside the weight; masked at the store
-    if ACTIVATION == _GELU:
-        U = F
-        gate_rows = w_cols
-        up_rows = w_cols
-    elif ACTIVATION == _GPT_OSS:
-        U = 2 * F
-        gate_rows = 2 * w_cols  # interleaved: gate, up, gate, up, ...
-        up_rows = gate_rows + 1
-    else:
-        U = 2 * F
-        gate_rows = w_cols  # halves: all gates, then all ups
-        up_rows = w_cols + F
-    if QUANT:
-        w_e = w_ptr + e * U * (K // 2)
-        s_e = w_scales_ptr + e * U * (K // 32)
-    else:
-        w_e = w_ptr + e * U * K
-        s_e = w_e  # no scales
-    DTYPE: tl.constexpr = x_ptr.dtype.element_ty
-    x_rows = x_ptr + tokens[:, None] * stride_x
-    kk = tl.arange(0, BLOCK_K)
-    gate = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        if EVEN_K:
-            a = tl.load(x_rows + (k0 + kk)[None, :])
-        else:
-            a = tl.load(x_rows + (k0 + kk)[None, :], mask=(k0 + kk < K)[None, :], other=0.0)
-        gate = _dot(a, _weight_tile(w_e, s_e, gate_rows, k0, K, DTYPE, QUANT, BLOCK_N, BLOCK_K, INTERPRETER),
-                    gate, DOT_PRECISION, INTERPRETER)
-        if ACTIVATION != _GELU:
-            up = _dot(a, _weight_tile(w_e, s_e, up_rows, k0, K, DTYPE, QUANT, BLOCK_N, BLOCK_K, INTERPRETER),
-                      up, DOT_PRECISION, INTERPRETER)
+def _store_act(gate, up, act_ptr, b_ptr, e, U, gate_rows, up_rows, rows, row_end, cols, F, alpha, limit,
+               ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """The up projection's epilogue on [BLOCK_M, BLOCK_N] float32 sums: bias, activation, store."""
     if HAS_BIAS:
         gate += tl.load(b_ptr + e * U + gate_rows).to(tl.float32)[None, :]
         if ACTIVATION != _GELU:
             up += tl.load(b_ptr + e * U + up_rows).to(tl.float32)[None, :]
     h = _activate(gate, up, alpha, limit, ACTIVATION)
-    tl.store(act_ptr + rows[:, None] * F + cols[None, :], h.to(DTYPE),
-             mask=in_expert[:, None] & (cols < F)[None, :])
+    tl.store(act_ptr + rows[:, None] * F + cols[None, :], h.to(act_ptr.dtype.element_ty),
+             mask=(rows < row_end)[:, None] & (cols < F)[None, :])
 
 
 @triton.jit
-def _moe_down_kernel(act_ptr, offsets_ptr, w_ptr, w_scales_ptr, b_ptr, y_ptr, S, N, E, K: tl.constexpr,
-                     QUANT: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+def _store_y(acc, y_ptr, b_ptr, e, N, w_rows, rows, row_end, cols, HAS_BIAS: tl.constexpr):
+    """The down projection's epilogue on [BLOCK_M, BLOCK_N] float32 sums: bias, store."""
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + e * N + w_rows).to(tl.float32)[None, :]
+    tl.store(y_ptr + rows[:, None] * N + cols[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=(rows < row_end)[:, None] & (cols < N)[None, :])
+
+
+@triton.jit
+def _zero_dropped_rows(spare, offsets_ptr, y_ptr, S, N, E, n_tiles,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Spare program ``spare`` (0, 1, ...) of a down projection writes zeros over one tile of the
+    dropped rows, which follow the kept ones (see _row_tiles: there are spares enough)."""
+    rows = tl.load(offsets_ptr + E) + (spare // n_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = (spare % n_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+    tl.store(y_ptr + rows[:, None] * N + cols[None, :], tl.zeros([BLOCK_M, BLOCK_N], y_ptr.dtype.element_ty),
+             mask=(rows < S)[:, None] & (cols < N)[None, :])
+
+
+@triton.jit
+def _moe_up_kernel(x, assign_ptr, offsets_ptr, w, w_scales_ptr, b_ptr, act_ptr,
+                   F, top_k, stride_x, alpha, limit, E, K: tl.constexpr,
+                   ACTIVATION: tl.constexpr, QUANT: tl.constexpr, HAS_BIAS: tl.constexpr, TMA: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr, E_PAD: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # act[r, n] = activation(x[token(r)] @ w_up[e]^T + b_up[e]) for the F activation columns n
+    # of this tile; gated activations accumulate the gate and the up column side by side.
+    # With TMA, x is a tensor descriptor over the token rows already in expert order and w one
+    # over w_up as [E*U, K] (halves layouts only: a block of gate rows, then one of up rows);
+    # otherwise both are pointers and the rows of x are gathered here.
+    # K (= d) is a compile-time constant: a model's widths are fixed, the K loop's trip count is
+    # then known, and Triton 3.6's interpreter (with numpy 2.4) fails on run-time loop bounds.
+    n_tiles = tl.cdiv(F, BLOCK_N)
+    e, row0, row_end, n_tile, _ = _expert_tile(tl.program_id(0), offsets_ptr, n_tiles, E, E_PAD, BLOCK_M)
+    if e >= E:
+        return
+    rows = row0 + tl.arange(0, BLOCK_M)
+    cols = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Columns past F read row F-1 (inside the weight) and are masked at the store.
+    gate_rows, up_rows, U = _gated_rows(tl.minimum(cols, F - 1).to(tl.int64), F, ACTIVATION)
+    gate = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    if TMA:
+        tl.static_assert(ACTIVATION != _GPT_OSS, "TMA tiles need the gate and up rows in blocks")
+        a_row = row0.to(tl.int32)  # rows past the expert belong to the next one: never stored
+        gate_row = (e * U + n_tile * BLOCK_N).to(tl.int32)
+        for k0 in range(0, K, BLOCK_K):
+            a = x.load([a_row, k0])
+            gate = _dot(a, w.load([gate_row, k0]).T, gate, DOT_PRECISION, INTERPRETER)
+            if ACTIVATION != _GELU:
+                up = _dot(a, w.load([gate_row + F, k0]).T, up, DOT_PRECISION, INTERPRETER)
+    else:
+        EVEN_K: tl.constexpr = K % BLOCK_K == 0
+        DTYPE: tl.constexpr = x.dtype.element_ty
+        # Rows past the expert's end repeat its last row (no masked loads) and are not stored.
+        tokens = tl.load(assign_ptr + tl.minimum(rows, row_end - 1)).to(tl.int64) // top_k
+        x_rows = x + tokens[:, None] * stride_x
+        if QUANT:
+            w_e = w + e * U * (K // 2)
+            s_e = w_scales_ptr + e * U * (K // 32)
+        else:
+            w_e = w + e * U * K
+            s_e = w_e  # no scales
+        kk = tl.arange(0, BLOCK_K)
+        for k0 in range(0, K, BLOCK_K):
+            if EVEN_K:
+                a = tl.load(x_rows + (k0 + kk)[None, :])
+            else:
+                a = tl.load(x_rows + (k0 + kk)[None, :], mask=(k0 + kk < K)[None, :], other=0.0)
+            gate = _dot(a, _weight_tile(w_e, s_e, gate_rows, k0, K, DTYPE, QUANT, BLOCK_N, BLOCK_K, INTERPRETER),
+                        gate, DOT_PRECISION, INTERPRETER)
+            if ACTIVATION != _GELU:
+                up = _dot(a, _weight_tile(w_e, s_e, up_rows, k0, K, DTYPE, QUANT, BLOCK_N, BLOCK_K, INTERPRETER),
+                          up, DOT_PRECISION, INTERPRETER)
+    _store_act(gate, up, act_ptr, b_ptr, e, U, gate_rows, up_rows, rows, row_end, cols, F, alpha, limit,
+               ACTIVATION, HAS_BIAS)
+
+
+@triton.jit
+def _moe_down_kernel(act, offsets_ptr, w, w_scales_ptr, b_ptr, y_ptr, S, N, E, K: tl.constexpr,
+                     QUANT: tl.constexpr, HAS_BIAS: tl.constexpr, TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
                      INTERPRETER: tl.constexpr, E_PAD: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # y[r] = act[r] @ w_down[e]^T + b_down[e] (K = F, a compile-time constant as in the up
-    # projection); the spare programs zero the dropped rows.
-    EVEN_K: tl.constexpr = K % BLOCK_K == 0
+    # projection); the spare programs zero the dropped rows. With TMA, act and w (w_down as
+    # [E*N, K]) are tensor descriptors, else pointers.
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(N, BLOCK_N)
     e, row0, row_end, n_tile, busy = _expert_tile(pid, offsets_ptr, n_tiles, E, E_PAD, BLOCK_M)
-    DTYPE: tl.constexpr = y_ptr.dtype.element_ty
     if e >= E:
-        spare = pid - busy
-        rows = tl.load(offsets_ptr + E) + (spare // n_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = (spare % n_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
-        tl.store(y_ptr + rows[:, None] * N + cols[None, :], tl.zeros([BLOCK_M, BLOCK_N], DTYPE),
-                 mask=(rows < S)[:, None] & (cols < N)[None, :])
+        _zero_dropped_rows(pid - busy, offsets_ptr, y_ptr, S, N, E, n_tiles, BLOCK_M, BLOCK_N)
         return
     rows = row0 + tl.arange(0, BLOCK_M)
-    # Rows past the expert's end repeat its last row (no masked loads) and are not stored.
-    a_rows = act_ptr + tl.minimum(rows, row_end - 1)[:, None] * K
     cols = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
     w_rows = tl.minimum(cols, N - 1).to(tl.int64)
-    if QUANT:
-        w_e = w_ptr + e * N * (K // 2)
-        s_e = w_scales_ptr + e * N * (K // 32)
-    else:
-        w_e = w_ptr + e * N * K
-        s_e = w_e  # no scales
-    kk = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        if EVEN_K:
-            a = tl.load(a_rows + (k0 + kk)[None, :])
+    if TMA:
+        a_row = row0.to(tl.int32)  # rows past the expert belong to the next one: never stored
+        w_row = (e * N + n_tile * BLOCK_N).to(tl.int32)
+        for k0 in range(0, K, BLOCK_K):
+            acc = _dot(act.load([a_row, k0]), w.load([w_row, k0]).T, acc, DOT_PRECISION, INTERPRETER)
+    else:
+        EVEN_K: tl.constexpr = K % BLOCK_K == 0
+        DTYPE: tl.constexpr = y_ptr.dtype.element_ty
+        # Rows past the expert's end repeat its last row (no masked loads) and are not stored.
+        a_rows = act + tl.minimum(rows, row_end - 1)[:, None] * K
+        if QUANT:
+            w_e = w + e * N * (K // 2)
+            s_e = w_scales_ptr + e * N * (K // 32)
         else:
-            a = tl.load(a_rows + (k0 + kk)[None, :], mask=(k0 + kk < K)[None, :], other=0.0)
-        acc = _dot(a, _weight_tile(w_e, s_e, w_rows, k0, K, DTYPE, QUANT, BLOCK_N, BLOCK_K, INTERPRETER),
-                   acc, DOT_PRECISION, INTERPRETER)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + e * N + w_rows).to(tl.float32)[None, :]
-    tl.store(y_ptr + rows[:, None] * N + cols[None, :], acc.to(DTYPE),
-             mask=(rows < row_end)[:, None] & (cols < N)[None, :])
+            w_e = w + e * N * K
+            s_e = w_e  # no scales
+        kk = tl.arange(0, BLOCK_K)
+        for k0 in range(0, K, BLOCK_K):
+            if EVEN_K:
+                a = tl.load(a_rows + (k0 + kk)[None, :])
+            else:
+                a = tl.load(a_rows + (k0 + kk)[None, :], mask=(k0 + kk < K)[None, :], other=0.0)
+            acc = _dot(a, _weight_tile(w_e, s_e, w_rows, k0, K, DTYPE, QUANT, BLOCK_N, BLOCK_K, INTERPRETER),
+                       acc, DOT_PRECISION, INTERPRETER)
+    _store_y(acc, y_ptr, b_ptr, e, N, w_rows, rows, row_end, cols, HAS_BIAS)
+
+
+@triton.jit
+def _row_sums(codes, x, BLOCK_M: tl.constexpr):
+    """codes [R, KB, 32] and x [BLOCK_M, KB, 32] -> [R, KB, BLOCK_M]: per row of x, the sums over
+    the last axis of codes * x. Each x row is split off with split/join (no 4-D broadcast: that
+    would spread the 32 summed values over a warp's lanes instead of one thread's registers)."""
+    if BLOCK_M == 1:
+        sums = tl.sum(codes * tl.reshape(x, [x.shape[1], 32])[None, :, :], axis=2)[:, :, None]
+    elif BLOCK_M == 2:
+        x0, x1 = tl.split(tl.permute(x, (1, 2, 0)))
+        sums = tl.join(tl.sum(codes * x0[None, :, :], axis=2), tl.sum(codes * x1[None, :, :], axis=2))
+    else:
+        tl.static_assert(BLOCK_M == 4, "gemv tiles take 1, 2 or 4 rows")
+        # Row m = 2*hi + lo: split off lo, then hi.
+        x_lo0, x_lo1 = tl.split(tl.permute(tl.reshape(x, [2, 2, x.shape[1], 32]), (0, 2, 3, 1)))
+        x0, x2 = tl.split(tl.permute(x_lo0, (1, 2, 0)))
+        x1, x3 = tl.split(tl.permute(x_lo1, (1, 2, 0)))
+        s01 = tl.join(tl.sum(codes * x0[None, :, :], axis=2), tl.sum(codes * x1[None, :, :], axis=2))
+        s23 = tl.join(tl.sum(codes * x2[None, :, :], axis=2), tl.sum(codes * x3[None, :, :], axis=2))
+        sums = tl.reshape(tl.permute(tl.join(s01, s23), (0, 1, 3, 2)), [codes.shape[0], codes.shape[1], 4])
+    return sums
+
+
+@triton.jit
+def _gemv_step(acc, w_e, s_e, w_rows, x_ptr, x_rows, k0, K: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_K: tl.constexpr, MASKED: tl.constexpr, INTERPRETER: tl.constexpr):
+    """acc [R, BLOCK_K/32, BLOCK_M] plus the products of columns k0..k0+BLOCK_K (per MX block)."""
+    R: tl.constexpr = w_rows.shape[0]
+    KB: tl.constexpr = BLOCK_K // 32
+    kw = k0 // 8 + tl.arange(0, BLOCK_K // 8)  # 32-bit words of 8 codes
+    kb = k0 // 32 + tl.arange(0, KB)
+    kx = k0 + tl.arange(0, BLOCK_K)
+    word_ptrs = w_e.to(tl.pointer_type(tl.uint32)) + w_rows[:, None] * (K // 8) + kw[None, :]
+    scale_ptrs = s_e + w_rows[:, None] * (K // 32) + kb[None, :]
+    x_ptrs = x_ptr + x_rows[:, None] + kx[None, :]
+    if MASKED:
+        words = tl.load(word_ptrs, mask=(kw < K // 8)[None, :], other=0)
+        scales = tl.load(scale_ptrs, mask=(kb < K // 32)[None, :], other=127)
+        xs = tl.load(x_ptrs, mask=(kx < K)[None, :], other=0.0)
+    else:
+        words = tl.load(word_ptrs)
+        scales = tl.load(scale_ptrs)
+        xs = tl.load(x_ptrs)
+    codes = tl.reshape(float32_codes_from_words(words, INTERPRETER), [R, KB, 32])
+    sums = _row_sums(codes, tl.reshape(xs.to(tl.float32), [BLOCK_M, KB, 32]), BLOCK_M)
+    # Codes are values * 2^-14: undo that exactly before the scale (which may be large).
+    return acc + (sums * WORD_CODE_SCALE) * e8m0_to_float32(scales)[:, :, None]
+
+
+@triton.jit
+def _mxfp4_gemv(w_e, s_e, w_rows, x_ptr, x_rows, K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                INTERPRETER: tl.constexpr):
+    """[R, BLOCK_M] float32: the MXFP4 weight rows ``w_rows`` (int64 [R]) of one expert times
+    BLOCK_M rows of x that start at element offsets ``x_rows`` (int64 [BLOCK_M]). The sums stay
+    per MX block in each thread's registers until the end (one cross-thread reduction)."""
+    FULL: tl.constexpr = K // BLOCK_K * BLOCK_K
+    acc = tl.zeros([w_rows.shape[0], BLOCK_K // 32, BLOCK_M], tl.float32)
+    for k0 in range(0, FULL, BLOCK_K):
+        acc = _gemv_step(acc, w_e, s_e, w_rows, x_ptr, x_rows, k0, K, BLOCK_M, BLOCK_K, False, INTERPRETER)
+    if FULL < K:
+        acc = _gemv_step(acc, w_e, s_e, w_rows, x_ptr, x_rows, FULL, K, BLOCK_M, BLOCK_K, True, INTERPRETER)
+    return tl.sum(acc, axis=1)
+
+
+@triton.jit
+def _moe_up_gemv_kernel(xs_ptr, offsets_ptr, w_ptr, w_scales_ptr, b_ptr, act_ptr, F, alpha, limit, E,
+                        K: tl.constexpr, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, INTERPRETER: tl.constexpr,
+                        E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # The up projection of _moe_up_kernel for MXFP4 weights on CUDA cores (see _mxfp4_gemv), on
+    # the token rows gathered in expert order in float32 (xs [S, K]); a gated activation reads the
+    # gate and up rows of its columns as one set of 2*BLOCK_N weight rows.
+    n_tiles = tl.cdiv(F, BLOCK_N)
+    e, row0, row_end, n_tile, _ = _expert_tile(tl.program_id(0), offsets_ptr, n_tiles, E, E_PAD, BLOCK_M)
+    if e >= E:
+        return
+    rows = row0 + tl.arange(0, BLOCK_M)
+    x_rows = tl.minimum(rows, row_end - 1) * K  # rows past the expert's end: its last row, not stored
+    cols = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    gate_rows, up_rows, U = _gated_rows(tl.minimum(cols, F - 1).to(tl.int64), F, ACTIVATION)
+    w_e = w_ptr + e * U * (K // 2)
+    s_e = w_scales_ptr + e * U * (K // 32)
+    if ACTIVATION == _GELU:
+        gate = tl.trans(_mxfp4_gemv(w_e, s_e, gate_rows, xs_ptr, x_rows, K, BLOCK_M, BLOCK_K, INTERPRETER))
+        up = gate
+    else:
+        both = _mxfp4_gemv(w_e, s_e, tl.reshape(tl.join(gate_rows, up_rows), [2 * BLOCK_N]),
+                           xs_ptr, x_rows, K, BLOCK_M, BLOCK_K, INTERPRETER)  # [2*BLOCK_N, BLOCK_M]: gate, up, ...
+        gate, up = tl.split(tl.permute(tl.reshape(both, [BLOCK_N, 2, BLOCK_M]), (2, 0, 1)))
+    _store_act(gate, up, act_ptr, b_ptr, e, U, gate_rows, up_rows, rows, row_end, cols, F, alpha, limit,
+               ACTIVATION, HAS_BIAS)
+
+
+@triton.jit
+def _moe_down_gemv_kernel(act_ptr, offsets_ptr, w_ptr, w_scales_ptr, b_ptr, y_ptr, S, N, E, K: tl.constexpr,
+                          HAS_BIAS: tl.constexpr, INTERPRETER: tl.constexpr, E_PAD: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # The down projection of _moe_down_kernel for MXFP4 weights on CUDA cores (see _mxfp4_gemv).
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    e, row0, row_end, n_tile, busy = _expert_tile(pid, offsets_ptr, n_tiles, E, E_PAD, BLOCK_M)
+    if e >= E:
+        _zero_dropped_rows(pid - busy, offsets_ptr, y_ptr, S, N, E, n_tiles, BLOCK_M, BLOCK_N)
+        return
+    rows = row0 + tl.arange(0, BLOCK_M)
+    cols = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    w_rows = tl.minimum(cols, N - 1).to(tl.int64)
+    acc = _mxfp4_gemv(w_ptr + e * N * (K // 2), w_scales_ptr + e * N * (K // 32), w_rows,
+                      act_ptr, tl.minimum(rows, row_end - 1) * K, K, BLOCK_M, BLOCK_K, INTERPRETER)
+    _store_y(tl.trans(acc), y_ptr, b_ptr, e, N, w_rows, rows, row_end, cols, HAS_BIAS)
+
+
+@triton.jit
+def _gather_rows_kernel(x_ptr, assign_ptr, xs_ptr, S, D, stride_x, top_k,
+                        BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    # xs[r] = x[sorted_assignments[r] // top_k] in xs's dtype: the token rows in expert order, for
+    # the "tma" kind (x's dtype) and the "gemv" kind (float32: widened once, not in every program).
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    c = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    tokens = tl.load(assign_ptr + r, mask=r < S, other=0).to(tl.int64) // top_k
+    mask = (r < S)[:, None] & (c < D)[None, :]
+    row = tl.load(x_ptr + tokens[:, None] * stride_x + c[None, :], mask=mask)
+    tl.store(xs_ptr + r.to(tl.int64)[:, None] * D + c[None, :], row.to(xs_ptr.dtype.element_ty), mask=mask)
+
+
+def _gather_rows(x: torch.Tensor, sorted_assignments: torch.Tensor, top_k: int, dtype: torch.dtype,
+                 launch) -> torch.Tensor:
+    """x's token rows in expert order, [S, d] in ``dtype``."""
+    s, d = sorted_assignments.shape[0], x.shape[1]
+    xs = x.new_empty((s, d), dtype=dtype)
+    block_d = min(_pow2(d), 256)
+    block_r = hw.stream_tile(block_d * xs.element_size())
+    while block_r > 1 and triton.cdiv(s, block_r) * triton.cdiv(d, block_d) < hw.stream_min_programs():
+        block_r //= 2
+    launch(_gather_rows_kernel)[(triton.cdiv(s, block_r), triton.cdiv(d, block_d))](
+        x, sorted_assignments, xs, s, d, x.stride(0), top_k, BLOCK_R=block_r, BLOCK_D=block_d,
+        num_warps=hw.stream_num_warps(block_r * block_d * xs.element_size()))
+    return xs
 
 
 def _row_tiles(s: int, num_experts: int, block_m: int) -> int:
@@ -408,17 +603,92 @@ def _row_tiles(s: int, num_experts: int, block_m: int) -> int:
     return min(triton.cdiv(s, block_m) + min(num_experts, s), s)
 
 
-def gemm_tiles(s: int, num_experts: int, f: int, d: int, dtype: torch.dtype) -> Tuple[dict, dict]:
-    """Tiles of the up and down projections (``f`` and ``d`` output columns) for ``s`` rows over
-    ``num_experts`` experts: the tuning table's entry for the average rows per used expert, with
-    narrower n tiles when the grid would leave SMs idle (decode: few experts used)."""
+def gemm_tiles(s: int, num_experts: int, f: int, d: int, dtype: torch.dtype, quant: bool = False,
+               tma: bool = False) -> Tuple[dict, dict]:
+    """Kernels and tiles of the up and down projections (``f`` and ``d`` output columns) for ``s``
+    rows over ``num_experts`` experts: the tuning table's entry for the average rows per used
+    expert, with narrower n tiles when the grid would leave SMs idle (decode: few experts used).
+    ``tma``: the "tma" kind may be chosen (Hopper, weights in x's dtype, descriptor-ready)."""
     used = min(num_experts, s)
-    tiles = hw.moe_gemm_tiles(s / max(used, 1), dtype)
+    tiles = hw.moe_gemm_tiles(s / max(used, 1), dtype, quant, tma)
     for t, n in zip(tiles, (f, d)):
         row_tiles = max(used, triton.cdiv(s, t["BLOCK_M"]))  # about the tiles that have rows
-        while t["BLOCK_N"] > hw.MOE_MIN_BLOCK_N and row_tiles * triton.cdiv(n, t["BLOCK_N"]) < hw.stream_min_programs():
+        narrowest = hw.MOE_GEMV_MIN_BLOCK_N if t["KIND"] == "gemv" else hw.MOE_MIN_BLOCK_N
+        while t["BLOCK_N"] > narrowest and row_tiles * triton.cdiv(n, t["BLOCK_N"]) < hw.stream_min_programs():
             t["BLOCK_N"] //= 2
     return tiles
+
+
+def _launch_config(tiles: dict) -> dict:
+    """Kernel keyword arguments of a tile configuration (all of it but its KIND)."""
+    return {k: v for k, v in tiles.items() if k != "KIND"}
+
+
+def default_tiles(x: torch.Tensor, s: int, w_up: torch.Tensor, w_down: torch.Tensor, quant: bool,
+                  activation: str) -> Tuple[dict, dict]:
+    """The kernels and tiles :func:`experts` runs by default: :func:`gemm_tiles`, with the kinds
+    that these tensors allow. "gemv" loads weight rows as 16-byte vectors and "tma" describes them
+    (and the activations) as TMA tiles, which need 16-byte aligned bases and row pitches."""
+    d, f = x.shape[1], w_down.shape[2] * (2 if quant else 1)
+    # torch's allocator aligns every storage to at least 256 bytes, so only the offset into the
+    # storage decides; unlike data_ptr() this also works on the fake tensors of torch.compile.
+    aligned = all(w.storage_offset() * w.element_size() % 16 == 0 for w in (w_up, w_down))
+    tma = (aligned and hw.has_tma() and not quant and x.dtype != torch.float32 and activation != "gpt_oss_swiglu"
+           and d * x.element_size() % 16 == 0 and f * x.element_size() % 16 == 0)
+    return gemm_tiles(s, w_up.shape[0], f, d, x.dtype, quant and aligned, tma)
+
+
+def up_projection(x: torch.Tensor, sorted_assignments: torch.Tensor, expert_offsets: torch.Tensor,
+                  w_up: torch.Tensor, w_up_scales: Optional[torch.Tensor], b_up: Optional[torch.Tensor],
+                  top_k: int, activation: str, alpha: float, limit: float, act: torch.Tensor, tiles: dict,
+                  launch=_plain) -> torch.Tensor:
+    """act [S, F] = the activation of x's rows times w_up (rows of dropped assignments unwritten)."""
+    s, d = sorted_assignments.shape[0], x.shape[1]
+    num_experts, f = w_up.shape[0], act.shape[1]
+    grid = (_row_tiles(s, num_experts, tiles["BLOCK_M"]) * triton.cdiv(f, tiles["BLOCK_N"]),)
+    common = dict(F=f, alpha=float(alpha), limit=float(limit), E=num_experts, K=d,
+                  ACTIVATION=ACTIVATIONS.index(activation), HAS_BIAS=b_up is not None, E_PAD=_pow2(num_experts),
+                  **_launch_config(tiles))
+    if tiles["KIND"] == "gemv":
+        xs = _gather_rows(x, sorted_assignments, top_k, torch.float32, launch)
+        launch(_moe_up_gemv_kernel)[grid](xs, expert_offsets, w_up, w_up_scales, b_up, act,
+                                          INTERPRETER=hw.interpreting(), **common)
+        return act
+    common.update(top_k=top_k, stride_x=x.stride(0), QUANT=w_up_scales is not None, TMA=tiles["KIND"] == "tma",
+                  DOT_PRECISION=_dot_precision(x.dtype), INTERPRETER=hw.interpreting())
+    if tiles["KIND"] == "tma":
+        xs = _gather_rows(x, sorted_assignments, top_k, x.dtype, launch)
+        x = TensorDescriptor.from_tensor(xs, [tiles["BLOCK_M"], tiles["BLOCK_K"]])
+        w_up = TensorDescriptor.from_tensor(w_up.view(-1, d), [tiles["BLOCK_N"], tiles["BLOCK_K"]])
+    launch(_moe_up_kernel)[grid](x, sorted_assignments, expert_offsets, w_up, w_up_scales, b_up, act, **common)
+    return act
+
+
+def down_projection(act: torch.Tensor, expert_offsets: torch.Tensor, w_down: torch.Tensor,
+                    w_down_scales: Optional[torch.Tensor], b_down: Optional[torch.Tensor], y: torch.Tensor,
+                    tiles: dict, launch=_plain) -> torch.Tensor:
+    """y [S, d] = act's rows times w_down plus b_down; the rows of dropped assignments are zeros."""
+    (s, f), d = act.shape, y.shape[1]
+    num_experts = w_down.shape[0]
+    grid = (_row_tiles(s, num_experts, tiles["BLOCK_M"]) * triton.cdiv(d, tiles["BLOCK_N"]),)
+    common = dict(S=s, N=d, E=num_experts, K=f, HAS_BIAS=b_down is not None, E_PAD=_pow2(num_experts),
+                  **_launch_config(tiles))
+    if tiles["KIND"] == "gemv":
+        launch(_moe_down_gemv_kernel)[grid](act, expert_offsets, w_down, w_down_scales, b_down, y,
+                                            INTERPRETER=hw.interpreting(), **common)
+        return y
+    if tiles["KIND"] == "tma":
+        act = TensorDescriptor.from_tensor(act, [tiles["BLOCK_M"], tiles["BLOCK_K"]])
+        w_down = TensorDescriptor.from_tensor(w_down.view(-1, f), [tiles["BLOCK_N"], tiles["BLOCK_K"]])
+    launch(_moe_down_kernel)[grid](act, expert_offsets, w_down, w_down_scales, b_down, y,
+                                   QUANT=w_down_scales is not None, TMA=tiles["KIND"] == "tma",
+                                   DOT_PRECISION=_dot_precision(y.dtype), INTERPRETER=hw.interpreting(), **common)
+    return y
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # float32 activations are multiplied exactly (IEEE); bf16/fp16 operands are exact in any mode.
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def experts(x: torch.Tensor, sorted_assignments: torch.Tensor, expert_offsets: torch.Tensor,
@@ -427,10 +697,10 @@ def experts(x: torch.Tensor, sorted_assignments: torch.Tensor, expert_offsets: t
             b_down: Optional[torch.Tensor] = None, top_k: int = 1, activation: str = "swiglu",
             alpha: float = 1.702, limit: float = 7.0, *, launch=_plain,
             tiles: Optional[Tuple[dict, dict]] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``moe_experts`` on the GPU. ``tiles`` overrides :func:`gemm_tiles` (tuning sweeps);
-    ``out`` is a contiguous [S, d] output to write (every row is written)."""
+    """``moe_experts`` on the GPU. ``tiles`` overrides :func:`default_tiles` (tuning sweeps, tests):
+    an (up, down) pair of tile configurations of hw.py's form; ``out`` is a contiguous [S, d]
+    output to write (every row is written)."""
     s, d = sorted_assignments.shape[0], x.shape[1]
-    num_experts = w_up.shape[0]
     quant = w_up_scales is not None
     f = w_down.shape[2] * (2 if quant else 1)
     y = x.new_empty((s, d)) if out is None else out
@@ -438,20 +708,13 @@ def experts(x: torch.Tensor, sorted_assignments: torch.Tensor, expert_offsets: t
         return y
     x = x if x.stride(1) == 1 else x.contiguous()
     sorted_assignments, expert_offsets, b_up, b_down = map(_dense, (sorted_assignments, expert_offsets, b_up, b_down))
-    act = x.new_empty((s, f))
-    up_tiles, down_tiles = tiles or gemm_tiles(s, num_experts, f, d, x.dtype)
-    common = dict(QUANT=quant, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-                  INTERPRETER=hw.interpreting(), E_PAD=_pow2(num_experts))
+    tiles = tiles or default_tiles(x, s, w_up, w_down, quant, activation)
+    # The gemv kernel reads its input rows in float32: the activations stay unrounded for it.
+    act = x.new_empty((s, f), dtype=torch.float32 if tiles[1]["KIND"] == "gemv" else x.dtype)
     with hw.device_guard(x):
-        grid = _row_tiles(s, num_experts, up_tiles["BLOCK_M"]) * triton.cdiv(f, up_tiles["BLOCK_N"])
-        launch(_moe_up_kernel)[(grid,)](
-            x, sorted_assignments, expert_offsets, w_up, w_up_scales, b_up, act, f, top_k, x.stride(0),
-            float(alpha), float(limit), num_experts, K=d, ACTIVATION=ACTIVATIONS.index(activation),
-            HAS_BIAS=b_up is not None, **common, **up_tiles)
-        grid = _row_tiles(s, num_experts, down_tiles["BLOCK_M"]) * triton.cdiv(d, down_tiles["BLOCK_N"])
-        launch(_moe_down_kernel)[(grid,)](
-            act, expert_offsets, w_down, w_down_scales, b_down, y, s, d, num_experts, K=f,
-            HAS_BIAS=b_down is not None, **common, **down_tiles)
+        up_projection(x, sorted_assignments, expert_offsets, w_up, w_up_scales, b_up, top_k, activation, alpha,
+                      limit, act, tiles[0], launch)
+        down_projection(act, expert_offsets, w_down, w_down_scales, b_down, y, tiles[1], launch)
     return y
 
 
@@ -518,24 +781,24 @@ def combine(y: torch.Tensor, sorted_assignments: torch.Tensor, expert_offsets: t
 # ---------------------------------------------------------------------------------------------
 
 
-@impl(ops.moe_route, backend="cuda-triton", name="triton")
-def moe_route_triton(router_logits, top_k, scoring, renormalize):
+@impl(ops.moe_route, backend="cuda-triton", name="triton", traceable="apt_hal_triton::moe_route")
+def moe_route_triton(router_logits, top_k, scoring="softmax_topk", renormalize=False):
     return route(router_logits, top_k, scoring, renormalize)
 
 
-@impl(ops.moe_permute, backend="cuda-triton", name="triton")
-def moe_permute_triton(topk_ids, num_experts, capacity):
+@impl(ops.moe_permute, backend="cuda-triton", name="triton", traceable="apt_hal_triton::moe_permute")
+def moe_permute_triton(topk_ids, num_experts, capacity=-1):
     return permute(topk_ids, num_experts, capacity)
 
 
-@impl(ops.moe_experts, backend="cuda-triton", name="triton")
-def moe_experts_triton(x, sorted_assignments, expert_offsets, w_up, w_down, w_up_scales, w_down_scales,
-                       b_up, b_down, top_k, activation, alpha, limit):
+@impl(ops.moe_experts, backend="cuda-triton", name="triton", traceable="apt_hal_triton::moe_experts")
+def moe_experts_triton(x, sorted_assignments, expert_offsets, w_up, w_down, w_up_scales=None, w_down_scales=None,
+                       b_up=None, b_down=None, top_k=1, activation="swiglu", alpha=1.702, limit=7.0):
     return experts(x, sorted_assignments, expert_offsets, w_up, w_down, w_up_scales, w_down_scales,
                    b_up, b_down, top_k, activation, alpha, limit)
 
 
-@impl(ops.moe_combine, backend="cuda-triton", name="triton")
+@impl(ops.moe_combine, backend="cuda-triton", name="triton", traceable="apt_hal_triton::moe_combine")
 def moe_combine_triton(y, sorted_assignments, expert_offsets, topk_weights):
     return combine(y, sorted_assignments, expert_offsets, topk_weights)
 
@@ -543,23 +806,27 @@ def moe_combine_triton(y, sorted_assignments, expert_offsets, topk_weights):
 _wrap = torch.library.wrap_triton
 
 
+# The same launches as torch ops whose Triton kernels torch.compile can see; their schemas equal
+# the apt_hal ops' (names, order, defaults), so the apt_hal ops call them under torch.compile.
+
+
 @torch.library.triton_op("apt_hal_triton::moe_route", mutates_args=())
-def moe_route_op(router_logits: torch.Tensor, top_k: int, scoring: str,
-                 renormalize: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+def moe_route_op(router_logits: torch.Tensor, top_k: int, scoring: str = "softmax_topk",
+                 renormalize: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     return route(router_logits, top_k, scoring, renormalize, launch=_wrap)
 
 
 @torch.library.triton_op("apt_hal_triton::moe_permute", mutates_args=())
-def moe_permute_op(topk_ids: torch.Tensor, num_experts: int, capacity: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def moe_permute_op(topk_ids: torch.Tensor, num_experts: int, capacity: int = -1) -> Tuple[torch.Tensor, torch.Tensor]:
     return permute(topk_ids, num_experts, capacity, launch=_wrap)
 
 
 @torch.library.triton_op("apt_hal_triton::moe_experts", mutates_args=())
 def moe_experts_op(x: torch.Tensor, sorted_assignments: torch.Tensor, expert_offsets: torch.Tensor,
-                   w_up: torch.Tensor, w_down: torch.Tensor, w_up_scales: Optional[torch.Tensor],
-                   w_down_scales: Optional[torch.Tensor], b_up: Optional[torch.Tensor],
-                   b_down: Optional[torch.Tensor], top_k: int, activation: str, alpha: float,
-                   limit: float) -> torch.Tensor:
+                   w_up: torch.Tensor, w_down: torch.Tensor, w_up_scales: Optional[torch.Tensor] = None,
+                   w_down_scales: Optional[torch.Tensor] = None, b_up: Optional[torch.Tensor] = None,
+                   b_down: Optional[torch.Tensor] = None, top_k: int = 1, activation: str = "swiglu",
+                   alpha: float = 1.702, limit: float = 7.0) -> torch.Tensor:
     return experts(x, sorted_assignments, expert_offsets, w_up, w_down, w_up_scales, w_down_scales,
                    b_up, b_down, top_k, activation, alpha, limit, launch=_wrap)
 

@@ -15,6 +15,15 @@ word and multiplied two per instruction (mul.bf16x2; the fp4_matmul kernel's tec
 6.5 instructions per element on sm_90 instead of about 10 through float32 (counted in the SASS
 of a decode-sized GEMM). Under Triton 3.6's interpreter, which mishandles bf16 arithmetic and
 subnormals, and for float16 and float32 tiles, the codes go through float32.
+
+Dot products on CUDA cores (:func:`float32_codes_from_words`, the decode GEMV of the MoE experts)
+read the packed weights as 32-bit words of 8 codes and place codes ``j`` and ``j + 4`` of a word,
+16 bits apart, as one float16 pair in a 32-bit register: one shift and one mask per pair for the
+magnitudes, the same for the signs. A float16 half whose exponent field holds (e1 e0) and whose
+top mantissa bit holds m is the code's value times 2^-14, for every code (code 1, 0.5, is the
+float16 subnormal 2^-15), and widening it to float32 is one exact instruction per code. The
+2^-14 is a power of two: the caller multiplies it back once per block, with the scale. About 3
+instructions per code, then the multiply-adds.
 """
 
 import triton
@@ -68,3 +77,46 @@ def dequantize_tile(packed, scales, N: tl.constexpr, K: tl.constexpr, DTYPE: tl.
         codes = tl.reshape(float32_codes(packed.to(tl.int32)), [N, K // 32, 32])
         values = codes * 8.507059173023462e37 * tl.reshape(e8m0_to_float32(scales), [N, K // 32, 1])
     return tl.reshape(values, [N, K]).to(DTYPE)
+
+
+# 2^14: codes from float32_codes_from_words are their values times 2^-14.
+WORD_CODE_SCALE = tl.constexpr(16384.0)
+
+
+@triton.jit
+def _float16_pair_to_float32(pair, INTERPRETER: tl.constexpr):
+    """The two float16 halves of each uint32 ``pair`` widened to float32, [..., 2] (low half first)."""
+    if INTERPRETER:
+        halves = tl.join((pair & 0xFFFF).to(tl.uint16), (pair >> 16).to(tl.uint16))
+        return halves.to(tl.float16, bitcast=True).to(tl.float32)
+    else:
+        # Spelled out: written as the lines above, LLVM rebuilds each half on its own (shifts
+        # pushed through the masks) and repacks them, two instructions more per pair.
+        lo, hi = tl.inline_asm_elementwise(
+            "{ .reg .b16 l, h; mov.b32 {l, h}, $2; cvt.f32.f16 $0, l; cvt.f32.f16 $1, h; }",
+            "=f,=f,r", [pair], dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
+        return tl.join(lo, hi)
+
+
+@triton.jit
+def _float16_code_pair(words, J: tl.constexpr, INTERPRETER: tl.constexpr):
+    """Codes ``J`` and ``J + 4`` of each uint32 word as float32 values times 2^-14, [..., 2]. Code
+    ``J``'s bits (4J+3 sign, 4J+2..4J magnitude) go to bit 15 and bits 11..9 of the low float16
+    half; code ``J + 4``, 16 bits higher, lands likewise in the high half."""
+    MAG_SHIFT: tl.constexpr = 9 - 4 * J
+    if MAG_SHIFT >= 0:
+        mag = words << MAG_SHIFT
+    else:
+        mag = words >> (-MAG_SHIFT)
+    pair = (mag & 0x0E000E00) | ((words << (12 - 4 * J)) & 0x80008000)
+    return _float16_pair_to_float32(pair, INTERPRETER)
+
+
+@triton.jit
+def float32_codes_from_words(words, INTERPRETER: tl.constexpr):
+    """Packed codes as uint32 words ``[R, W]`` (code ``8w + i`` in nibble ``i`` of word ``w``) ->
+    float32 ``[R, 8W]`` in code order, each the code's E2M1 value times 2^-14 (exact)."""
+    pairs = tl.join(tl.join(_float16_code_pair(words, 0, INTERPRETER), _float16_code_pair(words, 1, INTERPRETER)),
+                    tl.join(_float16_code_pair(words, 2, INTERPRETER), _float16_code_pair(words, 3, INTERPRETER)))
+    # pairs[r, w, a, j0, j1] is code 4a + 2j1 + j0 of word w (each join appends its axis last).
+    return tl.reshape(tl.permute(pairs, (0, 1, 2, 4, 3)), [words.shape[0], words.shape[1] * 8])

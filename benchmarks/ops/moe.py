@@ -18,7 +18,8 @@ wrong result is reported as a row marked WRONG, never timed.
 Run on a GPU (from the repository root):
     python -m benchmarks.ops.moe            # checks + timings, one table
     python -m benchmarks.ops.moe --quick    # fewer shapes
-    python -m benchmarks.ops.moe --sweep prefill|bf16|mxfp4   # only: tile shapes of the expert GEMMs
+    python -m benchmarks.ops.moe --sweep prefill|bf16|mxfp4 [--budget S]   # only: each projection
+                                            # alone at its default and at candidate tiles
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import argparse
 import dataclasses
 import itertools
 import math
+import time
 from typing import Callable, Optional
 
 import torch
@@ -323,72 +325,190 @@ def decode_rows(case: Case, ceilings: harness.Ceilings) -> list[harness.Row]:
     return rows
 
 
+def _progress(rows: list[harness.Row]) -> list[harness.Row]:
+    """Print each row as it is measured (a run cut short still shows what it measured)."""
+    for r in rows:
+        pct = "" if r.ceiling_pct is None else f", {r.ceiling_pct:.0f}% {r.ceiling}"
+        print(f"moe: {r.shape}: {r.apt_hal_us:.1f} us{pct} {r.target}", flush=True)
+    return rows
+
+
 def run(ceilings: harness.Ceilings, quick: bool = False) -> list[harness.Row]:
     decode = [MIXTRAL_DECODE[0], MIXTRAL_DECODE[3]] if quick else MIXTRAL_DECODE + GPT_OSS_DECODE
     rows = []
     with apt_hal.use("cuda-triton", strict=True):
-        rows += prefill_rows(ceilings)
+        rows += _progress(prefill_rows(ceilings))
         torch.cuda.empty_cache()
         for case in decode:
-            rows += decode_rows(case, ceilings)
+            rows += _progress(decode_rows(case, ceilings))
             torch.cuda.empty_cache()
     return rows
 
 
-# ---- tile sweep (tuning data for hw.MOE_GEMM_TILES) -------------------------------------------
+# ---- tile sweep (tuning data for the MOE_* tables of hw.py) ----------------------------------
 
 
+def _tiles(kind: str, m: int, n: int, k: int, warps: int, stages: int) -> dict:
+    return dict(KIND=kind, BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=warps, num_stages=stages)
+
+
+def _gemv(n: int, k: int, warps: int = 4) -> dict:
+    return _tiles("gemv", 0, n, k, warps, 1)  # BLOCK_M 0: the default's, set per case
+
+
+# name -> (cases, up candidates, down candidates), each candidate timed after the default.
 SWEEPS = {
-    "prefill": ([PREFILL], [(m, n, 64, w, st) for m in (64, 128) for n in (64, 128, 256) for w in (4, 8)
-                            for st in (3, 4)]),
-    "bf16": (MIXTRAL_DECODE[0:3:2], [(16, n, k, w, 4) for n in (32, 64, 128) for k in (128, 256) for w in (4, 8)]),
-    "mxfp4": (MIXTRAL_DECODE[3:6:2], [(16, n, k, w, 4) for n in (32, 64, 128) for k in (128, 256) for w in (4, 8)]),
+    # TMA tiles (1 or 2 programs per SM) against the pointer-loaded kernel at the last sweep's best.
+    "prefill": ([PREFILL],
+                [_tiles("mma", 128, 128, 64, 8, 4), _tiles("tma", 128, 128, 64, 8, 3),
+                 _tiles("tma", 128, 64, 64, 4, 3), _tiles("tma", 128, 64, 128, 4, 3)],
+                [_tiles("mma", 128, 256, 64, 8, 4), _tiles("tma", 128, 256, 64, 8, 3),
+                 _tiles("tma", 128, 128, 64, 8, 3), _tiles("tma", 128, 128, 128, 8, 3)]),
+    # MXFP4 decode: the CUDA-core kernel's n and k tiles at 1, 2 or 4 rows a tile (T=1, T=8,
+    # gpt-oss), the tensor-core kernel against it, and where it is the default (Mixtral T=64).
+    "mxfp4": ([MIXTRAL_DECODE[3], GPT_OSS_DECODE[0], MIXTRAL_DECODE[4], GPT_OSS_DECODE[1], MIXTRAL_DECODE[5]],
+              [_gemv(16, 256), _gemv(64, 256), _gemv(32, 512), _gemv(32, 256, 8),
+               _tiles("mma", 16, 64, 256, 4, 4), _tiles("mma", 16, 128, 256, 8, 4)],
+              [_gemv(16, 512), _gemv(8, 1024), _gemv(32, 256), _gemv(16, 512, 8),
+               _tiles("mma", 16, 64, 256, 4, 4), _tiles("mma", 16, 128, 256, 8, 4)]),
+    "bf16": (MIXTRAL_DECODE[0:3:2],
+             [_tiles("mma", 16, n, k, w, 4) for n in (32, 64, 128) for k in (128, 256) for w in (4, 8)],
+             [_tiles("mma", 16, n, k, w, 4) for n in (32, 64, 128) for k in (128, 256) for w in (4, 8)]),
 }
 
 
-def sweep(name: str) -> None:
-    """Time moe_experts over the tile shapes of SWEEPS[name] (BLOCK_M, BLOCK_N output columns,
-    BLOCK_K, warps, stages): the up projection's first (the down projection at its default),
-    then the down projection's (the up projection at its best)."""
+def _projection_bytes(layer: Layer, which: int) -> int:
+    """Bytes of the weights (scales and biases included) of one projection over the used experts."""
+    tensors = (layer.w_up, layer.w_up_scales, layer.b_up) if which == 0 else (layer.w_down, layer.w_down_scales,
+                                                                              layer.b_down)
+    return sum(t[e].numel() * t.element_size() for e in _used_experts(layer) for t in tensors if t is not None)
+
+
+@dataclasses.dataclass
+class _Projections:
+    """One input set of a sweep: moe_experts' arguments, split into its two projections. The
+    activations between them are float32 for the gemv kernel, in x's dtype for the others."""
+
+    layer: Layer
+    order: torch.Tensor
+    offsets: torch.Tensor
+    y: torch.Tensor  # [S, d]
+    acts: dict = dataclasses.field(default_factory=dict)  # float32 or not -> [S, F]
+
+    @classmethod
+    def routed(cls, layer: Layer) -> "_Projections":
+        c = layer.case
+        _, ids = ops.moe_route.reference(layer.logits, c.top_k, c.scoring, c.renormalize)
+        order, offsets = ops.moe_permute.reference(ids, c.experts, -1)
+        return cls(layer, order, offsets, layer.x.new_empty((order.numel(), c.d)))
+
+    def experts_args(self) -> tuple:
+        return (self.layer.x, self.order, self.offsets, *self.layer.weights(), self.layer.case.top_k,
+                self.layer.case.activation)
+
+    def act(self, float32: bool) -> torch.Tensor:
+        if float32 not in self.acts:
+            self.acts[float32] = self.layer.x.new_empty((self.order.numel(), self.layer.case.f),
+                                                        dtype=torch.float32 if float32 else self.layer.x.dtype)
+        return self.acts[float32]
+
+    def up(self, tiles: dict, act: torch.Tensor):
+        from apt_hal.backends.cuda_triton import moe
+        lay = self.layer
+        return moe.up_projection(lay.x, self.order, self.offsets, lay.w_up, lay.w_up_scales, lay.b_up,
+                                 lay.case.top_k, lay.case.activation, 1.702, 7.0, act, tiles)
+
+    def down(self, tiles: dict, act: torch.Tensor):
+        from apt_hal.backends.cuda_triton import moe
+        lay = self.layer
+        return moe.down_projection(act, self.offsets, lay.w_down, lay.w_down_scales, lay.b_down, self.y, tiles)
+
+
+def _sweep_candidates(default: dict, candidates: list) -> list:
+    """The default, then the candidates: gemv tiles (their BLOCK_M set to the default's) only where
+    the default is the gemv kernel (few rows per expert), the others everywhere."""
+    out = [default]
+    for tiles in candidates:
+        if tiles["KIND"] == "gemv":
+            if default["KIND"] != "gemv":
+                continue
+            tiles = dict(tiles, BLOCK_M=default["BLOCK_M"])
+        if tiles not in out:
+            out.append(tiles)
+    return out
+
+
+def _time_projection(sets: list, which: int, tiles: dict, default: tuple) -> float:
+    """Microseconds of one projection at ``tiles`` (the other at its default) over the input sets."""
+    gemv_down = (default[1] if which == 0 else tiles)["KIND"] == "gemv"  # float32 activations
+    if which == 0:
+        return harness.time_calls([lambda run=run: run.up(tiles, run.act(gemv_down)) for run in sets])
+    for run in sets:  # the down projection's input: each set's activations
+        run.up(default[0], run.act(gemv_down))
+    return harness.time_calls([lambda run=run: run.down(tiles, run.act(gemv_down)) for run in sets])
+
+
+def sweep(name: str, budget_s: float) -> None:
+    """Time each projection of moe_experts alone at its default tiles and at the candidates of
+    SWEEPS[name] (the other projection at its default), up and down candidates in turn. Each
+    candidate is first checked: the experts' output with it must match the reference
+    (relative-norm error < 1e-2), else it is reported WRONG and not timed. Decode shapes rotate
+    over input sets that exceed L2 twice. The cases share ``budget_s`` seconds: once a case's
+    share is spent, it starts no new candidate."""
     from apt_hal.backends.cuda_triton import moe
 
-    cases, grid = SWEEPS[name]
-    candidates = [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=st) for m, n, k, w, st in grid]
-    for case in cases:
-        layer = make_layer(case, DEVICE, seed=0)
-        c = layer.case
-        w, ids = ops.moe_route.reference(layer.logits, c.top_k, c.scoring, c.renormalize)
-        order, offsets = ops.moe_permute.reference(ids, c.experts, -1)
-        args = (layer.x, order, offsets, *layer.weights(), c.top_k, c.activation)
+    start = time.monotonic()
+    copy_gbps = harness.measure_ceilings().copy_gbps
+    cases, up_candidates, down_candidates = SWEEPS[name]
+    for i, case in enumerate(cases):
+        deadline = time.monotonic() + (start + budget_s - time.monotonic()) / (len(cases) - i)
+        prefill = case.tokens >= 1024
+        first = make_layer(case, DEVICE, 0)
+        sets = [_Projections.routed(lay) for lay in ([first] if prefill else _layers(case, _touched_bytes(first)))]
+        args = sets[0].experts_args()
         ref = ops.moe_experts.reference(*args)
-        best = list(moe.gemm_tiles(order.numel(), c.experts, c.f, c.d, layer.x.dtype))
-        for which in (0, 1):
-            results = []
-            for tiles in candidates:
-                pair = tuple(tiles if i == which else best[i] for i in (0, 1))
-                try:
-                    err = _rel(moe.experts(*args, tiles=pair), ref)
-                    us = harness.time_calls([lambda: moe.experts(*args, tiles=pair)]) if err < 1e-2 else float("nan")
-                except Exception as exc:  # e.g. out of shared memory for this tile
-                    print(f"  {tiles}: {type(exc).__name__}", flush=True)
+        default = moe.default_tiles(sets[0].layer.x, sets[0].order.numel(), sets[0].layer.w_up,
+                                    sets[0].layer.w_down, case.quant, case.activation)
+        print(f"sweep {case} ({len(sets)} input sets); default tiles {default}", flush=True)
+        trials = [(which, tiles) for pair in itertools.zip_longest(
+            _sweep_candidates(default[0], up_candidates), _sweep_candidates(default[1], down_candidates))
+            for which, tiles in enumerate(pair) if tiles is not None]
+        for which, tiles in trials:
+            label = ("up", "down")[which]
+            if time.monotonic() > deadline:
+                print("  budget spent", flush=True)
+                break
+            try:
+                err = _rel(moe.experts(*args, tiles=(tiles, default[1]) if which == 0 else (default[0], tiles)), ref)
+                if not err < 1e-2:
+                    print(f"  {label:4} WRONG (relative-norm error {err:.1e})  {tiles}", flush=True)
                     continue
-                results.append((us, tiles, err))
-            results.sort(key=lambda r: (math.isnan(r[0]), r[0]))
-            print(f"sweep {case} {'up' if which == 0 else 'down'} projection (us, tiles, rel err):")
-            for us, tiles, err in results[:8]:
-                print(f"  {us:10.1f}  {tiles}  {err:.1e}")
-            if results and not math.isnan(results[0][0]):
-                best[which] = results[0][1]
+                us = _time_projection(sets, which, tiles, default)
+            except Exception as exc:  # e.g. out of shared memory for this tile
+                print(f"  {label:4} {type(exc).__name__}: {str(exc).splitlines()[0][:90]}  {tiles}", flush=True)
+                continue
+            if prefill:
+                flops = 2 * sets[0].order.numel() * case.d * case.f * (2 if which == 0 and case.activation != "gelu"
+                                                                       else 1)
+                rate = f"{flops / us / 1e6:6.0f} TFLOP/s"
+            else:
+                gbps = sum(_projection_bytes(run.layer, which) for run in sets) / len(sets) / us / 1e3
+                rate = f"{gbps:6.0f} GB/s = {100 * gbps / copy_gbps:3.0f}% copy"
+            tag = "default" if tiles is default[which] else "       "
+            print(f"  {label:4} {tag} {us:9.1f} us  {rate}  {tiles}  err {err:.1e}", flush=True)
+        del first, sets
+        torch.cuda.empty_cache()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer shapes")
     parser.add_argument("--sweep", choices=SWEEPS, help="only time tile shapes of the expert GEMMs for these shapes")
+    parser.add_argument("--budget", type=float, default=240.0, help="seconds after which a sweep starts nothing new")
     args = parser.parse_args()
     if args.sweep:
         with apt_hal.use("cuda-triton", strict=True):
-            sweep(args.sweep)
+            sweep(args.sweep, args.budget)
         return
     ceilings = harness.measure_ceilings()
     print(ceilings, flush=True)
