@@ -32,10 +32,12 @@ K_SIZES = [32, 96, 256] + ([4096] if GPU else [])
 N_SIZES = [1, 17, 64] + ([1000] if GPU else [])
 
 
-def make_weights(n: int, k: int, gen: torch.Generator):
-    """Random MXFP4 weights: every E2M1 code, scales spread over 2^-12 .. 2^3."""
+def make_weights(n: int, k: int, gen: torch.Generator, top_code: int = 127 + 3):
+    """Random MXFP4 weights: every E2M1 code, scales spread over 2^-12 .. 2^(top_code - 127).
+    The default reaches scales above 2, which the kernels handle with a second pass; real
+    weights' scales are below 1 (top_code <= 128: the one-pass path)."""
     packed = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=gen)
-    scales = torch.randint(127 - 12, 127 + 4, (n, k // 32), dtype=torch.uint8, generator=gen)
+    scales = torch.randint(127 - 12, top_code + 1, (n, k // 32), dtype=torch.uint8, generator=gen)
     return packed.to(DEV), scales.to(DEV)
 
 
@@ -71,30 +73,64 @@ def test_matches_reference_over_shapes(m, dtype):
     gen = torch.Generator().manual_seed(1000 + m)
     for k in K_SIZES:
         for n in N_SIZES:
-            packed, scales = make_weights(n, k, gen)
+            packed, scales = make_weights(n, k, gen, top_code=128 if n % 2 else 130)
             x = torch.randn(m, k, generator=gen).to(DEV, dtype)
             bias = torch.randn(n, generator=gen).to(DEV, dtype) if (k + n) % 2 else None
             check(run(x, packed, scales, bias), x, packed, scales, bias)
 
 
-SCHEDULES = [  # (swap_ab, split_k): both schedules, with and without split-K
-    (True, 1), (True, 3), (False, 1), (False, 2)]
+SCHEDULES = [  # (swap_ab, split_k, x_permuted): both schedules, with and without split-K
+    (True, 1, False), (True, 3, False), (True, 1, True), (True, 2, True), (False, 1, False), (False, 2, False)]
 
 
-@pytest.mark.parametrize("swap_ab,split_k", SCHEDULES)
+@pytest.mark.parametrize("swap_ab,split_k,x_permuted", SCHEDULES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_every_schedule_matches_reference(swap_ab, split_k, dtype):
-    """Each schedule of the kernel, forced through launch(config=...), on a K with a partial last
-    block (K = 3.5 blocks: split-K lowers 3 to a divisor of 4 blocks), odd M and N, and a bias."""
+@pytest.mark.parametrize("top_code", [128, 130])  # one pass; a second pass for scales above 2
+def test_every_schedule_matches_reference(swap_ab, split_k, x_permuted, dtype, top_code):
+    """Each schedule of the kernel, forced through launch(config=...), on odd M and N with a bias.
+    K: 3.5 blocks (a partial last block; split-K lowers 3 to a divisor of 4 blocks), or 4 blocks
+    where x is permuted (only whole blocks are)."""
     bm, bn, bk = (16, 64, 64) if not GPU else (16 if swap_ab else 64, 64, 128)
     cfg = kernels.TileConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=4, num_stages=2,
-                             swap_ab=swap_ab, split_k=split_k)
-    gen = torch.Generator().manual_seed(10 + split_k)
-    m, n, k = (5, 70, 7 * bk // 2) if swap_ab else (37, 70, 7 * bk // 2)
-    packed, scales = make_weights(n, k, gen)
+                             swap_ab=swap_ab, split_k=split_k, x_permuted=x_permuted)
+    gen = torch.Generator().manual_seed(10 + split_k + top_code)
+    m, n, k = (5 if swap_ab else 37), 70, (4 * bk if x_permuted else 7 * bk // 2)
+    packed, scales = make_weights(n, k, gen, top_code)
     x = torch.randn(m, k, generator=gen).to(DEV, dtype)
     bias = torch.randn(n, generator=gen).to(DEV, dtype)
     check(kernels.launch(x, packed, scales, bias, config=cfg), x, packed, scales, bias)
+
+
+@pytest.mark.parametrize("top_code", [128, 130])
+def test_materialize_schedule_matches_reference(top_code):
+    """Large-M bf16 schedule: weights dequantized to bf16 by a kernel (exactly), then F.linear.
+    K: a partial last dequantization tile; N: a partial last row tile."""
+    cfg = kernels.TileConfig(block_m=1, block_n=32, block_k=128 if not GPU else 256, num_warps=4, num_stages=1,
+                             swap_ab=False, materialize=True)
+    gen = torch.Generator().manual_seed(20 + top_code)
+    m, n, k = 9, 70, 3 * cfg.block_k // 2
+    packed, scales = make_weights(n, k, gen, top_code)
+    x = torch.randn(m, k, generator=gen).to(DEV, torch.bfloat16)
+    bias = torch.randn(n, generator=gen).to(DEV, torch.bfloat16)
+    check(kernels.launch(x, packed, scales, bias, config=cfg), x, packed, scales, bias)
+    with pytest.raises(ValueError, match="bfloat16"):
+        kernels.launch(x.half(), packed, scales, config=cfg)
+
+
+def test_dequantize_kernel_is_exact():
+    """The weights the materialize schedule feeds to cuBLAS equal mxfp4.dequantize bit for bit:
+    every E2M1 code, every scale code (0 = 2^-127 subnormal, 0xFF = NaN)."""
+    n, k = 40, 256
+    packed = torch.arange(n * k // 2, dtype=torch.int64).remainder(256).to(torch.uint8).reshape(n, k // 2)
+    scales = torch.arange(n * k // 32, dtype=torch.int64).remainder(256).to(torch.uint8).reshape(n, k // 32)
+    packed, scales = packed.to(DEV), scales.to(DEV)
+    out = torch.full((n, k), 7.0, dtype=torch.bfloat16, device=DEV)
+    kernels._dequantize_kernel[(2, 2)](packed.view(torch.int32), scales, out, n, k, BLOCK_N=32, BLOCK_K=128,
+                                        INTERPRETER=kernels.hw.interpreting())
+    ref = mxfp4.dequantize(packed, scales, torch.float32)
+    assert torch.equal(torch.isnan(out), torch.isnan(ref))
+    finite = ~torch.isnan(ref)
+    assert torch.equal(out.float()[finite], ref[finite])
 
 
 def test_registered_function_is_what_runs():
@@ -139,6 +175,18 @@ def test_leading_batch_dims_and_noncontiguous_x():
     xt = torch.randn(64, 4, generator=gen).to(DEV, torch.float16).T  # [4, 64] column-major
     packed2, scales2 = make_weights(8, 64, gen)
     check(run(xt, packed2, scales2), xt, packed2, scales2)
+
+
+def test_weights_at_an_odd_storage_offset():
+    """The kernels read packed weights as 32-bit words: a view starting mid-word still works."""
+    gen = torch.Generator().manual_seed(9)
+    packed, scales = make_weights(17, 64, gen)
+    storage = torch.empty(packed.numel() + 1, dtype=torch.uint8, device=DEV)
+    shifted = storage[1:].view(packed.shape)
+    shifted.copy_(packed)
+    assert shifted.storage_offset() % 4 and shifted.is_contiguous()
+    x = torch.randn(3, 64, generator=gen).to(DEV, torch.bfloat16)
+    torch.testing.assert_close(run(x, shifted, scales), run(x, packed, scales), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("m", [2, 20])
@@ -222,13 +270,15 @@ def test_empty_k_gives_the_bias():
 
 
 def test_config_choice_splits_k_only_when_tiles_are_few():
-    """Split-K engages when the M x N tiles cannot fill the GPU, never beyond the programs wanted
-    or K / (16 M) (partial sums' traffic at most the weight bytes), and not at all for large M."""
-    want = kernels.hw.device_properties()["sm_count"] * kernels.hw.FP4_MATMUL_CTAS_PER_SM
+    """Split-K engages when the M x N tiles cannot fill the GPU, never beyond one wave of programs
+    or K / (16 M) (partial sums' traffic at most the weight bytes), and not at all for large M,
+    where bf16 x takes the materialize schedule."""
+    want = kernels.hw.device_properties()["sm_count"] * kernels.hw.FP4_MATMUL_PROGRAMS_PER_SM
     for m, n, k in [(1, 1024, 8192), (16, 1024, 14336), (5, 512, 4096)]:
         cfg = kernels.choose_config(m, n, k)
         tiles = -(-m // cfg.block_m) * -(-n // cfg.block_n)
         assert cfg.swap_ab and 1 < cfg.split_k <= k // (16 * m)
         assert tiles * cfg.split_k <= want
-    assert kernels.choose_config(4096, 8192, 8192).split_k == 1
-    assert not kernels.choose_config(4096, 8192, 8192).swap_ab
+    assert kernels.choose_config(4096, 8192, 8192).materialize
+    fused = kernels.choose_config(4096, 8192, 8192, torch.float16)
+    assert not fused.materialize and not fused.swap_ab and fused.split_k == 1

@@ -1,40 +1,53 @@
-"""cuda-triton fp4_matmul: MXFP4 weights times bf16 / fp16 / fp32 activations, one Triton kernel.
+"""cuda-triton fp4_matmul: MXFP4 weights times bf16 / fp16 / fp32 activations.
 
 What the kernel does, per output tile, for each K step:
 
-* loads the packed weight bytes (evict-first: each weight byte is read once per call) and their
-  E8M0 scales, and dequantizes them **in registers** to bf16 -- exactly: every MXFP4 value is a
-  bf16 value (:func:`_dequantize`). No dequantized weight is ever written to device memory;
+* loads the packed weights as 32-bit words of 8 codes (evict-first: each weight byte is read
+  once per call) and their E8M0 scales, and dequantizes them **in registers** to bf16 -- exactly:
+  every MXFP4 value is a bf16 value. Two codes 16 bits apart in a word become one bf16 pair in one
+  register (:func:`_code_pairs`: 3-4 integer instructions), and one ``mul.bf16x2`` applies the
+  scale (:func:`_scale_factors`) -- while every scale of the tile is at most 2, which real weights'
+  scales are; a tile that read a larger (or NaN) scale is computed again with a second exact
+  multiplication. About 2.3 instructions per weight where the first version needed 3.5;
 * splits ``x`` into 1 (bf16), 2 (fp16) or 3 (fp32) bf16 parts whose sum is exactly ``x``
   (:func:`_x_part`; fp32 rows of values below 2^-100 are first lifted by 2^50), so that one bf16
   tensor-core product per part gives the exact products of ``x`` and the weights, accumulated in
   fp32 as the contract asks;
 * accumulates with ``tl.dot`` in fp32; the epilogue adds the bias and rounds once to ``x``'s dtype.
 
-Two schedules of that kernel, chosen per call by the tile table in ``hw.py``:
+Schedules, chosen per call by the tile table in ``hw.py``:
 
-* **decode** (M <= 16; weights are the only bytes that matter): "swap AB", the weight tile is the
-  left operand (``out^T = W x^T``) so the tensor core's 64-row side is spent on N, not on the tiny
-  M; K is split across programs (``split_k``) so that every SM streams weights, and the partial
-  sums are added in a fixed order by a second small kernel (deterministic). Inside a tile K is
-  visited in a permuted order (:func:`_mma_k_order`; a dot product does not depend on the order
-  of its terms), chosen so that each thread's share of the weight operand is a run of contiguous
-  bytes: wide loads instead of byte loads.
-* **prefill** (large M): ``out = x W^T`` with the dequantized ``W^T`` tile staged in shared
+* **decode** (M <= 64; weights are the only bytes that matter): "swap AB", the weight tile is the
+  left operand (``out^T = W x^T``, from registers) so the tensor core's 64-row side is spent on N,
+  not on the tiny M; K is split across programs (``split_k``) so that every SM streams weights,
+  and the partial sums are added in a fixed order by a second small kernel (deterministic).
+  Inside a tile K is visited in a permuted order (:func:`_mma_k_order`; a dot product does not
+  depend on the order of its terms), chosen so that each thread's share of the weight operand is
+  a run of contiguous words, and each of its operand registers one pair of :func:`_code_pairs`.
+  ``x`` gets the same order, in registers per tile or, with ``x_permuted``, once before the
+  launch (its tiles then go straight to shared memory).
+* **prefill** (larger M): ``out = x W^T`` with the dequantized ``W^T`` tile staged in shared
   memory for the tensor cores, grouped tile order for L2 reuse.
+* **materialize** (bf16 x, M >= ``hw.FP4_MATMUL_MATERIALIZE_MIN_M``): one kernel writes the exact
+  bf16 weights, then cuBLAS multiplies (``F.linear``). There the GEMM is matrix-bound: cuBLAS runs
+  near the tensor cores' rate, which a Triton kernel that waits for each step's tensor-core
+  product before dequantizing the next tile does not, and the extra pass (2 bytes written and
+  read per weight) costs a few % of the GEMM. Memory: a transient ``N x K`` bf16 buffer. cuBLAS
+  accumulates in fp32, but follows PyTorch's global
+  ``torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction`` (default True), which
+  lets it add split-K partial sums in bf16 on shapes where it splits K; set it to False for fp32
+  throughout.
 
-Under ``TRITON_INTERPRET=1`` (tests on CPU) the same kernel runs with small tiles, its tensor-core
-operands held as float32 (the interpreter mishandles bf16; the values are the same). The op is also
-exposed as ``torch.ops.apt_hal_triton.fp4_matmul`` (a ``torch.library.triton_op``), which lets
-``torch.compile`` trace into the kernels; the registered apt_hal implementation calls the plain
-launcher instead (no dispatcher hop in eager).
+Under ``TRITON_INTERPRET=1`` (tests on CPU) the same kernels run with small tiles, their
+tensor-core operands held as float32 (the interpreter mishandles bf16; the values are the same).
+The op is also exposed as ``torch.ops.apt_hal_triton.fp4_matmul`` (a ``torch.library.triton_op``),
+which lets ``torch.compile`` trace into the kernels; the registered apt_hal implementation calls
+the plain launcher instead (no dispatcher hop in eager).
 
-No ``prepare_weights`` repacking is offered. Its usual purpose, wide weight loads straight into
-the tensor-core operand layout, is met on the plain layout (the K permutation above for decode;
-the shared-memory stage for prefill). What a repacked bit layout could still save is ALU work:
-dequantization here costs 7 instructions per weight byte (5 integer, 2 bf16x2 multiplies), and a
-layout whose nibbles are pre-spread to their bf16 bit positions needs about 4. That matters only
-where decode is ALU-bound rather than memory-bound (the benchmark's % of copy bandwidth says).
+No ``prepare_weights`` repacking is offered: wide weight loads straight into the tensor-core
+operand layout are met on the plain layout (the K permutation above), and the dequantization's
+ALU cost is already near what a repacked bit layout would allow (the nibble moves are 3-4
+instructions per pair of weights, the scale one multiplication).
 """
 
 from __future__ import annotations
@@ -67,6 +80,8 @@ class TileConfig:
     swap_ab: bool  # decode schedule: weight tile on the left, K order permuted
     split_k: int = 1
     group_m: int = 8  # prefill: tiles visited in groups of group_m rows (L2 reuse of weights)
+    x_permuted: bool = False  # swap_ab: x permuted into the kernel's K order before the launch
+    materialize: bool = False  # bf16 x, large M: dequantize to bf16 (block_n x block_k tiles), cuBLAS
 
 
 # ---------------------------------------------------------------------------------------------
@@ -81,46 +96,97 @@ class TileConfig:
 
 
 @triton.jit
-def _e8m0_scale(codes, INTERPRETER: tl.constexpr):
-    """E8M0 scale codes (uint8) -> 2^(code-127) exactly, 0xFF -> NaN, as bf16 (float32 under the
-    interpreter). bf16 has float32's exponent range, so every E8M0 value is a bf16 value: code c
-    is the bf16 with exponent field c, except code 0 (2^-127, a subnormal) and 0xFF."""
+def _scale_factors(codes, INTERPRETER: tl.constexpr):
+    """E8M0 scale codes (uint8) -> (f1, f2) with f1 * f2 = 2^126 * 2^(code-127) exactly: the
+    factor that turns the codes of :func:`_code_pairs` (value * 2^-126) into weights.
+    f1 = 2^(min(code,128)-1) is a normal bf16 number; f2 = 2^(max(code,128)-128) is 1 except for
+    scales above 2 (code > 128), and NaN for code 0xFF. On the GPU both are bf16 pairs (the
+    factor in both halves of a uint32), float32 under the interpreter."""
+    c = codes.to(tl.uint32)
+    f1 = tl.minimum(c, 128) + 126
+    f2 = tl.maximum(c, 128) - 1
     if INTERPRETER:
-        c = codes.to(tl.uint32)
-        bits = tl.where(c == 0, 0x00400000, c << 23)
-        return tl.where(c == 255, 0x7FC00000, bits).to(tl.float32, bitcast=True)
+        f1 = (f1 << 23).to(tl.float32, bitcast=True)
+        f2 = tl.where(c == 255, 0x7FC00000, f2 << 23).to(tl.float32, bitcast=True)
     else:
-        c = codes.to(tl.uint16)
-        bits = tl.where(c == 0, 0x0040, c << 7)
-        return tl.where(c == 255, 0x7FC0, bits).to(tl.bfloat16, bitcast=True)
+        f1 = (f1 << 7) * 0x10001
+        f2 = tl.where(c == 255, 0x7FC0, f2 << 7) * 0x10001
+    return f1, f2
 
 
 @triton.jit
-def _dequantize(packed, scale, INTERPRETER: tl.constexpr):
-    """Packed E2M1 bytes (any int type, values 0..255) [..., C] and scales (from
-    :func:`_e8m0_scale`) broadcastable to [..., C, 2] -> the weights [..., C, 2] in K order
-    (element 2i from the low nibble of byte i) as tensor-core operands (bf16).
-
-    Each byte becomes one 32-bit word holding its two elements as a bf16 pair: the E2M1 sign bit
-    goes to the bf16 sign and the 3 exponent/mantissa bits go right under bf16's exponent field,
-    which encodes value * 2^-126 for every code (code 1, 0.5, lands on a bf16 subnormal, so the
-    encoding is uniform). One multiplication by 2^126 and one by the scale, both exact, finish.
-    ``b * 0x40040`` places the low nibble's magnitude at bits 6..8 and the high nibble's at bits
-    22..24 (copies of b at offsets 6 and 18); ``b * 0x1001000`` places the two sign bits at bits
-    15 and 31. The compiler keeps each pair in one register.
-
-    Both multiplications are bf16 multiplications (``mul.bf16x2``: two elements per instruction),
-    so dequantization costs 5 integer and 2 floating-point instructions per byte.
-    """
-    b = packed.to(tl.uint32)
-    pair = ((b * 0x40040) & 0x01C001C0) | ((b * 0x1001000) & 0x80008000)
-    if INTERPRETER:
-        lo = (pair << 16).to(tl.float32, bitcast=True)
-        hi = (pair & 0xFFFF0000).to(tl.float32, bitcast=True)
+def _code_pairs(words, J: tl.constexpr):
+    """Codes J and J+4 of each uint32 word (code i in nibble i), as the bf16 pair (low half, high
+    half) of a uint32, each the code's value times 2^-126: the code's sign on the half's bit 15 and
+    its 3 exponent/mantissa bits right under bf16's exponent field, which encodes value * 2^-126
+    for every code (code 1, 0.5, lands on a bf16 subnormal, so the encoding is uniform).
+    Both halves move together: the two nibbles are isolated (J >= 2: shifted into the low byte of
+    their half), one multiplication places two copies of each (the copies' bits do not overlap, so
+    nothing carries), and a mask keeps the sign of one copy and the magnitude of the other.
+    3-4 integer instructions per pair."""
+    nibbles = words & (0x000F000F << (4 * J))
+    if J >= 2:
+        nibbles = nibbles >> 8
+    if J % 2 == 0:
+        pair = nibbles * 0x1040  # copies shifted by 12 (sign 3 -> 15) and 6 (magnitude 0..2 -> 6..8)
     else:
-        lo = (pair & 0xFFFF).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        hi = (pair >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    return tl.join(lo, hi) * 8.507059173023462e37 * scale  # 2^126 * scale
+        pair = nibbles * 0x104  # nibble at bits 4..7: copies shifted by 8 and 2
+    return pair & 0x81C081C0
+
+
+@triton.jit
+def _times(pairs, f, INTERPRETER: tl.constexpr):
+    """bf16 pairs (uint32) times bf16 pair factors f (uint32), exact here: one mul.bf16x2 each.
+    (Written as PTX: ptxas otherwise swaps the halves of each pair around the multiply.) Under the
+    interpreter, pairs are float32 [..., 2] and f float32."""
+    if INTERPRETER:
+        return pairs * f[:, :, None]
+    else:
+        return tl.inline_asm_elementwise("mul.rn.bf16x2 $0, $1, $2;", "=r,r,r", [pairs, f],
+                                         dtype=tl.uint32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _as_operand(pairs, INTERPRETER: tl.constexpr):
+    """bf16 pairs held as uint32 -> bf16 [..., 2] (float32 under the interpreter, already split)."""
+    if INTERPRETER:
+        return pairs
+    else:
+        lo = (pairs & 0xFFFF).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        hi = (pairs >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        return tl.join(lo, hi)
+
+
+@triton.jit
+def _weight_pairs(words, J: tl.constexpr, f1, f2, BIG_SCALES: tl.constexpr, INTERPRETER: tl.constexpr):
+    """Weights 8v + J and 8v + J + 4 of words [R, V] as operands [R, V, 2]; f1, f2 [R, V]."""
+    pairs = _code_pairs(words, J)
+    if INTERPRETER:
+        pairs = tl.join((pairs << 16).to(tl.float32, bitcast=True), (pairs & 0xFFFF0000).to(tl.float32, bitcast=True))
+    pairs = _times(pairs, f1, INTERPRETER)
+    if BIG_SCALES:
+        pairs = _times(pairs, f2, INTERPRETER)
+    return _as_operand(pairs, INTERPRETER)
+
+
+@triton.jit
+def _dequantize(words, codes, BIG_SCALES: tl.constexpr, INTERPRETER: tl.constexpr):
+    """Packed E2M1 codes as uint32 words [R, W] (8 codes each, K order) and their E8M0 scale
+    codes [R, W / 4] -> the weights [R, 8W] in K order, as tensor-core operands (bf16; float32
+    under the interpreter). Every value is exact: E2M1 times a power of two is a bf16 value.
+    ``BIG_SCALES``: some scale code of the tile may exceed 128 (see :func:`_scale_factors`):
+    one more multiplication."""
+    R: tl.constexpr = words.shape[0]
+    W: tl.constexpr = words.shape[1]
+    f1, f2 = _scale_factors(codes, INTERPRETER)
+    f1 = tl.broadcast_to(f1[:, :, None], (R, W // 4, 4)).reshape(R, W)
+    f2 = tl.broadcast_to(f2[:, :, None], (R, W // 4, 4)).reshape(R, W)
+    w = tl.join(tl.join(_weight_pairs(words, 0, f1, f2, BIG_SCALES, INTERPRETER),
+                        _weight_pairs(words, 1, f1, f2, BIG_SCALES, INTERPRETER)),
+                tl.join(_weight_pairs(words, 2, f1, f2, BIG_SCALES, INTERPRETER),
+                        _weight_pairs(words, 3, f1, f2, BIG_SCALES, INTERPRETER)))
+    # w[r, v, e, j0, j1] is weight 8v + 4e + 2 j1 + j0 of row r
+    return w.permute(0, 1, 2, 4, 3).reshape(R, 8 * W)
 
 
 @triton.jit
@@ -145,27 +211,34 @@ def _operand(t, INTERPRETER: tl.constexpr):
 
 
 @triton.jit
-def _mma_k_order(t, BK: tl.constexpr, K_AXIS: tl.constexpr):
-    """Permute the K axis (axis K_AXIS of a 2-D tile of K extent BK) into the order the tensor
-    core's 16-bit operand layout gives each thread: thread t of a quad holds K offsets
-    {2t, 2t+1, 2t+8, 2t+9} of every 16-wide step. Natural offset t*BK/4 + 4c + 2h + e goes to
-    position 16c + 8h + 2t + e, so each thread's elements come from BK/4 contiguous K offsets."""
-    C: tl.constexpr = BK // 16
+def _mma_k_order(t, K_AXIS: tl.constexpr):
+    """Permute the K axis of a 2-D tile (axis K_AXIS, extent BK) into the order in which the
+    tensor core's 16-bit operand layout gives each thread the pairs of :func:`_code_pairs`: thread
+    t of a quad holds K positions {2t, 2t+1, 2t+8, 2t+9} of every 16-wide step, and each of its
+    registers should hold codes j and j+4 of one 32-bit word of its own run of BK/4 contiguous
+    weights. Natural offset t*BK/4 + 8*wl + 4e + 2*j1 + j0 goes to position
+    32*wl + 16*j1 + 8*j0 + 2t + e."""
     if K_AXIS == 1:
         R: tl.constexpr = t.shape[0]
-        return t.reshape(R, 4, C, 2, 2).permute(0, 2, 3, 1, 4).reshape(R, BK)
+        BK: tl.constexpr = t.shape[1]
+        return t.reshape(R, 4, BK // 32, 2, 2, 2).permute(0, 2, 4, 5, 1, 3).reshape(R, BK)
     else:
         R: tl.constexpr = t.shape[1]
-        return t.reshape(4, C, 2, 2, R).permute(1, 2, 0, 3, 4).reshape(BK, R)
+        BK: tl.constexpr = t.shape[0]
+        return t.reshape(4, BK // 32, 2, 2, 2, R).permute(1, 3, 4, 0, 2, 5).reshape(BK, R)
 
 
 @triton.jit
-def _accumulate(acc, w, xp, SWAP_AB: tl.constexpr, BLOCK_K: tl.constexpr, INTERPRETER: tl.constexpr):
+def _accumulate(acc, w, xp, SWAP_AB: tl.constexpr, X_PERMUTED: tl.constexpr, INTERPRETER: tl.constexpr):
     """acc + xp @ w^T (acc [BLOCK_M, BLOCK_N]) or, swapped, acc + w @ xp^T (acc [BLOCK_N, BLOCK_M])
-    with K visited in the order of :func:`_mma_k_order` (w is already in that order)."""
+    with K visited in the order of :func:`_mma_k_order` (w is already in that order; xp too when
+    X_PERMUTED)."""
     if SWAP_AB:
         a = w
-        b = _mma_k_order(xp.T, BLOCK_K, 0)
+        if X_PERMUTED:
+            b = xp.T
+        else:
+            b = _mma_k_order(xp.T, 0)
     else:
         a = xp
         b = w.T
@@ -176,17 +249,17 @@ def _accumulate(acc, w, xp, SWAP_AB: tl.constexpr, BLOCK_K: tl.constexpr, INTERP
 
 
 @triton.jit
-def _accumulate_x(acc, w, xv, X_PARTS: tl.constexpr, SWAP_AB: tl.constexpr, BLOCK_K: tl.constexpr,
+def _accumulate_x(acc, w, xv, X_PARTS: tl.constexpr, SWAP_AB: tl.constexpr, X_PERMUTED: tl.constexpr,
                   INTERPRETER: tl.constexpr):
     """acc + the product of the weight tile w and the x tile xv [BLOCK_M, BLOCK_K], x split into
     X_PARTS exact bf16 parts (:func:`_x_part`), one tensor-core product each."""
     if X_PARTS == 1:
-        return _accumulate(acc, w, _operand(xv, INTERPRETER), SWAP_AB, BLOCK_K, INTERPRETER)
+        return _accumulate(acc, w, _operand(xv, INTERPRETER), SWAP_AB, X_PERMUTED, INTERPRETER)
     rest = xv.to(tl.float32)
     if X_PARTS == 2:
         for _ in tl.static_range(2):
             xp, rest = _x_part(rest)
-            acc = _accumulate(acc, w, _operand(xp, INTERPRETER), SWAP_AB, BLOCK_K, INTERPRETER)
+            acc = _accumulate(acc, w, _operand(xp, INTERPRETER), SWAP_AB, X_PERMUTED, INTERPRETER)
         return acc
     # float32 x: bf16 parts represent multiples of 2^-133 only, so x is split exactly when
     # |x| >= 2^-110. Rows of the tile whose largest |x| is below 2^-100 are lifted by 2^50 (exact)
@@ -197,7 +270,7 @@ def _accumulate_x(acc, w, xv, X_PARTS: tl.constexpr, SWAP_AB: tl.constexpr, BLOC
     part = tl.zeros(acc.shape, dtype=tl.float32)
     for _ in tl.static_range(3):
         xp, rest = _x_part(rest)
-        part = _accumulate(part, w, _operand(xp, INTERPRETER), SWAP_AB, BLOCK_K, INTERPRETER)
+        part = _accumulate(part, w, _operand(xp, INTERPRETER), SWAP_AB, X_PERMUTED, INTERPRETER)
     if SWAP_AB:
         return acc + part / lift[None, :]
     else:
@@ -205,17 +278,55 @@ def _accumulate_x(acc, w, xv, X_PARTS: tl.constexpr, SWAP_AB: tl.constexpr, BLOC
 
 
 @triton.jit
+def _k_loop(acc, x_tile, w_tile, s_tile, mask_m, K, k0, BLOCK_K: tl.constexpr, K_STEPS: tl.constexpr,
+            X_PARTS: tl.constexpr, SWAP_AB: tl.constexpr, X_PERMUTED: tl.constexpr, EVEN_K: tl.constexpr,
+            BIG_SCALES: tl.constexpr, INTERPRETER: tl.constexpr):
+    """acc + the tile's products over K_STEPS blocks of BLOCK_K from the tile pointers (x: [BLOCK_M,
+    BLOCK_K], w: uint32 words [BLOCK_N, BLOCK_K / 8], s: scales [BLOCK_N, BLOCK_K / 32]) at K offset
+    k0 (BIG_SCALES: see :func:`_dequantize`); and the largest scale code read."""
+    offs_kw = tl.arange(0, BLOCK_K // 8)
+    offs_ks = tl.arange(0, BLOCK_K // 32)
+    offs_k = tl.arange(0, BLOCK_K)
+    top = tl.zeros(s_tile.shape, dtype=tl.uint8)
+    # Scales are loaded one step ahead by hand: a tile row has only BLOCK_K / 32 of them, too few
+    # bytes per thread for the asynchronous copies that pipeline the other loads.
+    codes_next = tl.load(s_tile, mask=offs_ks[None, :] < (K - k0) // 32, other=127)
+    for i in range(0, K_STEPS):
+        codes = codes_next
+        s_tile += BLOCK_K // 32
+        k_left = K - (k0 + i * BLOCK_K)
+        if EVEN_K:
+            codes_next = tl.load(s_tile, mask=i + 1 < K_STEPS, other=127)
+            words = tl.load(w_tile, eviction_policy="evict_first")
+            xv = tl.load(x_tile, mask=mask_m[:, None], other=0.0)
+        else:
+            codes_next = tl.load(s_tile, mask=(offs_ks[None, :] < (k_left - BLOCK_K) // 32) & (i + 1 < K_STEPS),
+                                 other=127)
+            words = tl.load(w_tile, mask=offs_kw[None, :] < k_left // 8, other=0, eviction_policy="evict_first")
+            xv = tl.load(x_tile, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
+        top = tl.maximum(top, codes)
+        w = _dequantize(words.to(tl.uint32, bitcast=True), codes, BIG_SCALES, INTERPRETER)
+        if SWAP_AB:
+            w = _mma_k_order(w, 1)
+        acc = _accumulate_x(acc, w, xv, X_PARTS, SWAP_AB, X_PERMUTED, INTERPRETER)
+        w_tile += BLOCK_K // 8
+        x_tile += BLOCK_K
+    return acc, tl.max(top)
+
+
+@triton.jit
 def _fp4_matmul_kernel(
     x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr,
     M, N, K, stride_xm, stride_wn, stride_sn, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_STEPS: tl.constexpr,
-    X_PARTS: tl.constexpr, SWAP_AB: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr,
-    EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, INTERPRETER: tl.constexpr,
+    X_PARTS: tl.constexpr, SWAP_AB: tl.constexpr, X_PERMUTED: tl.constexpr, SPLIT_K: tl.constexpr,
+    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, INTERPRETER: tl.constexpr,
 ):
     """out[M, N] = x[M, K] @ dequantize(w)[N, K]^T (+ bias). Program (.., s) covers K_STEPS blocks
     of BLOCK_K starting at block s * K_STEPS; with SPLIT_K > 1 it writes its fp32 partial sum to
     out_ptr + s * M * N (no bias). K_STEPS is a compile-time constant: one compiled variant per
-    (K, split), and a loop bound that Triton's interpreter (which needs Python ints) can run."""
+    (K, split), and a loop bound that Triton's interpreter (which needs Python ints) can run.
+    w_ptr: the packed weights as 32-bit words, stride_wn words per row."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -235,39 +346,26 @@ def _fp4_matmul_kernel(
     mask_m = offs_m < M
     mask_n = offs_n < N
     rows_n = offs_n % N  # weight rows past N re-read row n % N (unmasked loads); never stored
-    offs_kb = tl.arange(0, BLOCK_K // 2)  # weight bytes
-    offs_ks = tl.arange(0, BLOCK_K // 32)  # scales
-    offs_k = tl.arange(0, BLOCK_K)
 
     k0 = pid_k * (K_STEPS * BLOCK_K)
-    # int64 row offsets: N * K/2 and M * stride_xm can pass 2^31.
-    w_tile = w_ptr + rows_n[:, None].to(tl.int64) * stride_wn + (k0 // 2 + offs_kb)[None, :]
-    s_tile = s_ptr + rows_n[:, None].to(tl.int64) * stride_sn + (k0 // 32 + offs_ks)[None, :]
-    x_tile = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + (k0 + offs_k)[None, :]
+    # int64 row offsets: N * K/8 and M * stride_xm can pass 2^31.
+    w_tile = w_ptr + rows_n[:, None].to(tl.int64) * stride_wn + (k0 // 8 + tl.arange(0, BLOCK_K // 8))[None, :]
+    s_tile = s_ptr + rows_n[:, None].to(tl.int64) * stride_sn + (k0 // 32 + tl.arange(0, BLOCK_K // 32))[None, :]
+    x_tile = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + (k0 + tl.arange(0, BLOCK_K))[None, :]
 
     if SWAP_AB:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for i in range(0, K_STEPS):
-        if EVEN_K:
-            packed = tl.load(w_tile, eviction_policy="evict_first")
-            codes = tl.load(s_tile)
-            xv = tl.load(x_tile, mask=mask_m[:, None], other=0.0)
-        else:
-            k_left = K - (k0 + i * BLOCK_K)
-            packed = tl.load(w_tile, mask=offs_kb[None, :] < k_left // 2, other=0, eviction_policy="evict_first")
-            codes = tl.load(s_tile, mask=offs_ks[None, :] < k_left // 32, other=127)
-            xv = tl.load(x_tile, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
-        scale = _e8m0_scale(codes, INTERPRETER)
-        scale = tl.broadcast_to(scale[:, :, None], (BLOCK_N, BLOCK_K // 32, 16)).reshape(BLOCK_N, BLOCK_K // 2)
-        w = _dequantize(packed, scale[:, :, None], INTERPRETER).reshape(BLOCK_N, BLOCK_K)
-        if SWAP_AB:
-            w = _mma_k_order(w, BLOCK_K, 1)
-        acc = _accumulate_x(acc, w, xv, X_PARTS, SWAP_AB, BLOCK_K, INTERPRETER)
-        w_tile += BLOCK_K // 2
-        s_tile += BLOCK_K // 32
-        x_tile += BLOCK_K
+    # Scale factors are one multiplication per weight pair while every scale is at most 2 (code
+    # 128; real weights' scales are below 1), two otherwise: the tile is computed the fast way,
+    # and again the exact way in the rare case that it read a larger (or NaN) scale.
+    result, top = _k_loop(acc, x_tile, w_tile, s_tile, mask_m, K, k0, BLOCK_K, K_STEPS, X_PARTS, SWAP_AB,
+                          X_PERMUTED, EVEN_K, False, INTERPRETER)
+    if top > 128:
+        result, top = _k_loop(acc, x_tile, w_tile, s_tile, mask_m, K, k0, BLOCK_K, K_STEPS, X_PARTS, SWAP_AB,
+                              X_PERMUTED, EVEN_K, True, INTERPRETER)
+    acc = result
 
     if SWAP_AB:
         acc = acc.T
@@ -279,6 +377,26 @@ def _fp4_matmul_kernel(
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         tl.store(out_tile, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _dequantize_kernel(w_ptr, s_ptr, out_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       INTERPRETER: tl.constexpr):
+    """out[N, K] (bf16) = the exact weights of w (uint32 words [N, K/8]) and its scales [N, K/32]."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_w = tl.program_id(1) * (BLOCK_K // 8) + tl.arange(0, BLOCK_K // 8)
+    offs_s = tl.program_id(1) * (BLOCK_K // 32) + tl.arange(0, BLOCK_K // 32)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    row_ok = rows[:, None] < N
+    words = tl.load(w_ptr + rows[:, None].to(tl.int64) * (K // 8) + offs_w[None, :],
+                    mask=row_ok & (offs_w[None, :] < K // 8), other=0)
+    codes = tl.load(s_ptr + rows[:, None].to(tl.int64) * (K // 32) + offs_s[None, :],
+                    mask=row_ok & (offs_s[None, :] < K // 32), other=127)
+    w = _dequantize(words.to(tl.uint32, bitcast=True), codes, True, INTERPRETER)
+    if INTERPRETER:  # its float32 -> bf16 conversion flushes subnormals; w is exact in bf16: keep the top half
+        w = (w.to(tl.uint32, bitcast=True) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    tl.store(out_ptr + rows[:, None].to(tl.int64) * K + offs_k[None, :], w.to(tl.bfloat16),
+             mask=row_ok & (offs_k[None, :] < K))
 
 
 @triton.jit
@@ -302,14 +420,22 @@ def _split_k_sum_kernel(part_ptr, bias_ptr, out_ptr, MN, N, SPLIT_K: tl.constexp
 
 def choose_config(m: int, n: int, k: int, x_dtype: torch.dtype = torch.bfloat16) -> TileConfig:
     """The schedule for an (M, N, K) problem: the tile table of hw.py, plus split-K when the M x N
-    tiles are too few to fill the GPU (hw.FP4_MATMUL_CTAS_PER_SM programs per SM). The fp32
-    partial sums cost 8 * split * M * N bytes of traffic; split is kept to at most K / (16 M),
-    which bounds that by the weight bytes (N * K * 17/32)."""
+    tiles are too few to fill the GPU (one wave of hw.FP4_MATMUL_PROGRAMS_PER_SM programs per SM).
+    The fp32 partial sums cost 8 * split * M * N bytes of traffic; split is kept to at most
+    K / (16 M), which bounds that by the weight bytes (N * K * 17/32)."""
     cfg = TileConfig(**hw.fp4_matmul_tiles(m, _X_PARTS[x_dtype]))
+    if cfg.materialize:
+        return cfg
     tiles_mn = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
-    want = hw.device_properties()["sm_count"] * hw.FP4_MATMUL_CTAS_PER_SM
+    want = hw.device_properties()["sm_count"] * hw.FP4_MATMUL_PROGRAMS_PER_SM
     split = min(want // tiles_mn, k // (16 * m), triton.cdiv(k, cfg.block_k), hw.FP4_MATMUL_MAX_SPLIT_K)
     return dataclasses.replace(cfg, split_k=max(split, 1))
+
+
+def permute_k(x: torch.Tensor, block_k: int) -> torch.Tensor:
+    """x [M, K] with each block of block_k columns in the kernel's K order (:func:`_mma_k_order`)."""
+    m, k = x.shape
+    return x.reshape(m, k // block_k, 4, block_k // 32, 2, 2, 2).permute(0, 1, 3, 5, 6, 2, 4).reshape(m, k)
 
 
 def launch(x: torch.Tensor, w_packed: torch.Tensor, w_scales: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -321,30 +447,44 @@ def launch(x: torch.Tensor, w_packed: torch.Tensor, w_scales: torch.Tensor, bias
     k = x.shape[-1]
     n = w_packed.shape[0]
     m = math.prod(x.shape[:-1])
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    if m == 0 or n == 0:
-        return out.reshape(*x.shape[:-1], n)
-    if k == 0:  # an empty sum: the bias alone
-        out.zero_()
+    if m == 0 or n == 0 or k == 0:  # k == 0: an empty sum, the bias alone
+        out = torch.zeros((m, n), dtype=x.dtype, device=x.device)
         if bias is not None:
             out += bias
         return out.reshape(*x.shape[:-1], n)
     x2 = x.reshape(m, k)
     if x2.stride(1) != 1:
         x2 = x2.contiguous()  # the kernel reads rows of x with unit stride
+    words = mxfp4.as_uint8(w_packed)
+    if words.storage_offset() % 4:
+        words = words.clone()  # the kernels read the packed weights as 32-bit words
+    words = words.view(torch.int32)
+    scales = mxfp4.as_uint8(w_scales)
     cfg = config or choose_config(m, n, k, x.dtype)
+    if cfg.materialize:
+        if x.dtype != torch.bfloat16:
+            raise ValueError(f"the materialize schedule needs bfloat16 x (exact bf16 weights), got {x.dtype}")
+        w = torch.empty((n, k), dtype=torch.bfloat16, device=x.device)
+        with hw.device_guard(x):
+            wrap(_dequantize_kernel)[(triton.cdiv(n, cfg.block_n), triton.cdiv(k, cfg.block_k))](
+                words, scales, w, n, k, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, INTERPRETER=hw.interpreting(),
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        return torch.nn.functional.linear(x2, w, bias).reshape(*x.shape[:-1], n)
     k_blocks = triton.cdiv(k, cfg.block_k)
     split = max(d for d in range(1, cfg.split_k + 1) if k_blocks % d == 0)  # equal K ranges
+    x_permuted = cfg.swap_ab and cfg.x_permuted and k % cfg.block_k == 0
+    if x_permuted:
+        x2 = permute_k(x2, cfg.block_k)
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     target = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
     with hw.device_guard(x):
         wrap(_fp4_matmul_kernel)[grid](
-            x2, mxfp4.as_uint8(w_packed), mxfp4.as_uint8(w_scales), bias, target,
-            m, n, k, x2.stride(0), k // 2, k // mxfp4.BLOCK, n,
+            x2, words, scales, bias, target, m, n, k, x2.stride(0), k // 8, k // mxfp4.BLOCK, n,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, K_STEPS=k_blocks // split,
-            X_PARTS=_X_PARTS[x.dtype], SWAP_AB=cfg.swap_ab, SPLIT_K=split, GROUP_M=cfg.group_m,
-            EVEN_K=k % cfg.block_k == 0, HAS_BIAS=bias is not None, INTERPRETER=hw.interpreting(),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            X_PARTS=_X_PARTS[x.dtype], SWAP_AB=cfg.swap_ab, X_PERMUTED=x_permuted, SPLIT_K=split,
+            GROUP_M=cfg.group_m, EVEN_K=k % cfg.block_k == 0, HAS_BIAS=bias is not None,
+            INTERPRETER=hw.interpreting(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         if split > 1:
             block = 1024

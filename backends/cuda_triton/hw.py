@@ -163,7 +163,7 @@ def fp4_matmul_tiles(m: int, x_parts: int = 1) -> dict:
 
     * M <= 16 (decode): weight tile on the left of the tensor-core product (64 rows per
       warpgroup), M padded to 16 (8 would make Triton use mma.sync and stage the dequantized
-      weights in shared memory); 128 x 128 weight tiles: 102 registers, 40 KB shared memory,
+      weights in shared memory); 128 x 128 weight tiles: 121 registers, 40 KB shared memory,
       2 programs of 8 warps per SM (256-wide K steps need 171 registers: one program per SM).
     * M <= 64: still swapped, x tile as wide as M.
     * larger M: x tile on the left, 128 x 128 output tiles; from FP4_MATMUL_MATERIALIZE_MIN_M

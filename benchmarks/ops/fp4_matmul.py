@@ -14,11 +14,13 @@ relative-norm error < 1e-2 (bf16 results), and element-wise |out - ref| <= 2 ulp
 cuBLAS baseline is held to the norm bound. A wrong result raises instead of
 reporting a time. ``gpu_checks`` first runs GPU-size cases the interpreter tests cannot afford
 (fp16 / fp32 x, bias, odd N, a partial last K block, scale codes 0..230, float32 subnormal x,
-every schedule) and torch.compile of the triton_op.
+every schedule -- x permuted or not, materialize -- with scales up to 1 and up to 8, which the
+kernel computes in one and two passes) and torch.compile of the triton_op (decode, materialize).
 
 Run from the repository root on a GPU:
 ``python -m benchmarks.ops.fp4_matmul [--quick] [--sweep]``. ``--sweep`` also times other tile
-schedules per shape (tuning data for hw.fp4_matmul_tiles).
+schedules on the shapes of SWEEP_SHAPES (tuning data for hw.fp4_matmul_tiles), and what decode
+spends outside its main kernel.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import argparse
 
 import torch
 import torch.nn.functional as F
+import triton
 
 import apt_hal
 from apt_hal import mxfp4, ops
@@ -43,10 +46,11 @@ REL_NORM = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-4}
 # ---- inputs and checks --------------------------------------------------------------------------
 
 
-def make_weights(n: int, k: int, gen: torch.Generator):
-    """MXFP4 weights on the GPU: every E2M1 code, scales over 2^-10 .. 2^0 (typical LLM weights)."""
+def make_weights(n: int, k: int, gen: torch.Generator, top_code: int = 127):
+    """MXFP4 weights on the GPU: every E2M1 code, scales over 2^-10 .. 2^(top_code - 127) (the
+    default: typical LLM weights)."""
     packed = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device="cuda", generator=gen)
-    scales = torch.randint(117, 128, (n, k // mxfp4.BLOCK), dtype=torch.uint8, device="cuda", generator=gen)
+    scales = torch.randint(117, top_code + 1, (n, k // mxfp4.BLOCK), dtype=torch.uint8, device="cuda", generator=gen)
     return packed, scales
 
 
@@ -88,7 +92,7 @@ def gpu_checks() -> None:
     """GPU-size correctness cases beyond the timed shapes; raises on the first wrong result."""
     gen = torch.Generator(device="cuda").manual_seed(0)
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        for m, k, n in [(1, 4096 + 32, 1000), (16, 8192, 4097), (300, 4096 + 96, 1000)]:
+        for m, k, n in [(1, 4096 + 32, 1000), (16, 8192, 4097), (300, 4096 + 96, 1000), (700, 4096 + 32, 1000)]:
             packed, scales = make_weights(n, k, gen)
             x = torch.randn(m, k, device="cuda", dtype=dtype, generator=gen)
             bias = torch.randn(n, device="cuda", dtype=dtype, generator=gen)
@@ -101,21 +105,29 @@ def gpu_checks() -> None:
     scales.fill_(245)
     x = (torch.rand(20, 4096, device="cuda", generator=gen) - 0.5) * 2.0 ** -126  # float32 subnormals
     check("fp4_matmul float32 subnormal x, weights ~2^120", fp4_linear(x, packed, scales), x, packed, scales)
-    for swap, split in [(True, 1), (True, 4), (False, 1), (False, 3)]:
+    for swap, split, x_permuted in [(True, 1, False), (True, 4, False), (True, 2, True), (False, 1, False),
+                                    (False, 3, False)]:
         cfg = kernels.TileConfig(block_m=16 if swap else 128, block_n=128, block_k=128, num_warps=8,
-                                 num_stages=3, swap_ab=swap, split_k=split)
-        packed, scales = make_weights(1000, 4096 + 64, gen)
-        x = torch.randn(40, 4096 + 64, device="cuda", dtype=torch.bfloat16, generator=gen)
-        check(f"fp4_matmul schedule {cfg}", kernels.launch(x, packed, scales, config=cfg), x, packed, scales)
+                                 num_stages=3, swap_ab=swap, split_k=split, x_permuted=x_permuted)
+        k = 4096 if x_permuted else 4096 + 64  # only whole K blocks are permuted
+        for top_code in (127, 130):  # one pass; a second pass for scales above 2
+            packed, scales = make_weights(1000, k, gen, top_code)
+            x = torch.randn(40, k, device="cuda", dtype=torch.bfloat16, generator=gen)
+            check(f"fp4_matmul schedule {cfg}, scales up to 2^{top_code - 127}",
+                  kernels.launch(x, packed, scales, config=cfg), x, packed, scales)
+    cfg = kernels.TileConfig(**kernels.hw.FP4_MATMUL_MATERIALIZE_TILE)
+    packed, scales = make_weights(1000, 4096 + 32, gen, 130)
+    x = torch.randn(40, 4096 + 32, device="cuda", dtype=torch.bfloat16, generator=gen)
+    check(f"fp4_matmul schedule {cfg}", kernels.launch(x, packed, scales, config=cfg), x, packed, scales)
     print("gpu checks: fp4_matmul matches the reference (bf16/fp16/fp32, bias, odd K and N, extreme scales, "
           "subnormal x, every schedule)", flush=True)
     packed, scales = make_weights(512, 1024, gen)
-    x = torch.randn(16, 1024, device="cuda", dtype=torch.bfloat16, generator=gen)
     try:
         compiled = torch.compile(lambda a: torch.ops.apt_hal_triton.fp4_matmul(a, packed, scales) * 2,
-                                 fullgraph=True)
-        got = compiled(x)
-        torch.testing.assert_close(got, 2 * kernels.launch(x, packed, scales), rtol=0, atol=0)
+                                 fullgraph=True, dynamic=False)
+        for m in (16, 600):  # decode (split-K), materialize
+            x = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16, generator=gen)
+            torch.testing.assert_close(compiled(x), 2 * kernels.launch(x, packed, scales), rtol=0, atol=0)
         print("gpu checks: torch.compile(fullgraph) of torch.ops.apt_hal_triton.fp4_matmul matches eager", flush=True)
     except Exception as e:  # reported, not fatal: it is not a wrong kernel result
         print(f"gpu checks: torch.compile of the triton_op FAILED: {type(e).__name__}: {e}", flush=True)
@@ -165,59 +177,111 @@ def run(ceilings: harness.Ceilings, quick: bool = False) -> list[harness.Row]:
     return [_row(ceilings, m, k, n) for k, n in shapes for m in ROWS]
 
 
-# ---- tuning data --------------------------------------------------------------------------------
+# ---- tuning data ----------------------------------------------------------------------------------
+
+
+def _config(bm, bn, bk, warps, stages, swap, split, x_permuted=False):
+    return kernels.TileConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages,
+                              swap_ab=swap, split_k=split, x_permuted=x_permuted)
 
 
 def _candidates(m: int, k: int, n: int) -> list[kernels.TileConfig]:
-    """The default schedule first, then a few others around it."""
-    auto = kernels.choose_config(m, n, k)
-    if auto.swap_ab:
-        tiles = [(64, 256, 4, 3), (128, 256, 8, 3), (128, 256, 8, 2), (128, 128, 8, 4), (64, 128, 4, 4)]
-        configs = [kernels.TileConfig(block_m=auto.block_m, block_n=bn, block_k=bk, num_warps=nw, num_stages=ns,
-                                      swap_ab=True, split_k=split)
-                   for bn, bk, nw, ns in tiles for split in sorted({max(auto.split_k // 2, 1), auto.split_k,
-                                                                    2 * auto.split_k})]
+    """The default schedule first, then others around it (few: every one compiles anew)."""
+    configs = [kernels.choose_config(m, n, k)]
+    if m <= 16:
+        full = (k, n) == (8192, 8192) and m == 1  # the widest search; narrower on other shapes
+        for bn, bk, warps, stages in [(128, 128, 8, 4), (64, 128, 4, 4)] + ([(128, 256, 8, 3)] if full else []):
+            for x_permuted in (False, True) if bk == 128 and (full or bn == 128) else (False,):
+                splits = (2, 4, 8) if full else (4,) if m > 1 else (4, 8)
+                configs += [_config(16, bn, bk, warps, stages, True, split, x_permuted) for split in splits]
+        if full:
+            configs.append(_config(16, 128, 128, 8, 6, True, 4))  # deeper pipeline
+            configs += [_config(16, 64, 256, 4, 3, True, split) for split in (4, 8)]  # 168 registers, 3 per SM
+    elif m <= 256:
+        configs += [_config(128, 128, 64, 8, 3, False, split) for split in (2, 4)]
+        configs += [_config(128, 128, 128, 8, 3, False, 2)]
+        configs += [_config(128, 128, 64, 8, 3, True, split, True) for split in (1, 2, 4)]
+        configs += [_config(128, 64, 64, 4, 4, True, split, True) for split in (2, 4)]
+        configs += [_config(128, 128, 64, 8, 3, True, 2, False)]
     else:
-        tiles = [(128, 128, 64, 4, 3), (128, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 64, 64, 4, 3),
-                 (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 128, 8, 3)]
-        splits = (1, 2, 4) if m <= 256 else (1,)
-        configs = [kernels.TileConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=nw, num_stages=ns,
-                                      swap_ab=False, split_k=split)
-                   for bm, bn, bk, nw, ns in tiles if bm <= max(m, 128) for split in splits]
-        configs += [kernels.TileConfig(block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=3,
-                                       swap_ab=True, split_k=split) for split in splits if m <= 256]
-    return list(dict.fromkeys([auto] + configs))
+        configs += [_config(128, 128, 64, 4, 3, False, 1), _config(256, 128, 64, 8, 3, False, 1),
+                    kernels.TileConfig(**kernels.hw.FP4_MATMUL_MATERIALIZE_TILE)]
+    return list(dict.fromkeys(configs))
+
+
+SWEEP_SHAPES = [(1, 8192, 8192), (16, 8192, 8192), (1, 14336, 4096), (1, 4096, 14336), (128, 8192, 8192),
+                (256, 8192, 8192), (512, 8192, 8192), (4096, 8192, 8192)]  # (M, K, N)
+
+
+def _describe(cfg: kernels.TileConfig) -> str:
+    if cfg.materialize:
+        return f"materialize (dequantize bn={cfg.block_n} bk={cfg.block_k}, cuBLAS)"
+    return (f"bm={cfg.block_m} bn={cfg.block_n} bk={cfg.block_k} warps={cfg.num_warps} stages={cfg.num_stages} "
+            f"swap={int(cfg.swap_ab)} xperm={int(cfg.x_permuted)} split={cfg.split_k}")
 
 
 def sweep(ceilings: harness.Ceilings, quick: bool = False) -> None:
-    """Time other tile schedules on the benchmark shapes, each checked first (norm bound), with
-    rotating inputs as in the table; prints one line per schedule."""
-    for k, n in (SHAPES[:1] if quick else SHAPES):
-        for m in ROWS:
-            gen = torch.Generator(device="cuda").manual_seed(1)
+    """Time other tile schedules, each checked first (norm bound), with rotating inputs as in the
+    table; one line per schedule. From M = 256 up, only the default and the materialize schedule
+    (where fused and materialized cross over)."""
+    for m, k, n in (SWEEP_SHAPES[:2] if quick else SWEEP_SHAPES):
+        gen = torch.Generator(device="cuda").manual_seed(1)
 
-            def make():
-                packed, scales = make_weights(n, k, gen)
-                return torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=gen), packed, scales
+        def make():
+            packed, scales = make_weights(n, k, gen)
+            return torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=gen), packed, scales
 
-            sets = [make() for _ in range(max(1, min(16, -(-120 * 2 ** 20 // weight_bytes(n, k)))))]
-            auto = kernels.choose_config(m, n, k)
-            for cfg in _candidates(m, k, n):
-                run_cfg = lambda x, p, s, cfg=cfg: kernels.launch(x, p, s, config=cfg)  # noqa: E731
-                try:
-                    check("sweep", run_cfg(*sets[0]), *sets[0], elementwise=False)
-                    t = harness.time_calls([lambda s=s: run_cfg(*s) for s in sets])
-                except Exception as e:  # a schedule that does not compile or fit is tuning data too
-                    print(f"sweep fp4_matmul M={m} K={k} N={n} {cfg}: FAILED {type(e).__name__}: "
-                          f"{str(e).splitlines()[0][:120] if str(e) else ''}", flush=True)
-                    continue
-                if m <= 16:
-                    perf = f"{100 * weight_bytes(n, k) / t / 1e3 / ceilings.copy_gbps:5.1f}% copy"
-                else:
-                    perf = f"{2 * m * n * k / t / 1e6:6.1f} TFLOP/s"
-                print(f"sweep fp4_matmul M={m} K={k} N={n} bm={cfg.block_m} bn={cfg.block_n} bk={cfg.block_k} "
-                      f"warps={cfg.num_warps} stages={cfg.num_stages} swap={int(cfg.swap_ab)} split={cfg.split_k}: "
-                      f"{t:8.1f} us  {perf}{'  (default)' if cfg == auto else ''}", flush=True)
+        sets = [make() for _ in range(max(1, min(16, -(-120 * 2 ** 20 // weight_bytes(n, k)))))]
+        auto = kernels.choose_config(m, n, k)
+        configs = _candidates(m, k, n)
+        if 256 <= m < 4096:
+            configs = list(dict.fromkeys([auto, kernels.TileConfig(**kernels.hw.fp4_matmul_tiles(256)),
+                                          kernels.TileConfig(**kernels.hw.FP4_MATMUL_MATERIALIZE_TILE)]))
+        for cfg in configs:
+            run_cfg = lambda x, p, s, cfg=cfg: kernels.launch(x, p, s, config=cfg)  # noqa: E731
+            try:
+                check("sweep", run_cfg(*sets[0]), *sets[0], elementwise=False)
+                t = harness.time_calls([lambda s=s: run_cfg(*s) for s in sets])
+            except Exception as e:  # a schedule that does not compile or fit is tuning data too
+                print(f"sweep fp4_matmul M={m} K={k} N={n} {_describe(cfg)}: FAILED {type(e).__name__}: "
+                      f"{str(e).splitlines()[0][:120] if str(e) else ''}", flush=True)
+                continue
+            if m <= 16:
+                perf = f"{100 * weight_bytes(n, k) / t / 1e3 / ceilings.copy_gbps:5.1f}% copy"
+            else:
+                perf = f"{2 * m * n * k / t / 1e6:6.1f} TFLOP/s"
+            print(f"sweep fp4_matmul M={m} K={k} N={n} {_describe(cfg)}: {t:8.1f} us  {perf}"
+                  f"{'  (default)' if cfg == auto else ''}", flush=True)
+    _sweep_side_kernels(ceilings)
+
+
+def _sweep_side_kernels(ceilings: harness.Ceilings) -> None:
+    """The kernels around the main one, alone: the split-K sum and x's permutation (decode), the
+    dequantization pass of the materialize schedule (per tile, with its bandwidth)."""
+    part = torch.randn(4, 1, 8192, device="cuda")
+    out = torch.empty(1, 8192, device="cuda", dtype=torch.bfloat16)
+    t_sum = harness.time_calls([lambda: kernels._split_k_sum_kernel[(8,)](
+        part, None, out, 8192, 8192, SPLIT_K=4, BLOCK=1024, HAS_BIAS=False, num_warps=4)])
+    x = torch.randn(1, 8192, device="cuda", dtype=torch.bfloat16)
+    t_perm = harness.time_calls([lambda: kernels.permute_k(x, 128)])
+    print(f"sweep fp4_matmul M=1 N=8192: split-K sum of 4 partials alone {t_sum:.1f} us; "
+          f"x permutation alone {t_perm:.1f} us", flush=True)
+    n = k = 8192
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    sets = [make_weights(n, k, gen) for _ in range(4)]
+    w = torch.empty(n, k, device="cuda", dtype=torch.bfloat16)
+    for bn, bk, warps in [(32, 256, 4), (64, 256, 8), (16, 512, 4)]:
+        def dequantize(packed, scales, bn=bn, bk=bk, warps=warps):
+            kernels._dequantize_kernel[(triton.cdiv(n, bn), triton.cdiv(k, bk))](
+                packed.view(torch.int32), scales, w, n, k, BLOCK_N=bn, BLOCK_K=bk,
+                INTERPRETER=kernels.hw.interpreting(), num_warps=warps)
+        dequantize(*sets[0])
+        if not torch.equal(w.float(), mxfp4.dequantize(*sets[0], torch.float32)):
+            raise AssertionError(f"dequantize kernel bn={bn} bk={bk}: not the exact weights; not timed")
+        t = harness.time_calls([lambda s=s: dequantize(*s) for s in sets])
+        moved = weight_bytes(n, k) + 2 * n * k
+        print(f"sweep fp4_matmul materialize pass N=K=8192 bn={bn} bk={bk} warps={warps}: {t:.1f} us, "
+              f"{moved / t / 1e3:.0f} GB/s ({100 * moved / t / 1e3 / ceilings.copy_gbps:.0f}% copy)", flush=True)
 
 
 if __name__ == "__main__":
