@@ -420,10 +420,11 @@ def test_the_triton_implementations_are_what_runs():
 @pytest.mark.gpu
 @pytest.mark.skipif(DEV != "cuda", reason="torch.compile traces into Triton kernels only on a GPU")
 @pytest.mark.parametrize("t,quant", [(64, False), (1024, False), (4, True)],
-                         ids=["mma", "tma-prefill", "mxfp4-gemv"])
+                         ids=["mma", "prefill", "mxfp4-gemv"])
 def test_torch_compile_traces_the_triton_ops(t, quant):
     """Each expert kernel kind under torch.compile: 16 rows per expert (tensor-core tiles), 256
-    (TMA tensor descriptors on Hopper), 1 with MXFP4 weights (the CUDA-core kernel)."""
+    (a prefill shape: eager would take the TMA kernel on Hopper, the triton_op keeps to pointer
+    tiles, whose descriptors need no concrete sizes), 1 with MXFP4 weights (the CUDA-core kernel)."""
     e, k, d, f = 8, 2, 256, 512
     g = gen(41)
     x = torch.randn(t, d, generator=g).bfloat16().to(DEV)

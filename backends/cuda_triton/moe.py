@@ -625,7 +625,7 @@ def _launch_config(tiles: dict) -> dict:
 
 
 def default_tiles(x: torch.Tensor, s: int, w_up: torch.Tensor, w_down: torch.Tensor, quant: bool,
-                  activation: str) -> Tuple[dict, dict]:
+                  activation: str, allow_tma: bool = True) -> Tuple[dict, dict]:
     """The kernels and tiles :func:`experts` runs by default: :func:`gemm_tiles`, with the kinds
     that these tensors allow. "gemv" loads weight rows as 16-byte vectors and "tma" describes them
     (and the activations) as TMA tiles, which need 16-byte aligned bases and row pitches."""
@@ -633,7 +633,7 @@ def default_tiles(x: torch.Tensor, s: int, w_up: torch.Tensor, w_down: torch.Ten
     # torch's allocator aligns every storage to at least 256 bytes, so only the offset into the
     # storage decides; unlike data_ptr() this also works on the fake tensors of torch.compile.
     aligned = all(w.storage_offset() * w.element_size() % 16 == 0 for w in (w_up, w_down))
-    tma = (aligned and hw.has_tma() and not quant and x.dtype != torch.float32 and activation != "gpt_oss_swiglu"
+    tma = (allow_tma and aligned and hw.has_tma() and not quant and x.dtype != torch.float32 and activation != "gpt_oss_swiglu"
            and d * x.element_size() % 16 == 0 and f * x.element_size() % 16 == 0)
     return gemm_tiles(s, w_up.shape[0], f, d, x.dtype, quant and aligned, tma)
 
@@ -696,10 +696,11 @@ def experts(x: torch.Tensor, sorted_assignments: torch.Tensor, expert_offsets: t
             w_down_scales: Optional[torch.Tensor] = None, b_up: Optional[torch.Tensor] = None,
             b_down: Optional[torch.Tensor] = None, top_k: int = 1, activation: str = "swiglu",
             alpha: float = 1.702, limit: float = 7.0, *, launch=_plain,
-            tiles: Optional[Tuple[dict, dict]] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+            tiles: Optional[Tuple[dict, dict]] = None, out: Optional[torch.Tensor] = None,
+            allow_tma: bool = True) -> torch.Tensor:
     """``moe_experts`` on the GPU. ``tiles`` overrides :func:`default_tiles` (tuning sweeps, tests):
     an (up, down) pair of tile configurations of hw.py's form; ``out`` is a contiguous [S, d]
-    output to write (every row is written)."""
+    output to write (every row is written); ``allow_tma=False`` keeps to the pointer kernels."""
     s, d = sorted_assignments.shape[0], x.shape[1]
     quant = w_up_scales is not None
     f = w_down.shape[2] * (2 if quant else 1)
@@ -708,7 +709,7 @@ def experts(x: torch.Tensor, sorted_assignments: torch.Tensor, expert_offsets: t
         return y
     x = x if x.stride(1) == 1 else x.contiguous()
     sorted_assignments, expert_offsets, b_up, b_down = map(_dense, (sorted_assignments, expert_offsets, b_up, b_down))
-    tiles = tiles or default_tiles(x, s, w_up, w_down, quant, activation)
+    tiles = tiles or default_tiles(x, s, w_up, w_down, quant, activation, allow_tma)
     # The gemv kernel reads its input rows in float32: the activations stay unrounded for it.
     act = x.new_empty((s, f), dtype=torch.float32 if tiles[1]["KIND"] == "gemv" else x.dtype)
     with hw.device_guard(x):
@@ -827,8 +828,11 @@ def moe_experts_op(x: torch.Tensor, sorted_assignments: torch.Tensor, expert_off
                    w_down_scales: Optional[torch.Tensor] = None, b_up: Optional[torch.Tensor] = None,
                    b_down: Optional[torch.Tensor] = None, top_k: int = 1, activation: str = "swiglu",
                    alpha: float = 1.702, limit: float = 7.0) -> torch.Tensor:
+    # No TMA kind here: a host-side TensorDescriptor needs concrete sizes, and Inductor traces
+    # this body with symbolic ones ("Cannot call numel() on tensor with symbolic sizes", torch
+    # 2.11 / Triton 3.6 on an H100). Compiled prefill runs the tensor-core pointer kernel instead.
     return experts(x, sorted_assignments, expert_offsets, w_up, w_down, w_up_scales, w_down_scales,
-                   b_up, b_down, top_k, activation, alpha, limit, launch=_wrap)
+                   b_up, b_down, top_k, activation, alpha, limit, launch=_wrap, allow_tma=False)
 
 
 @torch.library.triton_op("apt_hal_triton::moe_combine", mutates_args=())
