@@ -8,7 +8,7 @@
 See README.md for the guide and each module of apt_hal.contracts for an op's spec.
 """
 
-from apt_hal import mxfp4, nn, ops, rope
+from apt_hal import graphs, mxfp4, nn, ops, rope
 from apt_hal.contract import set_checks
 from apt_hal.device import (
     device_count,
@@ -38,5 +38,5 @@ __all__ = [
     "AptHalError", "Backend", "BackendUnavailableError", "ContractError", "CorruptBlockError",
     "OpNotImplementedError", "PagedStoreFullError", "PluginError", "Probe", "UnknownBackendError", "device_count",
     "device_type", "empty_cache", "explain", "get_device", "impl", "max_memory_allocated",
-    "memory_allocated", "mxfp4", "nn", "ops", "register_impl", "rope", "set_checks", "synchronize", "use",
+    "graphs", "memory_allocated", "mxfp4", "nn", "ops", "register_impl", "rope", "set_checks", "synchronize", "use",
 ]

@@ -40,13 +40,19 @@ def tracing() -> bool:
     return torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
 
 
+# True while apt_hal.graphs captures a device graph: nothing may read tensor values then.
+capturing_graph: contextvars.ContextVar = contextvars.ContextVar("apt_hal_capturing_graph", default=False)
+
+
 def value_checks_enabled() -> bool:
     """Whether checks that read tensor *values* (NaN, index ranges) may run now.
 
-    They never run while tracing or inside the reference's recomputation for a gradient (the
-    forward pass checked those values already); references run them otherwise.
+    They never run while tracing, while a device graph is captured (a replay reads no values on
+    the host; the eager first call of the same step checked them), or inside the reference's
+    recomputation for a gradient (the forward pass checked those values already); references run
+    them otherwise.
     """
-    return not (tracing() or _in_reference_vjp.get())
+    return not (tracing() or capturing_graph.get() or _in_reference_vjp.get())
 
 
 CHECK_LEVELS = ("none", "metadata", "values")

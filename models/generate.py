@@ -6,6 +6,11 @@ step reads a sequence's past with ``apt_hal.ops.paged_gather`` (by block table).
 different lengths run as one batch: each sequence owns its blocks, so no sequence is padded
 inside the cache.
 
+Decode steps have fixed shapes (one token per sequence; the block table and the gathered past
+span each sequence's whole capacity, the mask hides what is not written yet), so from the second
+step on they replay as one device graph (:class:`apt_hal.graphs.StepGraph`) where the device has
+graph capture; ``GenerationConfig(graphs=False)`` runs them eagerly.
+
 Sampling follows Hugging Face's order: repetition penalty, temperature, top-k, top-p, then a draw
 from the distribution (``torch.multinomial``, seeded by ``seed``), or the argmax with ``greedy``.
 """
@@ -20,6 +25,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+import apt_hal.graphs
 from apt_hal.contracts.paged_tensor import PagedTensor
 from apt_hal.models.config import ModelConfig
 from apt_hal.models.layers import KVStep
@@ -38,6 +44,7 @@ class GenerationConfig:
     stop_tokens: Sequence[int] = ()
     seed: Optional[int] = None
     greedy: bool = False
+    graphs: bool = True  # replay decode steps as a device graph where the device has one (apt_hal.graphs)
 
     def __post_init__(self):
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -96,7 +103,8 @@ class PagedKVCache:
         if valid is not None:
             slots = slots.masked_fill(~valid, -1)
             reach = reach.masked_fill(~valid, 0)
-        self.lengths = torch.maximum(self.lengths, reach.amax(1))
+        # In place: a decode step replayed as a device graph reads and advances this same tensor.
+        self.lengths.copy_(torch.maximum(self.lengths, reach.amax(1)))
         fresh, self._fresh = self._fresh, False
         return KVStep(self.store.pool, slots.reshape(-1), self.block_table, positions, self.lengths, fresh)
 
@@ -211,6 +219,11 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]],
         new: list[list[int]] = [[] for _ in range(batch)]
         done = [False] * batch
         rows = torch.arange(batch, device=device)
+
+        def decode(tokens):  # one new token per sequence: fixed shapes, so one graph serves every step
+            positions = cache.lengths[:, None].clone()  # step() advances the lengths in place
+            return forward(tokens, None, cache.step(positions), None)
+        decode_step = apt_hal.graphs.StepGraph(decode, enabled=config.graphs)
         for _ in range(config.max_new_tokens):
             if config.greedy:
                 tokens = penalize_repetition(logits.float(), seen, config.repetition_penalty).argmax(-1)
@@ -227,7 +240,7 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]],
             if all(done):
                 break
             seen[rows, tokens] = True
-            logits = forward(tokens[:, None], None, cache.step(cache.lengths[:, None]), None)
+            logits = decode_step(tokens[:, None])
     finally:
         cache.close()
     return new
