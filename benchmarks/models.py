@@ -87,15 +87,18 @@ def _check_logits(ours, theirs, exact_model, cfg, device) -> str:
     """Both bf16 models against transformers in float32 holding the same weights (an oracle that
     shares no kernel with apt_hal): ours must be at least as close to it as transformers' own bf16
     model (within 25%). Comparing two bf16 models directly cannot tell a bug from rounding that
-    compounds over 16+ layers (and, for MoE, from bf16 router near-ties)."""
+    compounds over 16+ layers. The error is the mean over 8 x 64 positions of each position's
+    largest |logit error|: with random routers, bf16 rounding flips near-tied expert choices, so
+    one short batch is noisy (on an H100, one 2 x 64 batch gave transformers' own bf16 model
+    anywhere from 0.04 to 0.11 median error, and the same for ours, depending on the prompts)."""
     torch.manual_seed(1)
-    ids = torch.randint(0, cfg.vocab_size, (2, 64), device=device)
+    ids = torch.randint(0, cfg.vocab_size, (8, 64), device=device)
     with torch.inference_mode():
         exact = exact_model(ids).logits.float()
-        ours_err = (ours(ids).logits.float() - exact).abs().amax(-1).median().item()
-        theirs_err = (theirs(ids).logits.float() - exact).abs().amax(-1).median().item()
+        ours_err = (ours(ids).logits.float() - exact).abs().amax(-1).mean().item()
+        theirs_err = (theirs(ids).logits.float() - exact).abs().amax(-1).mean().item()
     scale = exact.abs().amax().item()
-    verdict = (f"median per-position max |logit error| vs transformers float32: apt {ours_err:.3g}, "
+    verdict = (f"mean per-position max |logit error| vs transformers float32: apt {ours_err:.3g}, "
                f"transformers bf16 {theirs_err:.3g} (logit scale {scale:.3g})")
     if not ours_err <= 1.25 * theirs_err + 1e-4 * scale:
         raise SystemExit(f"logits disagree: {verdict}; not timing models that compute different things")
