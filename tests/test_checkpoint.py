@@ -201,10 +201,12 @@ def test_sigkill_at_random_moments_always_leaves_a_verified_loadable_latest_chec
     """One process per trial: it resumes where the last one was killed, as a preempted job would,
     saves after every step, and is killed with SIGKILL a random 0-100 ms after its first new
     checkpoint appears, so the kills land anywhere in the save / train cycle. Processes are forked
-    from this one, which has torch imported already: a trial costs milliseconds of start-up."""
+    from this one, which has torch imported already: a trial costs milliseconds of start-up. A
+    forked child cannot use CUDA once this process has initialised it (earlier tests on a GPU
+    machine); then they start from a fork server, which initialised nothing."""
     rng = random.Random(0)
     tokens = torch.randint(0, VOCAB, (2000,), generator=torch.Generator().manual_seed(0))
-    fork = multiprocessing.get_context("fork")
+    fork = multiprocessing.get_context("forkserver" if torch.cuda.is_initialized() else "fork")
     latest_step, interrupted_saves = 0, 0
     for trial in range(TRIALS):
         child = fork.Process(target=_train_until_killed, args=(str(tmp_path), tokens))

@@ -56,6 +56,18 @@ CASES = {
 }
 
 
+def configured(model):
+    """``model`` computing the function its config describes. transformers up to 5.17 (the GPU
+    image's) hard-code gpt-oss's swiglu alpha 1.702 and limit 7.0 on the experts module and ignore
+    ``config.swiglu_limit``; later versions read the config. Setting the module's attributes from
+    the config makes either version compute the configured function (real checkpoints: 1.702, 7.0)."""
+    if isinstance(model, GptOssForCausalLM):
+        for layer in model.model.layers:
+            layer.mlp.experts.alpha = getattr(model.config, "swiglu_alpha", 1.702)
+            layer.mlp.experts.limit = model.config.swiglu_limit
+    return model
+
+
 def hf_checkpoint(name, tmp_path, seed=0):
     """A random transformers model of CASES[name], saved to tmp_path; returns (model, folder)."""
     cls, config, save_kwargs = CASES[name]
@@ -66,7 +78,7 @@ def hf_checkpoint(name, tmp_path, seed=0):
             torch.nn.init.normal_(layer.self_attn.sinks, std=1.0)
     folder = tmp_path / name
     model.save_pretrained(folder, **save_kwargs)
-    return model, folder
+    return configured(model), folder
 
 
 def token_ids(seed=1, shape=(2, 24)):
@@ -97,7 +109,7 @@ def test_logits_match_transformers_in_bfloat16(name, tmp_path):
     ids = token_ids()
     with torch.no_grad():
         reference = hf(ids).logits
-        theirs = type(hf).from_pretrained(folder, dtype=torch.bfloat16).eval()(ids).logits.float()
+        theirs = configured(type(hf).from_pretrained(folder, dtype=torch.bfloat16)).eval()(ids).logits.float()
         ours_model = load_pretrained(folder, dtype=torch.bfloat16)
         assert ours_model.embed.weight.dtype == torch.bfloat16
         ours = ours_model(ids).logits.float()
@@ -149,7 +161,11 @@ def test_gpt_oss_mxfp4_experts_save_as_blocks_and_scales_that_transformers_reads
     assert blocks.dtype == scales.dtype == torch.uint8
     assert tuple(blocks.shape) == (4, 128, 2, 16) and tuple(scales.shape) == (4, 128, 2)  # [E, 2F, d/32, 16]
     assert "model.layers.0.mlp.experts.gate_up_proj" not in files
-    theirs = GptOssForCausalLM.from_pretrained(tmp_path / "mxfp4", quantization_config=Mxfp4Config(dequantize=True))
+    theirs = configured(GptOssForCausalLM.from_pretrained(tmp_path / "mxfp4",
+                                                          quantization_config=Mxfp4Config(dequantize=True)))
+    # transformers 5.17 dequantizes the experts to bfloat16 (exact: every MXFP4 value is a bf16
+    # value) and then computes them in bf16; in float32 it computes the function ours does.
+    theirs = theirs.float()
     ids = token_ids()
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, theirs.eval()(ids).logits, rtol=1e-4, atol=1e-4)

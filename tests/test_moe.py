@@ -244,6 +244,8 @@ def test_equals_transformers_gpt_oss_mlp():
     mlp = _hf_block(GptOssMLP(config), seed=9)
     x = torch.randn(2, 6, 32, generator=gen(10))
     experts = mlp.experts
+    # transformers up to 5.17 hard-code alpha 1.702 and limit 7.0 here, ignoring the config.
+    experts.alpha, experts.limit = config.swiglu_alpha, config.swiglu_limit
     with torch.no_grad():
         expected, scores = mlp(x)
         logits = F.linear(x, mlp.router.weight, mlp.router.bias)
