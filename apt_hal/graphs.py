@@ -68,6 +68,22 @@ def graphs_enabled() -> bool:
     return os.environ.get("APT_HAL_GRAPHS", "1").strip().lower() not in ("0", "false", "off", "no")
 
 
+def _release_generators(device: torch.device) -> None:
+    """Give the device's default random generator a state that is not marked as capturing.
+
+    Capture registers the generator; a capture that fails never reaches the step that unregisters
+    it, and every later random op on the device then fails with "Offset increment outside graph
+    capture" (seen with torch 2.11 on an H100). A clone of the state (same seed and offset, not
+    capturing) put back with ``graphsafe_set_state`` repairs it, so the random stream continues.
+    """
+    try:
+        module = torch.get_device_module(device.type)
+        generator = module.default_generators[device.index if device.index is not None else module.current_device()]
+        generator.graphsafe_set_state(generator.clone_state())
+    except (AttributeError, RuntimeError, IndexError):
+        pass  # a device without graph-safe generator states: nothing was registered
+
+
 class _Captured:
     """One input signature's graph, its static inputs and its static outputs."""
 
@@ -132,6 +148,7 @@ class StepGraph:
             with capture(graph, pool=self._pool):
                 outputs = self.fn(*inputs)
         except Exception as exc:  # noqa: BLE001 - any capture failure: fall back, say why
+            _release_generators(args[0].device)
             self.mode = f"eager: capture failed ({type(exc).__name__}: {exc})"
             warnings.warn(f"apt_hal.graphs.StepGraph: {self.mode}; running this step eagerly", RuntimeWarning,
                           stacklevel=3)

@@ -78,6 +78,23 @@ def test_a_captured_step_replays_with_new_inputs_and_in_place_state():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not GPU, reason="graph capture needs a CUDA GPU")
+def test_a_step_that_syncs_falls_back_and_leaves_the_random_generator_usable():
+    def step(x):
+        return x + 1 if x.sum().item() > 0 else x  # .item() is a host sync: capture must fail
+
+    graphed = StepGraph(step)
+    x = torch.ones(4, device="cuda")
+    graphed(x)
+    with pytest.warns(RuntimeWarning, match="capture failed"):
+        assert torch.equal(graphed(x), x + 1)
+    assert graphed.mode.startswith("eager: capture failed")
+    # Without the repair every random op on the device now fails ("Offset increment outside graph capture").
+    assert torch.multinomial(torch.ones(2, 5, device="cuda"), 1).shape == (2, 1)
+    assert torch.rand(3, device="cuda").shape == (3,)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not GPU, reason="graph capture needs a CUDA GPU")
 @pytest.mark.parametrize("family", ["dense", "moe", "oss", "seq2seq"])
 def test_generation_with_graphs_equals_generation_without(family):
     torch.manual_seed(0)
