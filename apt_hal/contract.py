@@ -158,7 +158,7 @@ class Op:
     def _run(self, args: tuple):
         if _check_level != "none":
             self.check(*args)
-            if _check_level == "values" and self.check_values is not None:
+            if _check_level == "values" and self.check_values is not None and value_checks_enabled():
                 self.check_values(*args)
         return registry.select(self, self._device_type(args), args)(*args)
 

@@ -66,38 +66,32 @@ def synchronize(device: DeviceLike = None) -> None:
         _module(d.type).synchronize(d)
 
 
+def _memory_function(dev_type: str, name: str):
+    """``torch.accelerator.<name>`` for the current accelerator where torch has it, else the
+    device module's own (``torch.cuda.<name>``, ``torch.npu.<name>``, ...)."""
+    accel = getattr(torch, "accelerator", None)
+    if accel is not None and hasattr(accel, name) and _is_current_accelerator(dev_type):
+        return getattr(accel, name)
+    return getattr(_module(dev_type), name)
+
+
 def memory_allocated(device: DeviceLike = None) -> int:
     """Bytes held by live tensors on ``device``. CPU tensors are not tracked by torch: returns 0."""
     d = _resolve(device)
-    if d.type == "cpu":
-        return 0
-    accel = getattr(torch, "accelerator", None)
-    if accel is not None and hasattr(accel, "memory_allocated") and _is_current_accelerator(d.type):
-        return accel.memory_allocated(d)
-    return _module(d.type).memory_allocated(d)
+    return 0 if d.type == "cpu" else _memory_function(d.type, "memory_allocated")(d)
 
 
 def max_memory_allocated(device: DeviceLike = None) -> int:
     """Peak of :func:`memory_allocated` since start or the last reset (0 on CPU)."""
     d = _resolve(device)
-    if d.type == "cpu":
-        return 0
-    accel = getattr(torch, "accelerator", None)
-    if accel is not None and hasattr(accel, "max_memory_allocated") and _is_current_accelerator(d.type):
-        return accel.max_memory_allocated(d)
-    return _module(d.type).max_memory_allocated(d)
+    return 0 if d.type == "cpu" else _memory_function(d.type, "max_memory_allocated")(d)
 
 
 def empty_cache() -> None:
     """Return cached, unused device memory to the driver (a no-op on CPU)."""
     dev = device_type()
-    if dev == "cpu":
-        return
-    accel = getattr(torch, "accelerator", None)
-    if accel is not None and hasattr(accel, "empty_cache") and _is_current_accelerator(dev):
-        accel.empty_cache()
-    else:
-        _module(dev).empty_cache()
+    if dev != "cpu":
+        _memory_function(dev, "empty_cache")()
 
 
 def supports_bf16(device: DeviceLike = None) -> bool:

@@ -423,8 +423,8 @@ def test_the_triton_implementations_are_what_runs():
                          ids=["mma", "prefill", "mxfp4-gemv"])
 def test_torch_compile_traces_the_triton_ops(t, quant):
     """Each expert kernel kind under torch.compile: 16 rows per expert (tensor-core tiles), 256
-    (a prefill shape: eager would take the TMA kernel on Hopper, the triton_op keeps to pointer
-    tiles, whose descriptors need no concrete sizes), 1 with MXFP4 weights (the CUDA-core kernel)."""
+    (a prefill shape: eager takes the TMA kernel on Hopper; the triton_op keeps to pointer tiles,
+    since a host tensor descriptor needs concrete sizes), 1 with MXFP4 weights (the CUDA-core kernel)."""
     e, k, d, f = 8, 2, 256, 512
     g = gen(41)
     x = torch.randn(t, d, generator=g).bfloat16().to(DEV)

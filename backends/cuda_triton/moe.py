@@ -351,6 +351,25 @@ def _zero_dropped_rows(spare, offsets_ptr, y_ptr, S, N, E, n_tiles,
 
 
 @triton.jit
+def _expert_weights(w, w_scales_ptr, e, rows_per_expert, K: tl.constexpr, QUANT: tl.constexpr):
+    """Base pointers of expert ``e``'s [rows_per_expert, K] weight and its scales (MXFP4: K/2
+    bytes and K/32 scales a row; otherwise no scales, and the weight pointer stands in)."""
+    if QUANT:
+        return w + e * rows_per_expert * (K // 2), w_scales_ptr + e * rows_per_expert * (K // 32)
+    w_e = w + e * rows_per_expert * K
+    return w_e, w_e
+
+
+@triton.jit
+def _load_columns(row_ptrs, k0, K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Columns k0..k0+BLOCK_K of the rows ``row_ptrs`` ([BLOCK_M, 1] pointers), zeros past K."""
+    kk = k0 + tl.arange(0, BLOCK_K)
+    if K % BLOCK_K == 0:
+        return tl.load(row_ptrs + kk[None, :])
+    return tl.load(row_ptrs + kk[None, :], mask=(kk < K)[None, :], other=0.0)
+
+
+@triton.jit
 def _moe_up_kernel(x, assign_ptr, offsets_ptr, w, w_scales_ptr, b_ptr, act_ptr,
                    F, top_k, stride_x, alpha, limit, E, K: tl.constexpr,
                    ACTIVATION: tl.constexpr, QUANT: tl.constexpr, HAS_BIAS: tl.constexpr, TMA: tl.constexpr,
@@ -383,23 +402,13 @@ def _moe_up_kernel(x, assign_ptr, offsets_ptr, w, w_scales_ptr, b_ptr, act_ptr,
             if ACTIVATION != _GELU:
                 up = _dot(a, w.load([gate_row + F, k0]).T, up, DOT_PRECISION, INTERPRETER)
     else:
-        EVEN_K: tl.constexpr = K % BLOCK_K == 0
         DTYPE: tl.constexpr = x.dtype.element_ty
         # Rows past the expert's end repeat its last row (no masked loads) and are not stored.
         tokens = tl.load(assign_ptr + tl.minimum(rows, row_end - 1)).to(tl.int64) // top_k
         x_rows = x + tokens[:, None] * stride_x
-        if QUANT:
-            w_e = w + e * U * (K // 2)
-            s_e = w_scales_ptr + e * U * (K // 32)
-        else:
-            w_e = w + e * U * K
-            s_e = w_e  # no scales
-        kk = tl.arange(0, BLOCK_K)
+        w_e, s_e = _expert_weights(w, w_scales_ptr, e, U, K, QUANT)
         for k0 in range(0, K, BLOCK_K):
-            if EVEN_K:
-                a = tl.load(x_rows + (k0 + kk)[None, :])
-            else:
-                a = tl.load(x_rows + (k0 + kk)[None, :], mask=(k0 + kk < K)[None, :], other=0.0)
+            a = _load_columns(x_rows, k0, K, BLOCK_K)
             gate = _dot(a, _weight_tile(w_e, s_e, gate_rows, k0, K, DTYPE, QUANT, BLOCK_N, BLOCK_K, INTERPRETER),
                         gate, DOT_PRECISION, INTERPRETER)
             if ACTIVATION != _GELU:
@@ -433,22 +442,12 @@ def _moe_down_kernel(act, offsets_ptr, w, w_scales_ptr, b_ptr, y_ptr, S, N, E, K
         for k0 in range(0, K, BLOCK_K):
             acc = _dot(act.load([a_row, k0]), w.load([w_row, k0]).T, acc, DOT_PRECISION, INTERPRETER)
     else:
-        EVEN_K: tl.constexpr = K % BLOCK_K == 0
         DTYPE: tl.constexpr = y_ptr.dtype.element_ty
         # Rows past the expert's end repeat its last row (no masked loads) and are not stored.
         a_rows = act + tl.minimum(rows, row_end - 1)[:, None] * K
-        if QUANT:
-            w_e = w + e * N * (K // 2)
-            s_e = w_scales_ptr + e * N * (K // 32)
-        else:
-            w_e = w + e * N * K
-            s_e = w_e  # no scales
-        kk = tl.arange(0, BLOCK_K)
+        w_e, s_e = _expert_weights(w, w_scales_ptr, e, N, K, QUANT)
         for k0 in range(0, K, BLOCK_K):
-            if EVEN_K:
-                a = tl.load(a_rows + (k0 + kk)[None, :])
-            else:
-                a = tl.load(a_rows + (k0 + kk)[None, :], mask=(k0 + kk < K)[None, :], other=0.0)
+            a = _load_columns(a_rows, k0, K, BLOCK_K)
             acc = _dot(a, _weight_tile(w_e, s_e, w_rows, k0, K, DTYPE, QUANT, BLOCK_N, BLOCK_K, INTERPRETER),
                        acc, DOT_PRECISION, INTERPRETER)
     _store_y(acc, y_ptr, b_ptr, e, N, w_rows, rows, row_end, cols, HAS_BIAS)
@@ -532,8 +531,7 @@ def _moe_up_gemv_kernel(xs_ptr, offsets_ptr, w_ptr, w_scales_ptr, b_ptr, act_ptr
     x_rows = tl.minimum(rows, row_end - 1) * K  # rows past the expert's end: its last row, not stored
     cols = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
     gate_rows, up_rows, U = _gated_rows(tl.minimum(cols, F - 1).to(tl.int64), F, ACTIVATION)
-    w_e = w_ptr + e * U * (K // 2)
-    s_e = w_scales_ptr + e * U * (K // 32)
+    w_e, s_e = _expert_weights(w_ptr, w_scales_ptr, e, U, K, True)
     if ACTIVATION == _GELU:
         gate = tl.trans(_mxfp4_gemv(w_e, s_e, gate_rows, xs_ptr, x_rows, K, BLOCK_M, BLOCK_K, INTERPRETER))
         up = gate
@@ -559,8 +557,9 @@ def _moe_down_gemv_kernel(act_ptr, offsets_ptr, w_ptr, w_scales_ptr, b_ptr, y_pt
     rows = row0 + tl.arange(0, BLOCK_M)
     cols = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
     w_rows = tl.minimum(cols, N - 1).to(tl.int64)
-    acc = _mxfp4_gemv(w_ptr + e * N * (K // 2), w_scales_ptr + e * N * (K // 32), w_rows,
-                      act_ptr, tl.minimum(rows, row_end - 1) * K, K, BLOCK_M, BLOCK_K, INTERPRETER)
+    w_e, s_e = _expert_weights(w_ptr, w_scales_ptr, e, N, K, True)
+    acc = _mxfp4_gemv(w_e, s_e, w_rows, act_ptr, tl.minimum(rows, row_end - 1) * K, K, BLOCK_M, BLOCK_K,
+                      INTERPRETER)
     _store_y(tl.trans(acc), y_ptr, b_ptr, e, N, w_rows, rows, row_end, cols, HAS_BIAS)
 
 
@@ -633,8 +632,8 @@ def default_tiles(x: torch.Tensor, s: int, w_up: torch.Tensor, w_down: torch.Ten
     # torch's allocator aligns every storage to at least 256 bytes, so only the offset into the
     # storage decides; unlike data_ptr() this also works on the fake tensors of torch.compile.
     aligned = all(w.storage_offset() * w.element_size() % 16 == 0 for w in (w_up, w_down))
-    tma = (allow_tma and aligned and hw.has_tma() and not quant and x.dtype != torch.float32 and activation != "gpt_oss_swiglu"
-           and d * x.element_size() % 16 == 0 and f * x.element_size() % 16 == 0)
+    tma = (allow_tma and aligned and hw.has_tma() and not quant and x.dtype != torch.float32
+           and activation != "gpt_oss_swiglu" and d * x.element_size() % 16 == 0 and f * x.element_size() % 16 == 0)
     return gemm_tiles(s, w_up.shape[0], f, d, x.dtype, quant and aligned, tma)
 
 
