@@ -7,8 +7,9 @@ milliseconds. A device graph records those launches once and replays them with o
 torch and its device plug-ins follow: ``torch.<type>.<TYPE>Graph`` with the ``torch.<type>.graph``
 capture context. That is CUDA graphs on NVIDIA (``torch.cuda.CUDAGraph``), HIP graphs on ROCm
 (same module), XPU graphs (``torch.xpu.XPUGraph``) and NPU graphs (torch_npu's
-``torch.npu.NPUGraph``). A device without one (the CPU; Gaudi, whose HPU graphs are a different
-API) runs the step eagerly: same results, no speed-up; :attr:`StepGraph.mode` says which.
+``torch.npu.NPUGraph``); of these only CUDA graphs have been run (on an H100). A device without
+one (the CPU; Gaudi, whose HPU graphs are a different API) runs the step eagerly: same results,
+no speed-up; :attr:`StepGraph.mode` says which.
 
     step = apt_hal.graphs.StepGraph(decode_step)   # decode_step(tokens) -> logits
     logits = step(tokens)                          # 1st call per input signature: eager (warm-up)
