@@ -33,5 +33,5 @@ class CorruptBlockError(AptHalError, IOError):
 
 
 class PagedStoreFullError(AptHalError, MemoryError):
-    """A :class:`~apt_hal.contracts.paged_tensor.PagedTensor` has no room: every tier is full, or
+    """A :class:`~apt_hal.paged_store.PagedTensor` has no room: every tier is full, or
     too many blocks are pinned."""

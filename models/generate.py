@@ -1,6 +1,6 @@
 """Generation: greedy or sampled decoding with a paged KV cache.
 
-The KV cache lives in one :class:`apt_hal.contracts.paged_tensor.PagedTensor` store; each forward
+The KV cache lives in one :class:`apt_hal.paged_store.PagedTensor` store; each forward
 pass writes its keys and values with ``apt_hal.ops.paged_write`` (by slot mapping) and a decode
 step reads a sequence's past with ``apt_hal.ops.paged_gather`` (by block table). Prompts of
 different lengths run as one batch: each sequence owns its blocks, so no sequence is padded
@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 import apt_hal.graphs
-from apt_hal.contracts.paged_tensor import PagedTensor
+from apt_hal.paged_store import PagedTensor
 from apt_hal.models.config import ModelConfig
 from apt_hal.models.layers import KVStep
 

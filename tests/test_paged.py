@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from apt_hal import ops
-from apt_hal.contracts.paged_tensor import PagedStoreFullError, PagedTensor
+from apt_hal.errors import PagedStoreFullError
+from apt_hal.paged_store import PagedTensor
 from apt_hal.errors import ContractError, CorruptBlockError
 
 

@@ -1,0 +1,519 @@
+"""PagedTensor: a tiered store of fixed-shape blocks (device, pinned host, disk) for the paged ops.
+
+:class:`PagedTensor` keeps fixed-shape blocks behind stable logical ids on up to three tiers:
+device memory (``store.pool``, the pool the ops take), host memory (pinned when the device is an
+accelerator, so copies can be asynchronous) and a ``numpy.memmap`` file on disk. Its promise:
+nothing is lost. A block moved to any tier and back has the same bytes, and the disk tier stores a
+CRC-32 with every block it writes and raises :class:`~apt_hal.errors.CorruptBlockError` when a
+read does not match.
+
+* ``allocate(n)`` takes ids from a free list; a new block is all zeros, on the fastest tier with a
+  free slot (allocating moves no other block). ``free(ids)`` gives them back.
+* ``device_slots(ids)`` brings blocks to the device and returns their slots: the block table for
+  ``paged_write`` / ``paged_gather`` on ``store.pool`` (or a view of it). Room is made by evicting
+  the least recently used unpinned blocks: to the host, whose own least recently used blocks go to
+  disk first when it is full. ``pin(ids)`` brings blocks to the device and keeps them there until
+  ``unpin``; ``evict(ids, tier)`` moves blocks down explicitly.
+* ``prefetch(ids)`` starts bringing blocks to the device and returns at once: disk reads run in a
+  background thread, host-to-device copies on a side stream. Any later access to those blocks
+  waits for them; ``handle.wait()`` waits explicitly and raises a failed read's error.
+* Every move between tiers goes through ``paged_copy_blocks`` (so a backend can accelerate it) or,
+  for the disk, through the store's own file I/O.
+
+Why CRC-32 (``zlib.crc32``) rather than a cryptographic hash such as BLAKE2b: the threat is
+accidental corruption, not an adversary. CRC-32 detects every error burst of up to 32 bits (so any
+flipped byte) with certainty and other damage with probability 1 - 2**-32, and it is faster.
+
+Thread safety: a store is not thread-safe; call it from one thread at a time. Its own background
+prefetch is synchronised internally: the worker changes no bookkeeping, it only reads file records
+and writes device slots reserved for it, and every method waits for the prefetches of the blocks
+it touches (a method that must evict first waits for all of them).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextvars
+import dataclasses
+import itertools
+import math
+import zlib
+from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Optional, Union
+
+import numpy as np
+import torch
+
+from apt_hal import checks
+from apt_hal.contracts.paged_tensor import paged_copy_blocks
+from apt_hal.device import synchronize
+from apt_hal.errors import CorruptBlockError, PagedStoreFullError
+
+_STORE = "PagedTensor"
+
+
+@dataclasses.dataclass(eq=False)
+class _Tier:
+    name: str
+    pool: Optional[torch.Tensor]  # [capacity, *block_shape]; None for the disk tier
+    capacity: int
+    free: list[int] = dataclasses.field(init=False)  # free slots (those of transfers in flight are in neither list)
+    blocks: collections.OrderedDict = dataclasses.field(default_factory=collections.OrderedDict)
+    # ^ block id -> slot, least recently used first
+
+    def __post_init__(self):
+        self.free = list(range(self.capacity))[::-1]  # pop() hands out slot 0 first
+
+
+@dataclasses.dataclass(eq=False)
+class _Transfer:
+    """Blocks on their way to the device. Their source slots stay reserved until it settles."""
+
+    ids: list[int]
+    source: _Tier
+    source_slots: list[int]
+    future: Future  # result: (event marking the copy's end or None, staging kept alive until then)
+    settled: bool = False
+    error: Optional[BaseException] = None
+
+    def arrived(self) -> bool:
+        if self.settled:
+            return True
+        if not self.future.done():
+            return False
+        if self.future.exception() is not None:
+            return True
+        event = self.future.result()[0]
+        return event is None or event.query()
+
+
+class PrefetchHandle:
+    """What :meth:`PagedTensor.prefetch` returns: ``done()`` polls, ``wait()`` blocks."""
+
+    def __init__(self, store: "PagedTensor", transfers: list[_Transfer]):
+        self._store, self._transfers = store, transfers
+
+    def done(self) -> bool:
+        """Whether every block has arrived (``wait()`` would not block)."""
+        return all(t.arrived() for t in self._transfers)
+
+    def wait(self) -> None:
+        """Block until the blocks are on the device; re-raise the error of a failed read."""
+        self._store._settle(self._transfers)
+        for t in self._transfers:
+            if t.error is not None:
+                raise t.error
+
+
+class PagedTensor:
+    """A pool of fixed-shape blocks on device, host and disk tiers; see the module docstring."""
+
+    def __init__(self, block_shape: Iterable[int], dtype: torch.dtype, device: Union[str, torch.device],
+                 num_device_blocks: int, num_host_blocks: int = 0, disk_path: Optional[str] = None,
+                 num_disk_blocks: int = 0):
+        block_shape = tuple(block_shape)
+        if not block_shape or not all(isinstance(d, int) and d > 0 for d in block_shape):
+            checks.fail(_STORE, f"argument 'block_shape' must be a non-empty tuple of positive ints, got {block_shape}")
+        if not isinstance(dtype, torch.dtype):
+            checks.fail(_STORE, f"argument 'dtype' must be a torch.dtype, got {dtype!r}")
+        for name, n, low in (("num_device_blocks", num_device_blocks, 1), ("num_host_blocks", num_host_blocks, 0),
+                             ("num_disk_blocks", num_disk_blocks, 0)):
+            if not isinstance(n, int) or n < low:
+                checks.fail(_STORE, f"argument '{name}' must be an int >= {low}, got {n!r}")
+        if (disk_path is None) != (num_disk_blocks == 0):
+            checks.fail(_STORE, "arguments 'disk_path' and 'num_disk_blocks' go together: give both or neither, "
+                                f"got disk_path={disk_path!r}, num_disk_blocks={num_disk_blocks}")
+        self.block_shape, self.dtype, self.disk_path = block_shape, dtype, disk_path
+        self.pool = torch.empty((num_device_blocks, *block_shape), dtype=dtype, device=device)
+        self.device = self.pool.device
+        accelerator = self.device.type != "cpu"
+        self._device_tier = _Tier("device", self.pool, num_device_blocks)
+        self._tiers = [self._device_tier]
+        if num_host_blocks:
+            host_pool = torch.empty((num_host_blocks, *block_shape), dtype=dtype, pin_memory=accelerator)
+            self._tiers.append(_Tier("host", host_pool, num_host_blocks))
+        self._records = None
+        if num_disk_blocks:
+            nbytes = math.prod(block_shape) * dtype.itemsize
+            record = np.dtype([("crc", "<u4"), ("data", np.uint8, (nbytes,))])
+            self._records = np.memmap(disk_path, dtype=record, mode="w+", shape=(num_disk_blocks,))
+            self._tiers.append(_Tier("disk", None, num_disk_blocks))
+        self._free_ids = list(range(sum(t.capacity for t in self._tiers)))[::-1]
+        self._where: dict[int, _Tier] = {}  # allocated block id -> its tier
+        self._pins: collections.Counter = collections.Counter()
+        self._pending: dict[int, _Transfer] = {}  # block id -> its prefetch in flight
+        self._moved: collections.Counter = collections.Counter()  # (from, to) -> blocks moved
+        self._worker: Optional[ThreadPoolExecutor] = None
+        self._stream = None
+        if accelerator:
+            try:
+                self._stream = torch.Stream(device=self.device)
+            except RuntimeError:  # a device without streams: host-to-device prefetch copies synchronously
+                pass
+
+    # ---- public API -----------------------------------------------------------------------
+
+    def allocate(self, n: int) -> list[int]:
+        """``n`` new block ids; each block is all zeros, on the fastest tier with a free slot."""
+        if not isinstance(n, int) or n < 0:
+            checks.fail(f"{_STORE}.allocate", f"argument 'n' must be an int >= 0, got {n!r}")
+        if n > len(self._free_ids):
+            raise PagedStoreFullError(f"apt_hal.{_STORE}.allocate: asked for {n} blocks but only "
+                                      f"{len(self._free_ids)} of {len(self._free_ids) + len(self._where)} are free")
+        if sum(len(t.free) for t in self._tiers) < n:
+            self._settle(list(self._pending.values()))  # prefetches in flight hold their source slots
+        ids = [self._free_ids.pop() for _ in range(n)]
+        for i in ids:
+            tier = next(t for t in self._tiers if t.free)
+            self._place([i], tier, [tier.free.pop()])
+        for tier, group in self._by_tier(ids).items():
+            zeros = torch.zeros((len(group), *self.block_shape), dtype=self.dtype,
+                                device=tier.pool.device if tier.pool is not None else "cpu")
+            self._store(tier, [tier.blocks[i] for i in group], zeros)
+        return ids
+
+    def free(self, ids: Iterable[int]) -> None:
+        """Give blocks back (they must not be pinned); their ids may be allocated again."""
+        ids = self._ids("free", ids)
+        pinned = [i for i in ids if self._pins[i]]
+        if pinned:
+            checks.fail(f"{_STORE}.free", f"argument 'ids' names pinned block {pinned[0]}; unpin it first")
+        self._settle_ids(ids)  # a failed read does not matter: the block is being dropped
+        for i in ids:
+            tier = self._where.pop(i)
+            tier.free.append(tier.blocks.pop(i))
+        self._free_ids.extend(reversed(ids))
+
+    def write_block(self, id: int, value: torch.Tensor) -> None:
+        """Overwrite block ``id`` with ``value`` (block_shape, the store's dtype, any device), in place."""
+        self._ids("write_block", [id])
+        checks.tensor(f"{_STORE}.write_block", "value", value, dtypes=(self.dtype,))
+        if tuple(value.shape) != self.block_shape:
+            checks.fail(f"{_STORE}.write_block", f"argument 'value' must have shape {list(self.block_shape)}, "
+                                                 f"got {list(value.shape)}")
+        self._settle_ids([id])
+        tier = self._where[id]
+        self._store(tier, [tier.blocks[id]], value.contiguous().unsqueeze(0))
+        self._touch([id])
+
+    def read_block(self, id: int) -> torch.Tensor:
+        """A copy of block ``id`` on the CPU, read where the block is (a disk read checks its CRC)."""
+        self._ids("read_block", [id])
+        self._settle_ids([id])
+        tier = self._where[id]
+        if tier.pool is None:
+            block = self._disk_read([id], [tier.blocks[id]])[0]
+        else:
+            block = self._to_cpu(self._load(tier, [tier.blocks[id]]))[0]
+        self._touch([id])
+        return block
+
+    def device_slots(self, ids: Iterable[int]) -> torch.Tensor:
+        """The blocks' device slots (int32, on the device), bringing them there first.
+
+        Pass them as the block table of ``paged_write`` / ``paged_gather`` on ``store.pool``. They
+        stay valid until the next call that may evict; pin the blocks to keep them longer. ``ids``
+        may repeat a block.
+        """
+        ids = self._ids("device_slots", ids, unique=False)
+        self._settle_ids(ids)
+        self._bring_to_device(ids)
+        self._touch(ids)
+        return torch.tensor([self._device_tier.blocks[i] for i in ids], dtype=torch.int32, device=self.device)
+
+    def pin(self, ids: Iterable[int]) -> None:
+        """Bring blocks to the device and keep them there until unpinned (pins nest)."""
+        ids = self._ids("pin", ids)
+        self._settle_ids(ids)
+        self._bring_to_device(ids)
+        self._touch(ids)
+        self._pins.update(ids)
+
+    def unpin(self, ids: Iterable[int]) -> None:
+        """Undo one :meth:`pin` of each block."""
+        ids = self._ids("unpin", ids)
+        for i in ids:
+            if not self._pins[i]:
+                checks.fail(f"{_STORE}.unpin", f"argument 'ids' names block {i}, which is not pinned")
+        self._pins.subtract(ids)
+
+    def evict(self, ids: Iterable[int], tier: str = "host") -> None:
+        """Move blocks down to ``tier`` ("host" or "disk"); blocks already there or lower stay."""
+        ids = self._ids("evict", ids)
+        names = [t.name for t in self._tiers[1:]]
+        if tier not in names:
+            checks.fail(f"{_STORE}.evict", f"argument 'tier' must be a lower tier of this store "
+                                           f"({', '.join(map(repr, names)) or 'it has none'}), got {tier!r}")
+        pinned = [i for i in ids if self._pins[i]]
+        if pinned:
+            checks.fail(f"{_STORE}.evict", f"argument 'ids' names pinned block {pinned[0]}, which cannot be evicted")
+        self._settle_ids(ids)
+        dst = self._tiers[1 + names.index(tier)]
+        self._move([i for i in ids if self._tiers.index(self._where[i]) < self._tiers.index(dst)], dst)
+
+    def prefetch(self, ids: Iterable[int]) -> PrefetchHandle:
+        """Start bringing blocks to the device and return at once.
+
+        Disk reads run in a background thread and host-to-device copies on a side stream (where the
+        device has streams). When every tier is full the move needs the slots the blocks leave, so it
+        completes before this returns.
+        """
+        ids = self._ids("prefetch", ids, unique=False)
+        transfers = self._bring_to_device(ids, background=True)
+        transfers += [t for t in self._transfers_of(ids) if t not in transfers]
+        self._touch(ids)
+        return PrefetchHandle(self, transfers)
+
+    def tier_of(self, id: int) -> str:
+        """The tier block ``id`` is on: "device", "host" or "disk" (waits for a prefetch of it)."""
+        self._ids("tier_of", [id])
+        self._settle_ids([id])
+        return self._where[id].name
+
+    def stats(self) -> dict:
+        """Blocks per tier (capacity, used, free), pinned and in-flight counts, blocks moved per route."""
+        out: dict = {t.name: {"capacity": t.capacity, "used": len(t.blocks), "free": len(t.free)}
+                     for t in self._tiers}
+        out.update(allocated=len(self._where), pinned=sum(1 for n in self._pins.values() if n > 0),
+                   in_flight=len(self._pending), moved={f"{a}->{b}": n for (a, b), n in self._moved.items()})
+        return out
+
+    def close(self) -> None:
+        """Wait for prefetches, stop the background thread and release the disk file."""
+        self._settle(list(self._pending.values()))
+        if self._worker is not None:
+            self._worker.shutdown()
+            self._worker = None
+        self._records = None
+
+    # ---- placement ------------------------------------------------------------------------
+
+    def _ids(self, method: str, ids, unique: bool = True) -> list[int]:
+        if isinstance(ids, torch.Tensor):
+            ids = ids.reshape(-1).tolist()
+        if not isinstance(ids, Iterable):
+            checks.fail(f"{_STORE}.{method}", f"argument 'ids' must be a sequence of block ids, got {ids!r}")
+        ids = list(ids)
+        for i in ids:
+            if i not in self._where:
+                checks.fail(f"{_STORE}.{method}", f"argument 'ids' names block {i!r}, which is not allocated")
+        if unique and len(set(ids)) != len(ids):
+            checks.fail(f"{_STORE}.{method}", "argument 'ids' names one block more than once")
+        return ids
+
+    def _place(self, ids: list[int], tier: _Tier, slots: list[int]) -> None:
+        for i, s in zip(ids, slots):
+            tier.blocks[i] = s
+            self._where[i] = tier
+
+    def _touch(self, ids: Iterable[int]) -> None:
+        for i in ids:
+            self._where[i].blocks.move_to_end(i)
+
+    def _by_tier(self, ids: list[int]) -> dict:
+        groups: dict = {}
+        for i in ids:
+            groups.setdefault(self._where[i], []).append(i)
+        return groups
+
+    def _below(self, tier: _Tier, n: int) -> _Tier:
+        """The next tier down, for blocks that ``n`` blocks bound for ``tier`` push out of it."""
+        k = self._tiers.index(tier) + 1
+        if k == len(self._tiers):
+            raise PagedStoreFullError(f"apt_hal.{_STORE}: the {tier.name} tier ({tier.capacity} blocks, "
+                                      f"{len(tier.free)} free) cannot take {n} more blocks and no tier is below it")
+        return self._tiers[k]
+
+    def _victims(self, tier: _Tier, n: int, keep: set) -> list[int]:
+        """The ``n`` least recently used blocks of ``tier`` that may leave it. Blocks in ``keep`` (those
+        this call brings to the device) never leave the device, and leave a lower tier last."""
+        others = (i for i in tier.blocks if i not in keep and not self._pins[i])
+        kept = (i for i in tier.blocks if i in keep) if tier is not self._device_tier else ()
+        found = list(itertools.islice(itertools.chain(others, kept), n))
+        if len(found) < n:
+            raise PagedStoreFullError(
+                f"apt_hal.{_STORE}: the {tier.name} tier needs {n} more free blocks but can evict only {len(found)}: "
+                f"{sum(1 for i in tier.blocks if self._pins[i])} of its {tier.capacity} blocks are pinned and this "
+                f"call needs {len(keep)} there")
+        return found
+
+    def _claim(self, tier: _Tier, n: int, keep: set = frozenset()) -> list[int]:
+        """Take ``n`` free slots of ``tier``, first evicting its least recently used blocks if needed."""
+        if n > len(tier.free) and self._pending:
+            self._settle(list(self._pending.values()))  # blocks in flight hold slots and cannot move yet
+        short = n - len(tier.free)
+        if short > 0:
+            below = self._below(tier, n)
+            self._move(self._victims(tier, short, keep), below, keep)
+        return [tier.free.pop() for _ in range(n)]
+
+    def _move(self, ids: list[int], dst: _Tier, keep: set = frozenset(), background: bool = False,
+              loaded: Optional[dict] = None) -> list[_Transfer]:
+        """Move blocks to ``dst``. Going down, blocks that ``dst`` cannot hold go further down: the
+        first ones (callers list the least recently used first). With ``background``, copies from
+        disk (and from host, on a side stream) are only started; the returned transfers finish them.
+        """
+        overflow = len(ids) - dst.capacity
+        if overflow > 0:
+            self._move(ids[:overflow], self._below(dst, len(ids)), keep)
+            ids = ids[overflow:]
+        if loaded is None:  # reading the disk is the step that can fail (a corrupt record): do it first
+            loaded = {} if background else self._read_from_disk(ids)
+        slots = dict(zip(ids, self._claim(dst, len(ids), keep)))
+        transfers = []
+        try:
+            for src, group in self._by_tier(ids).items():  # grouped after the claim: it may have moved some
+                src_slots, dst_slots = [src.blocks[i] for i in group], [slots[i] for i in group]
+                in_flight = background and (src.pool is None or self._stream is not None)
+                if in_flight:
+                    transfers.append(self._start(group, src, src_slots, dst_slots))
+                elif src.pool is None:
+                    loaded.update(self._read_from_disk([i for i in group if i not in loaded]))
+                    self._store(dst, dst_slots, torch.stack([loaded[i] for i in group]))
+                elif dst.pool is not None:
+                    paged_copy_blocks(src.pool, self._index(src_slots, src.pool), dst.pool,
+                                      self._index(dst_slots, dst.pool))
+                else:
+                    self._store(dst, dst_slots, self._load(src, src_slots))
+                for i in group:
+                    del src.blocks[i]
+                self._place(group, dst, dst_slots)
+                self._moved[src.name, dst.name] += len(group)
+                if not in_flight:
+                    src.free.extend(src_slots)  # a transfer in flight releases them when it settles
+        finally:
+            dst.free.extend(s for i, s in slots.items() if self._where[i] is not dst)  # after a failed read
+        return transfers
+
+    def _read_from_disk(self, ids: list[int]) -> dict:
+        """{id: block} for the blocks of ``ids`` that are on disk, read and checked."""
+        on_disk = [i for i in ids if self._where[i].pool is None]
+        if not on_disk:
+            return {}
+        disk = self._where[on_disk[0]]
+        return dict(zip(on_disk, self._disk_read(on_disk, [disk.blocks[i] for i in on_disk])))
+
+    def _bring_to_device(self, ids: list[int], background: bool = False) -> list[_Transfer]:
+        dev = self._device_tier
+        if len(set(ids)) > dev.capacity:
+            raise PagedStoreFullError(f"apt_hal.{_STORE}: {len(set(ids))} blocks are needed on the device at once "
+                                      f"but its tier holds {dev.capacity}")
+        if self._pending and sum(self._where[i] is not dev for i in set(ids)) > len(dev.free):
+            self._settle(list(self._pending.values()))  # before evicting (see _claim)
+        missing = [i for i in dict.fromkeys(ids) if self._where[i] is not dev]
+        if not missing:
+            return []
+        short = len(missing) - len(dev.free)
+        if short > sum(len(t.free) for t in self._tiers[1:]):
+            # Every tier is full: the victims need the slots the missing blocks leave. Park them in
+            # a device buffer while the missing blocks come up, then put them down.
+            victims = self._victims(dev, short, set(ids))
+            loaded = self._read_from_disk(missing)  # before any move, so that a corrupt record changes nothing
+            parked = _Tier("parked", self.pool.new_empty((short, *self.block_shape)), short)
+            self._move(victims, parked)
+            self._move(missing, dev, loaded=loaded)
+            self._move(list(parked.blocks), self._tiers[1])
+            return []
+        return self._move(missing, dev, set(ids), background)
+
+    # ---- prefetch -------------------------------------------------------------------------
+
+    def _start(self, ids: list[int], src: _Tier, src_slots: list[int], dst_slots: list[int]) -> _Transfer:
+        ready = torch.accelerator.current_stream(self.device).record_event() if self._stream else None
+        if src.pool is None:
+            if self._worker is None:
+                self._worker = ThreadPoolExecutor(1, thread_name_prefix="apt_hal-paged-prefetch")
+            # The worker runs in a copy of this context, so the caller's apt_hal.use(...) applies there.
+            future = self._worker.submit(contextvars.copy_context().run, self._read_in_background,
+                                         ids, src_slots, dst_slots, ready)
+        else:
+            future = Future()
+            future.set_result((self._copy_on_side_stream(src.pool, src_slots, dst_slots, ready), None))
+        transfer = _Transfer(ids, src, src_slots, future)
+        self._pending.update(dict.fromkeys(ids, transfer))
+        return transfer
+
+    def _read_in_background(self, ids, disk_slots, dst_slots, ready):
+        blocks = self._disk_read(ids, disk_slots)
+        if self._stream is not None:
+            blocks = blocks.pin_memory()
+        return self._copy_on_side_stream(blocks, range(len(ids)), dst_slots, ready), blocks
+
+    def _copy_on_side_stream(self, src: torch.Tensor, src_slots, dst_slots, ready):
+        if self._stream is None:
+            paged_copy_blocks(src, self._index(src_slots, src), self.pool, self._index(dst_slots, self.pool))
+            return None
+        with self._stream:
+            self._stream.wait_event(ready)  # the caller's stream may still be reading the slots out
+            paged_copy_blocks(src, self._index(src_slots, src), self.pool, self._index(dst_slots, self.pool))
+            return self._stream.record_event()
+
+    def _settle(self, transfers: Iterable[_Transfer]) -> None:
+        """Finish transfers: release their source slots, or, for a failed read, put the blocks back."""
+        for t in transfers:
+            if t.settled:
+                continue
+            t.settled = True
+            for i in t.ids:
+                del self._pending[i]
+            try:
+                event = t.future.result()[0]
+            except Exception as e:  # the bytes are still in the source slots: nothing is lost
+                t.error = e
+                for i, slot in zip(t.ids, t.source_slots):
+                    self._device_tier.free.append(self._device_tier.blocks.pop(i))
+                    self._place([i], t.source, [slot])
+                continue
+            if event is not None:
+                torch.accelerator.current_stream(self.device).wait_event(event)
+            t.source.free.extend(t.source_slots)
+
+    def _transfers_of(self, ids: Iterable[int]) -> list[_Transfer]:
+        return list(dict.fromkeys(self._pending[i] for i in ids if i in self._pending))
+
+    def _settle_ids(self, ids: Iterable[int]) -> None:
+        self._settle(self._transfers_of(ids))
+
+    # ---- bytes ----------------------------------------------------------------------------
+
+    def _index(self, slots, pool: torch.Tensor) -> torch.Tensor:
+        return torch.as_tensor(list(slots), dtype=torch.int64, device=pool.device)
+
+    def _load(self, tier: _Tier, slots: list[int]) -> torch.Tensor:
+        """The blocks in ``slots`` of a memory tier, as a new tensor on its device."""
+        out = tier.pool.new_empty((len(slots), *self.block_shape))
+        if tier.pool.device != self.device:
+            synchronize(self.device)  # the CPU reads host memory that queued copies may still write
+        paged_copy_blocks(tier.pool, self._index(slots, tier.pool), out, self._index(range(len(slots)), out))
+        return out
+
+    def _store(self, tier: _Tier, slots: list[int], blocks: torch.Tensor) -> None:
+        if tier.pool is None:
+            return self._disk_write(slots, self._to_cpu(blocks))
+        if tier.pool.device != self.device and blocks.device.type == "cpu":
+            synchronize(self.device)  # the CPU overwrites host memory that queued copies may still read
+        paged_copy_blocks(blocks, self._index(range(len(slots)), blocks), tier.pool, self._index(slots, tier.pool))
+
+    def _to_cpu(self, blocks: torch.Tensor) -> torch.Tensor:
+        if blocks.device.type == "cpu":
+            return blocks
+        out = torch.empty(blocks.shape, dtype=blocks.dtype)
+        every = range(len(blocks))
+        paged_copy_blocks(blocks, self._index(every, blocks), out, self._index(every, out))
+        synchronize(self.device)
+        return out
+
+    def _disk_write(self, slots: list[int], blocks: torch.Tensor) -> None:
+        rows = blocks.contiguous().reshape(len(slots), -1).view(torch.uint8).numpy()
+        for slot, row in zip(slots, rows):
+            self._records[slot] = (zlib.crc32(row), row)
+
+    def _disk_read(self, ids: list[int], slots: list[int]) -> torch.Tensor:
+        records = self._records[list(slots)]  # a copy
+        rows = records["data"].copy()  # dense rows (ascontiguousarray keeps the record stride of a single row)
+        for i, slot, row, crc in zip(ids, slots, rows, records["crc"]):
+            if zlib.crc32(row) != crc:
+                raise CorruptBlockError(f"apt_hal.{_STORE}: block {i} read from {self.disk_path} (record {slot}) "
+                                        f"does not match its CRC-32: the file was changed or the disk is failing")
+        return torch.from_numpy(rows).view(self.dtype).reshape(len(slots), *self.block_shape)
