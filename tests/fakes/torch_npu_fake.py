@@ -133,11 +133,10 @@ def npu_grouped_matmul(x, weight, *, bias=None, scale=None, offset=None, antiqua
     _require(a.shape[1] == w.shape[1] and a.dtype == w.dtype, f"x {tuple(a.shape)} {a.dtype} vs weight {tuple(w.shape)} {w.dtype}")
     counts = group_list if group_list_type == 1 else torch.diff(group_list, prepend=group_list.new_zeros(1))
     _require(counts.dtype == torch.int64 and counts.numel() == w.shape[0], "group_list int64, one entry per expert")
-    out = torch.full((a.shape[0], w.shape[2]), float("nan"), dtype=output_dtype or a.dtype, device=a.device)
-    start = 0
-    for e, n in enumerate(counts.tolist()):
-        out[start:start + n] = (a[start:start + n].float() @ w[e].float()).to(out.dtype)
-        start += n
+    groups = torch.split(a, counts.tolist() + [a.shape[0] - int(counts.sum())])
+    out = torch.cat([(x_e.float() @ w[e].float()) for e, x_e in enumerate(groups[:-1])]
+                    + [torch.full((groups[-1].shape[0], w.shape[2]), float("nan"), device=a.device)])  # undefined rows
+    out = out.to(output_dtype or a.dtype)
     return [out]
 
 
@@ -199,11 +198,9 @@ def npu_gather_pa_kv_cache(key_cache, value_cache, block_tables, seq_lens, key, 
     _require(block_tables.dtype == torch.int32 and block_tables.dim() == 2, "block_tables int32 (B, M)")
     blocks = block_tables.long()
     _require(bool(((blocks >= 0) & (blocks < key_cache.shape[0])).all()), "block ids in range")
-    start = 0
-    for b, n in enumerate(seq_lens.tolist()):
-        for cache, out in ((key_cache, key), (value_cache, value)):
-            out[start:start + n] = cache[blocks[b]].reshape(-1, *cache.shape[2:])[:n]
-        start += n
+    for cache, out in ((key_cache, key), (value_cache, value)):
+        tokens = [cache[blocks[b]].reshape(-1, *cache.shape[2:])[:n] for b, n in enumerate(seq_lens.tolist())]
+        out.copy_(torch.cat(tokens))
 
 
 # ---- the module -------------------------------------------------------------------------------
