@@ -129,3 +129,14 @@ def test_ops_on_npu_tensors_run_the_bindings_and_match_the_reference(fake_npu_ru
 def test_fp4_matmul_without_mxfp4_names_the_reason_under_strict(fake_npu_run):
     assert "MXFP4 weights need an Ascend 950" in fake_npu_run["fp4_strict"]
     assert "declined this call" in fake_npu_run["fp4_strict"]
+
+
+def test_import_and_explain_never_import_the_vendor_stacks():
+    code = "import sys, apt_hal; apt_hal.explain(); print(sorted(m for m in sys.modules if m.startswith(('torch_npu', 'habana_frameworks', 'apt_hal.backends.npu.', 'apt_hal.backends.hpu.'))))"
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]"
+    imported = [line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")]
+    assert "apt_hal.backends.npu" in imported and "apt_hal.backends.hpu" in imported  # the declarations only
+    assert not [m for m in imported if m.startswith(("torch_npu", "habana_frameworks"))]
