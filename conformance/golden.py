@@ -110,7 +110,7 @@ def run(backends: Iterable[str], golden: pathlib.Path, cases: Optional[Iterable[
                                     "ops": sorted({e["op"] for e in entries}), "cases": [], "backends": backends,
                                     "golden": str(golden), "golden_environment": index["environment"]}}],
               "backends": {}, "cases": [], "timing": {"runs": [], "cases": {}}}
-    total, done = len(backends) * len(entries), 0
+    total = len(backends) * len(entries)
     for name in backends:
         backend, device = runner._backend_record(name, specs)
         report["backends"][name] = backend
@@ -130,9 +130,8 @@ def run(backends: Iterable[str], golden: pathlib.Path, cases: Optional[Iterable[
                 "quick": bool(case and case.quick), "status": outcome.status, "message": outcome.message,
                 "outputs": outcome.outputs, "repro": None, "rerun": None})
             report["timing"]["cases"][f"{name} {entry['id']}"] = round(time.perf_counter() - t0, 4)
-            done += 1
             if progress:
-                progress(done, total, f"{name} {entry['id']}")
-    report["timing"]["runs"].append({"started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
-                                     "seconds": round(time.time() - started, 2)})
+                progress(len(report["cases"]), total, f"{name} {entry['id']}")
+    started_at = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started))
+    report["timing"]["runs"] = [{"started": started_at, "seconds": round(time.time() - started, 2)}]
     return report
