@@ -29,9 +29,9 @@ class AscendAdaptor:
     moe_kernels = True
     router = "npu_moe_gating_top_k_softmax"
     # fp4_matmul with MXFP4 weights and unquantized x (npu_weight_quant_batchmatmul, weight_dtype
-    # float4_e2m1fn_x2): only the Ascend 950 documents the float4 dtypes.
+    # float4_e2m1fn_x2): torch-npu documents the float4 dtypes for the Ascend 950 only.
     mxfp4_weights = False
-    mxfp4_reason = "MXFP4 weights need an Ascend 950 (A5); torch-npu documents float4_e2m1fn_x2 only there"
+    mxfp4_reason = "MXFP4 weights need an Ascend 950 (A5)"
     # npu_scatter_pa_kv_cache / npu_gather_pa_kv_cache with cache_mode="Norm" (ND layout).
     paged_kernels = True
 

@@ -15,7 +15,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-from tests.fakes.torch_npu_fake import Call, _require
+from tests.fakes.torch_npu_fake import Call, require
 
 
 class RotaryPosEmbeddingMode(enum.Enum):
@@ -52,9 +52,9 @@ class Fake:
 
 
 def apply_rotary_pos_emb(p, cos, sin, position_ids, offset, mode):
-    _require(position_ids is None and offset == 0, "per-token tables: no position ids, offset 0")
-    _require(isinstance(mode, RotaryPosEmbeddingMode), f"mode must be a RotaryPosEmbeddingMode, got {mode!r}")
-    _require(p.dim() == 3 and tuple(cos.shape) == tuple(sin.shape) == (p.shape[0], 1, p.shape[2]),
+    require(position_ids is None and offset == 0, "per-token tables: no position ids, offset 0")
+    require(isinstance(mode, RotaryPosEmbeddingMode), f"mode must be a RotaryPosEmbeddingMode, got {mode!r}")
+    require(p.dim() == 3 and tuple(cos.shape) == tuple(sin.shape) == (p.shape[0], 1, p.shape[2]),
              f"p [T, H, R] with cos/sin [T, 1, R], got {tuple(p.shape)} and {tuple(cos.shape)}")
     if mode is RotaryPosEmbeddingMode.BLOCKWISE:
         x1, x2 = torch.chunk(p, 2, dim=-1)
@@ -66,10 +66,10 @@ def apply_rotary_pos_emb(p, cos, sin, position_ids, offset, mode):
 
 def mixture_of_experts(*, hidden_states, expert_routing_table, router_weights, w12, w3, permuted_weights,
                        activation, experts_min, experts_max):
-    _require(hidden_states.dtype == torch.bfloat16 and router_weights.dtype == torch.bfloat16, "bf16 tokens/weights")
-    _require(expert_routing_table.dtype == torch.int64, "expert_routing_table int64")
-    _require(permuted_weights and activation == "silu", "modelled: [out, in] weights, silu")
-    _require(len(w12) == len(w3) == experts_max - experts_min + 1, "one w12/w3 per expert, experts_max inclusive")
+    require(hidden_states.dtype == torch.bfloat16 and router_weights.dtype == torch.bfloat16, "bf16 tokens/weights")
+    require(expert_routing_table.dtype == torch.int64, "expert_routing_table int64")
+    require(permuted_weights and activation == "silu", "modelled: [out, in] weights, silu")
+    require(len(w12) == len(w3) == experts_max - experts_min + 1, "one w12/w3 per expert, experts_max inclusive")
     out = torch.zeros(hidden_states.shape, dtype=torch.float32)
     for t in range(hidden_states.shape[0]):
         for slot, e in enumerate(expert_routing_table[t].tolist()):

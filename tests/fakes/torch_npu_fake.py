@@ -27,7 +27,7 @@ class Call:
     kwargs: dict
 
 
-def _require(ok: bool, what: str) -> None:
+def require(ok: bool, what: str) -> None:
     if not ok:
         raise ValueError(f"fake torch_npu: {what}")
 
@@ -47,26 +47,26 @@ def _rotate(x: torch.Tensor, mode: str) -> torch.Tensor:
 
 
 def npu_rotary_mul(input, r1, r2, rotary_mode="half", rotate=None):
-    _require(rotate is None, "the rotate matrix is not modelled")
-    _require(input.dim() == 4 and input.shape[-1] % 2 == 0 and input.shape[-1] < 896, "input must be 4-D, D even, D < 896")
-    _require(rotary_mode in ("half", "interleave"), f"rotary_mode {rotary_mode!r}")
-    _require(r1.dtype == r2.dtype == input.dtype, "r1, r2 and input must share a dtype")
+    require(rotate is None, "the rotate matrix is not modelled")
+    require(input.dim() == 4 and input.shape[-1] % 2 == 0 and input.shape[-1] < 896, "input must be 4-D, D even, D < 896")
+    require(rotary_mode in ("half", "interleave"), f"rotary_mode {rotary_mode!r}")
+    require(r1.dtype == r2.dtype == input.dtype, "r1, r2 and input must share a dtype")
     if rotary_mode == "interleave":  # BSND input: r1/r2 only as 1S1D
-        _require(tuple(r1.shape) == (1, input.shape[1], 1, input.shape[3]), f"interleave needs r1 1S1D, got {tuple(r1.shape)}")
+        require(tuple(r1.shape) == (1, input.shape[1], 1, input.shape[3]), f"interleave needs r1 1S1D, got {tuple(r1.shape)}")
     return r1 * input + r2 * _rotate(input, rotary_mode)
 
 
 def _apply_rotary_pos_emb(device_name):
     def npu_apply_rotary_pos_emb(query, key, cos, sin, *, layout="BSND", rotary_mode="half"):
-        _require(layout == "BSND" and query.dim() == key.dim() == 4, "layout BSND with 4-D query and key")
+        require(layout == "BSND" and query.dim() == key.dim() == 4, "layout BSND with 4-D query and key")
         d = query.shape[-1]
-        _require(tuple(cos.shape) == tuple(sin.shape) == (query.shape[0], query.shape[1], 1, d),
+        require(tuple(cos.shape) == tuple(sin.shape) == (query.shape[0], query.shape[1], 1, d),
                  f"cos/sin must be (B, S, 1, D), got {tuple(cos.shape)}")
-        _require(query.dtype == key.dtype == cos.dtype == sin.dtype, "query, key, cos and sin must share a dtype")
+        require(query.dtype == key.dtype == cos.dtype == sin.dtype, "query, key, cos and sin must share a dtype")
         if _a2_or_a3(device_name):
-            _require(rotary_mode == "half" and d in (64, 128), "A2/A3: rotary_mode 'half' and D 64 or 128 only")
+            require(rotary_mode == "half" and d in (64, 128), "A2/A3: rotary_mode 'half' and D 64 or 128 only")
         else:
-            _require(rotary_mode in ("half", "interleave") and d <= 1024, "rotary_mode half/interleave, D <= 1024")
+            require(rotary_mode in ("half", "interleave") and d <= 1024, "rotary_mode half/interleave, D <= 1024")
         query.copy_(cos * query + sin * _rotate(query, rotary_mode))  # documented: updated in place
         key.copy_(cos * key + sin * _rotate(key, rotary_mode))
         return query, key
@@ -83,8 +83,8 @@ def _softmax_topk(x: torch.Tensor, k: int):
 
 
 def npu_moe_gating_top_k_softmax(x, finished=None, k=1):
-    _require(x.dim() == 2 and finished is None, "2-D x, no 'finished' mask")
-    _require(0 < k <= min(x.shape[-1], 1024), f"k={k}")
+    require(x.dim() == 2 and finished is None, "2-D x, no 'finished' mask")
+    require(0 < k <= min(x.shape[-1], 1024), f"k={k}")
     _, y, expert_idx = _softmax_topk(x, k)
     t = x.shape[0]
     row_idx = (torch.arange(k, device=x.device) * t).unsqueeze(0) + torch.arange(t, device=x.device).unsqueeze(1)
@@ -94,9 +94,9 @@ def npu_moe_gating_top_k_softmax(x, finished=None, k=1):
 def npu_moe_gating_top_k(x, k, bias=None, input_ids=None, tid2eid=None, k_group=1, group_count=1,
                          group_select_mode=0, renorm=0, norm_type=0, out_flag=False, routed_scaling_factor=1.0,
                          eps=1e-20):
-    _require(bias is None and input_ids is None and tid2eid is None, "bias and hash routing are not modelled")
-    _require((k_group, group_count, renorm, norm_type) == (1, 1, 0, 0), "modelled: one group, softmax, renorm=0")
-    _require(2 < x.shape[-1] <= 2048 and 1 <= k <= x.shape[-1], f"E={x.shape[-1]}, k={k}")
+    require(bias is None and input_ids is None and tid2eid is None, "bias and hash routing are not modelled")
+    require((k_group, group_count, renorm, norm_type) == (1, 1, 0, 0), "modelled: one group, softmax, renorm=0")
+    require(2 < x.shape[-1] <= 2048 and 1 <= k <= x.shape[-1], f"E={x.shape[-1]}, k={k}")
     probs, y, expert_idx = _softmax_topk(x, k)
     return (y * routed_scaling_factor).to(x.dtype), expert_idx, probs
 
@@ -104,10 +104,10 @@ def npu_moe_gating_top_k(x, k, bias=None, input_ids=None, tid2eid=None, k_group=
 def npu_moe_init_routing_v2(x, expert_idx, *, scale=None, offset=None, active_num=-1, expert_capacity=-1,
                             expert_num=-1, drop_pad_mode=0, expert_tokens_num_type=0, expert_tokens_num_flag=False,
                             quant_mode=-1, active_expert_range=(), row_idx_type=0):
-    _require(expert_idx.dtype == torch.int32 and expert_idx.dim() == 2, "expert_idx int32 (NUM_ROWS, K)")
-    _require(drop_pad_mode == 0 and quant_mode == -1, "modelled: dropless, unquantized")
-    _require(expert_tokens_num_type == 1 and expert_tokens_num_flag, "modelled: per-expert counts (type 1)")
-    _require(0 < expert_num <= 10240 and list(active_expert_range) == [0, expert_num], "expert_num, full range")
+    require(expert_idx.dtype == torch.int32 and expert_idx.dim() == 2, "expert_idx int32 (NUM_ROWS, K)")
+    require(drop_pad_mode == 0 and quant_mode == -1, "modelled: dropless, unquantized")
+    require(expert_tokens_num_type == 1 and expert_tokens_num_flag, "modelled: per-expert counts (type 1)")
+    require(0 < expert_num <= 10240 and list(active_expert_range) == [0, expert_num], "expert_num, full range")
     flat = expert_idx.reshape(-1).long()
     order = torch.sort(flat, stable=True).indices  # sorted row i comes from flat index order[i]
     k = expert_idx.shape[1]
@@ -126,13 +126,13 @@ def npu_grouped_matmul(x, weight, *, bias=None, scale=None, offset=None, antiqua
                        per_token_scale=None, group_list=None, activation_input=None, activation_quant_scale=None,
                        activation_quant_offset=None, split_item=0, group_type=None, group_list_type=0, act_type=0,
                        output_dtype=None, tuning_config=None):
-    _require(len(x) == 1 and len(weight) == 1 and weight[0].dim() == 3, "one x [M, K] and one weight [E, K, N]")
-    _require(group_type == 0 and split_item in (2, 3) and group_list_type in (0, 1), "group_type 0, one output")
-    _require(bias is None and scale is None and antiquant_scale is None, "modelled: unquantized, no bias")
+    require(len(x) == 1 and len(weight) == 1 and weight[0].dim() == 3, "one x [M, K] and one weight [E, K, N]")
+    require(group_type == 0 and split_item in (2, 3) and group_list_type in (0, 1), "group_type 0, one output")
+    require(bias is None and scale is None and antiquant_scale is None, "modelled: unquantized, no bias")
     a, w = x[0], weight[0]
-    _require(a.shape[1] == w.shape[1] and a.dtype == w.dtype, f"x {tuple(a.shape)} {a.dtype} vs weight {tuple(w.shape)} {w.dtype}")
+    require(a.shape[1] == w.shape[1] and a.dtype == w.dtype, f"x {tuple(a.shape)} {a.dtype} vs weight {tuple(w.shape)} {w.dtype}")
     counts = group_list if group_list_type == 1 else torch.diff(group_list, prepend=group_list.new_zeros(1))
-    _require(counts.dtype == torch.int64 and counts.numel() == w.shape[0], "group_list int64, one entry per expert")
+    require(counts.dtype == torch.int64 and counts.numel() == w.shape[0], "group_list int64, one entry per expert")
     groups = torch.split(a, counts.tolist() + [a.shape[0] - int(counts.sum())])
     out = torch.cat([(x_e.float() @ w[e].float()) for e, x_e in enumerate(groups[:-1])]
                     + [torch.full((groups[-1].shape[0], w.shape[2]), float("nan"), device=a.device)])  # undefined rows
@@ -143,9 +143,9 @@ def npu_grouped_matmul(x, weight, *, bias=None, scale=None, offset=None, antiqua
 def npu_moe_finalize_routing(expanded_permuted_rows, skip1, skip2, bias, scales, expanded_src_to_dst_row,
                              export_for_source_row, drop_pad_mode=0, k=1):
     rows = expanded_permuted_rows
-    _require(skip1 is None and skip2 is None and bias is None, "modelled: no skips, no bias")
-    _require(drop_pad_mode == 0 and expanded_src_to_dst_row.dtype == torch.int32, "dropless, int32 index")
-    _require(scales.dtype == rows.dtype and scales.shape[1] == k, "scales (NUM_ROWS, K) in the rows' dtype")
+    require(skip1 is None and skip2 is None and bias is None, "modelled: no skips, no bias")
+    require(drop_pad_mode == 0 and expanded_src_to_dst_row.dtype == torch.int32, "dropless, int32 index")
+    require(scales.dtype == rows.dtype and scales.shape[1] == k, "scales (NUM_ROWS, K) in the rows' dtype")
     t = scales.shape[0]
     dst = expanded_src_to_dst_row.long()
     out = torch.zeros((t, rows.shape[1]), dtype=rows.dtype, device=rows.device)
@@ -160,15 +160,15 @@ def npu_moe_finalize_routing(expanded_permuted_rows, skip1, skip2, bias, scales,
 def npu_weight_quant_batchmatmul(x, weight, antiquant_scale, antiquant_offset=None, quant_scale=None,
                                  quant_offset=None, bias=None, antiquant_group_size=0, inner_precise=0,
                                  weight_dtype=None):
-    _require(weight_dtype == FLOAT4_E2M1FN_X2 and weight.dtype == torch.uint8, "uint8 weight with weight_dtype float4")
-    _require(x.dim() == 2 and x.dtype in (torch.bfloat16, torch.float16) and x.numel() > 0, "x (M, K) bf16/fp16")
+    require(weight_dtype == FLOAT4_E2M1FN_X2 and weight.dtype == torch.uint8, "uint8 weight with weight_dtype float4")
+    require(x.dim() == 2 and x.dtype in (torch.bfloat16, torch.float16) and x.numel() > 0, "x (M, K) bf16/fp16")
     k, n = x.shape[1], weight.shape[1]
-    _require(weight.shape[0] * 2 == k and weight.stride(0) == 1, "weight as the transposed view (K/2, N) packed along K")
-    _require(antiquant_group_size == 32 and antiquant_scale.dtype == torch.float8_e8m0fnu
+    require(weight.shape[0] * 2 == k and weight.stride(0) == 1, "weight as the transposed view (K/2, N) packed along K")
+    require(antiquant_group_size == 32 and antiquant_scale.dtype == torch.float8_e8m0fnu
              and tuple(antiquant_scale.shape) == (k // 32, n), "E8M0 scales (K/32, N), group size 32")
     if bias is not None:
         want = torch.float32 if x.dtype == torch.bfloat16 else torch.float16
-        _require(bias.dtype == want, f"bias must be {want} for {x.dtype} x")
+        require(bias.dtype == want, f"bias must be {want} for {x.dtype} x")
     w = mxfp4.dequantize(weight.t(), antiquant_scale.view(torch.uint8).t(), torch.float32)
     y = x.float() @ w.T
     if bias is not None:
@@ -181,23 +181,23 @@ def npu_weight_quant_batchmatmul(x, weight, antiquant_scale, antiquant_offset=No
 
 def npu_scatter_pa_kv_cache(key, value, key_cache, value_cache, slot_mapping, *, compress_lens=None,
                             compress_seq_offsets=None, seq_lens=None, cache_mode="PA_NZ"):
-    _require(cache_mode == "Norm", "cache_mode 'Norm' (ND pools)")
+    require(cache_mode == "Norm", "cache_mode 'Norm' (ND pools)")
     for tokens, cache in ((key, key_cache), (value, value_cache)):
-        _require(tokens.dim() == 3 and cache.dim() == 4 and tuple(cache.shape[2:]) == tuple(tokens.shape[1:]),
+        require(tokens.dim() == 3 and cache.dim() == 4 and tuple(cache.shape[2:]) == tuple(tokens.shape[1:]),
                  "tokens (T, H, D) and cache (blocks, block_size, H, D)")
-        _require(tokens.is_contiguous() and cache.is_contiguous() and tokens.dtype == cache.dtype, "contiguous, one dtype")
+        require(tokens.is_contiguous() and cache.is_contiguous() and tokens.dtype == cache.dtype, "contiguous, one dtype")
     slots = slot_mapping.long()
-    _require(bool(((slots >= 0) & (slots < key_cache.shape[0] * key_cache.shape[1])).all()), "slots in range")
+    require(bool(((slots >= 0) & (slots < key_cache.shape[0] * key_cache.shape[1])).all()), "slots in range")
     for tokens, cache in ((key, key_cache), (value, value_cache)):
         cache.view(-1, *cache.shape[2:])[slots] = tokens
 
 
 def npu_gather_pa_kv_cache(key_cache, value_cache, block_tables, seq_lens, key, value, *, seq_offset=None,
                            is_seq_lens_cumsum=False):
-    _require(seq_offset is None and not is_seq_lens_cumsum, "modelled: plain per-sequence lengths")
-    _require(block_tables.dtype == torch.int32 and block_tables.dim() == 2, "block_tables int32 (B, M)")
+    require(seq_offset is None and not is_seq_lens_cumsum, "modelled: plain per-sequence lengths")
+    require(block_tables.dtype == torch.int32 and block_tables.dim() == 2, "block_tables int32 (B, M)")
     blocks = block_tables.long()
-    _require(bool(((blocks >= 0) & (blocks < key_cache.shape[0])).all()), "block ids in range")
+    require(bool(((blocks >= 0) & (blocks < key_cache.shape[0])).all()), "block ids in range")
     for cache, out in ((key_cache, key), (value_cache, value)):
         tokens = [cache[blocks[b]].reshape(-1, *cache.shape[2:])[:n] for b, n in enumerate(seq_lens.tolist())]
         out.copy_(torch.cat(tokens))
