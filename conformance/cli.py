@@ -27,6 +27,9 @@ examples:
       some cases (ids or glob patterns; see --list), quick or not
   apt-hal conformance --merge reports/*/ --require cpu,cuda-triton --report merged/
       one matrix from the reports of several jobs
+  apt-hal conformance --quick --write-golden golden/   then, on the vendor host:
+  apt-hal conformance --backend npu --golden golden/ --require npu --report out/
+      golden data: inputs and CPU reference outputs as safetensors, checked without the reference
 
 Failing cases get a bundle in REPORT/repro/ (inputs as safetensors, expected and actual outputs,
 the command that re-runs the case). Reports: conformance.json, junit.xml, conformance.md,
@@ -48,6 +51,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated backends that must run: exit code 8 if one did not")
     p.add_argument("--merge", nargs="+", metavar="DIR", help="merge the reports in these folders instead of running")
     p.add_argument("--list", action="store_true", help="list the selected case ids and exit")
+    p.add_argument("--write-golden", metavar="DIR",
+                   help="write the selected cases' inputs and CPU reference outputs to DIR (safetensors) and exit")
+    p.add_argument("--golden", metavar="DIR",
+                   help="check the backends against the golden data in DIR instead of running the CPU reference")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
@@ -132,7 +139,18 @@ def run(args: argparse.Namespace) -> int:
     if not cases:
         print("apt-hal conformance: error: no case matches the selection (see --list)", file=sys.stderr)
         return 2
+    if args.write_golden:
+        from apt_hal.conformance import golden
+
+        written = golden.write(pathlib.Path(args.write_golden), cases, seed=args.seed)
+        print(f"wrote {len(written)} golden case(s) to {args.write_golden}")
+        return 0
     progress = None if args.no_progress else ProgressBar()
-    report = runner.run(backends, seed=args.seed, quick=args.quick, ops=_names(args.op), patterns=args.case,
-                        report_dir=out, progress=progress)
+    if args.golden:
+        from apt_hal.conformance import golden
+
+        report = golden.run(backends, pathlib.Path(args.golden), cases, progress=progress)
+    else:
+        report = runner.run(backends, seed=args.seed, quick=args.quick, ops=_names(args.op), patterns=args.case,
+                            report_dir=out, progress=progress)
     return _finish(report, out, require)
