@@ -1,0 +1,111 @@
+"""How every apt_hal command line reports a user's mistake: one line on stderr naming the argument
+or file and what is wrong, and exit code 2; never a traceback.
+
+A user error is an :class:`~apt_hal.errors.AptHalError` (a contract, backend or checkpoint
+problem), an ``OSError`` (a path that is missing, a file where a folder belongs, no permission, a
+full disk), a ``ValueError`` (a bad value or file content; ``json.JSONDecodeError`` is one), or a
+missing package of an optional extra. Anything else is a bug in apt_hal and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import difflib
+import pathlib
+import sys
+import tempfile
+from typing import Callable, Optional
+
+from apt_hal.errors import AptHalError
+
+EXIT_USAGE = 2
+
+# The extra of pyproject.toml that installs each optional top-level package.
+EXTRA_OF_PACKAGE = {"tokenizers": "models", "safetensors": "models", "onnx": "export", "onnxscript": "export",
+                    "onnx_ir": "export", "onnxruntime": "export", "triton": "triton"}
+
+EXIT_CODES_EPILOG = """exit codes:
+  0  done
+  2  usage error: a bad argument, an unreadable or invalid file, an unavailable backend or device,
+     or a missing optional package (the message says which extra to install)
+"""
+
+
+class UsageError(AptHalError, ValueError):
+    """A command-line argument (or a file it names) that the command cannot use."""
+
+
+def missing_extra(e: ImportError) -> Optional[str]:
+    """``pip install 'apt-hal[EXTRA]'`` advice when ``e`` is a missing optional package, else None."""
+    package = (getattr(e, "name", None) or "").split(".")[0]
+    extra = EXTRA_OF_PACKAGE.get(package)
+    if not isinstance(e, ModuleNotFoundError) or extra is None:
+        return None
+    return f"this needs the optional package {package}: pip install 'apt-hal[{extra}]'"
+
+
+def describe(e: BaseException) -> str:
+    """``e`` as one line: an OSError as 'PATH: reason', any other message with its lines joined."""
+    if isinstance(e, OSError) and not isinstance(e, AptHalError) and e.strerror:
+        where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+        return f"{where}: {e.strerror}" if where else e.strerror
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def run_command(prog: str, command: Callable[..., int], *args) -> int:
+    """``command(*args)``, with a user error printed as ``PROG: error: ...`` and exit code 2."""
+    try:
+        return command(*args)
+    except ImportError as e:
+        advice = missing_extra(e)
+        if advice is None:
+            raise
+        message = advice
+    except (AptHalError, OSError, ValueError) as e:
+        message = describe(e)
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def writable_folder(path, flag: str) -> pathlib.Path:
+    """Create the folder ``path`` if needed and prove a file can be written in it, so a bad
+    destination fails before any work, not after it. Raises UsageError naming ``flag``."""
+    path = pathlib.Path(path)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{flag} {path}: is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise UsageError(f"{flag} {path}: cannot write there: {e.strerror or e}") from e
+    return path
+
+
+# Device types a user may mean; torch knows more (mkldnn, opengl, ...) that nobody types.
+_DEVICE_TYPES = ("cpu", "cuda", "xpu", "hpu", "npu", "mps", "meta")
+_DEVICE_ALIASES = {"gpu": "cuda"}
+
+
+def parse_device(text: str, flag: str = "--device"):
+    """The ``torch.device`` ``text`` names, if this machine has it; UsageError otherwise (with the
+    closest known names for a type torch does not know)."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        kind = text.split(":")[0].strip().lower()
+        close = [_DEVICE_ALIASES[kind]] if kind in _DEVICE_ALIASES else difflib.get_close_matches(kind, _DEVICE_TYPES)
+        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        raise UsageError(f"{flag} {text!r} is not a device (e.g. cpu, cuda, cuda:1){hint}") from None
+    if device.type in ("cpu", "meta"):
+        return device
+    module = getattr(torch, device.type, None)
+    count = module.device_count() if module is not None and module.is_available() else 0
+    if count == 0:
+        raise UsageError(f"{flag} {text}: this machine has no {device.type} device (torch {torch.__version__} "
+                         f"finds none); use --device cpu")
+    if device.index is not None and device.index >= count:
+        raise UsageError(f"{flag} {text}: this machine has {count} {device.type} device(s), "
+                         f"{device.type}:0 to {device.type}:{count - 1}")
+    return device
