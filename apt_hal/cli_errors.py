@@ -66,19 +66,21 @@ def run_command(prog: str, command: Callable[..., int], *args) -> int:
     return EXIT_USAGE
 
 
-def writable_folder(path, flag: str) -> pathlib.Path:
-    """Create the folder ``path`` if needed and prove a file can be written in it, so a bad
-    destination fails before any work, not after it. Raises UsageError naming ``flag``."""
+def check_writable_folder(path, flag: str) -> None:
+    """Raise UsageError naming ``flag`` unless ``path`` is, or can be created as, a folder this
+    process can write in; so a bad destination fails before any work, not after it. Creates nothing."""
     path = pathlib.Path(path)
-    if path.exists() and not path.is_dir():
-        raise UsageError(f"{flag} {path}: is a file, not a folder")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        why = "is a file, not a folder" if existing == path else f"{existing} is a file, so no folder can be made in it"
+        raise UsageError(f"{flag} {path}: {why}")
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
+        with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as e:
-        raise UsageError(f"{flag} {path}: cannot write there: {e.strerror or e}") from e
-    return path
+        raise UsageError(f"{flag} {path}: cannot write in {existing}: {e.strerror or e}") from None
 
 
 # Device types a user may mean; torch knows more (mkldnn, opengl, ...) that nobody types.

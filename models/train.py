@@ -305,6 +305,10 @@ def train(model: torch.nn.Module, train_tokens: torch.Tensor, eval_tokens: torch
         last_checkpoint = pathlib.Path(resume_from)
         ckpt.load_model_weights(model, last_checkpoint)
         state = ckpt.load_training_state(last_checkpoint)
+        absent = [key for key in ("optimizer", "scheduler", "data", "rng", "step") if key not in state]
+        if absent:
+            raise ckpt.CheckpointError(f"{last_checkpoint / ckpt.STATE_FILE}: the training state has no "
+                                       f"{', '.join(absent)}")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         data.load_state_dict(state["data"])

@@ -33,7 +33,8 @@ class TiedLM(nn.Module):
 
 
 def _files(model, **extra):
-    return {ckpt.MODEL_FILE: ckpt.model_weights_writer(model), "notes.json": b'{"a": 1}', **extra}
+    return {ckpt.MODEL_FILE: ckpt.model_weights_writer(model), ckpt.STATE_FILE: lambda p: torch.save({}, p),
+            "notes.json": b'{"a": 1}', **extra}
 
 
 def test_a_saved_checkpoint_loads_back_and_its_manifest_lists_every_file(tmp_path):
@@ -74,7 +75,7 @@ def test_each_file_is_fsynced_before_its_rename_and_the_manifest_lands_last(tmp_
     folder = ckpt.save_checkpoint(tmp_path, 3, _files(TiedLM()))
 
     replaces = [e for e in events if e[0] == "replace"]
-    assert [os.path.basename(e[2]) for e in replaces] == [ckpt.MODEL_FILE, "notes.json", ckpt.MANIFEST]
+    assert [os.path.basename(e[2]) for e in replaces] == [ckpt.MODEL_FILE, ckpt.STATE_FILE, "notes.json", ckpt.MANIFEST]
     for _, tmp, final in replaces:
         at = events.index(("replace", tmp, final))
         assert os.path.dirname(tmp) == str(folder), "the temporary file is in the same folder (same filesystem)"
