@@ -83,6 +83,12 @@ def check_writable_folder(path, flag: str) -> None:
         raise UsageError(f"{flag} {path}: cannot write in {existing}: {e.strerror or e}") from None
 
 
+def did_you_mean(name: str, known) -> str:
+    """'; did you mean 'x'?' naming the known names that ``name`` begins or resembles, or ''."""
+    close = [k for k in known if name and k.startswith(name)] or difflib.get_close_matches(name, known)
+    return f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+
+
 # Device types a user may mean; torch knows more (mkldnn, opengl, ...) that nobody types.
 _DEVICE_TYPES = ("cpu", "cuda", "xpu", "hpu", "npu", "mps", "meta")
 _DEVICE_ALIASES = {"gpu": "cuda"}
@@ -97,8 +103,7 @@ def parse_device(text: str, flag: str = "--device"):
         device = torch.device(text)
     except (RuntimeError, ValueError):
         kind = text.split(":")[0].strip().lower()
-        close = [_DEVICE_ALIASES[kind]] if kind in _DEVICE_ALIASES else difflib.get_close_matches(kind, _DEVICE_TYPES)
-        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        hint = did_you_mean(_DEVICE_ALIASES.get(kind, kind), _DEVICE_TYPES)
         raise UsageError(f"{flag} {text!r} is not a device (e.g. cpu, cuda, cuda:1){hint}") from None
     if device.type in ("cpu", "meta"):
         return device

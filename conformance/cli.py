@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import difflib
 import pathlib
 import sys
 import time
 
-from apt_hal.cli_errors import UsageError, check_writable_folder
+from apt_hal.cli_errors import UsageError, check_writable_folder, did_you_mean
 
 HELP = "check backends against the CPU reference and write JSON, JUnit, Markdown and HTML reports"
 EPILOG = """exit codes (bits, added together):
@@ -121,9 +120,8 @@ def _backend_names(flag: str, value: str, known: list[str], allow_all: bool) -> 
         raise UsageError(f"{flag} {value!r} names no backend; give {choices} (known: {', '.join(known)})")
     for name in names:
         if name not in known:
-            close = difflib.get_close_matches(name, known)
-            hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
-            raise UsageError(f"{flag}: unknown backend {name!r}{hint} (known: {', '.join(known)}; give {choices})")
+            raise UsageError(f"{flag}: unknown backend {name!r}{did_you_mean(name, known)} "
+                             f"(known: {', '.join(known)}; give {choices})")
     return names
 
 
