@@ -255,3 +255,14 @@ def test_hugging_face_export_files_are_written_atomically(tmp_path, monkeypatch)
     renamed = _record_renames(monkeypatch)
     save_pretrained(build_model(ModelConfig.preset("apt-dense-tiny")), tmp_path)
     assert sorted(renamed) == sorted(str(p) for p in tmp_path.iterdir())
+
+
+def test_repro_bundles_are_written_atomically(tmp_path, monkeypatch):
+    from apt_hal.conformance import repro
+
+    renamed = _record_renames(monkeypatch)
+    record = {"backend": "cpu", "id": "rotary/float32/x", "repro": None, "status": "FAIL"}
+    rel = repro.write_bundle(tmp_path, record, {"inputs": {"q": torch.ones(2, 3)}, "expected": {"out": torch.ones(2)}},
+                             seed=0)
+    assert sorted(renamed) == sorted(str(p) for p in (tmp_path / rel).iterdir())
+    assert repro.load(tmp_path / rel / "inputs.safetensors")["q"].equal(torch.ones(2, 3))
