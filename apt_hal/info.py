@@ -6,12 +6,15 @@ import argparse
 import json
 import platform
 
+from apt_hal.cli_errors import EXIT_CODES_EPILOG
+
 HELP = "show backends, their availability and reasons, and the implementation serving each op"
 EPILOG = """examples:
   apt-hal info                      the tables below, for the current policy
   apt-hal info --json               the same, machine-readable
   APT_HAL_BACKEND=cpu apt-hal info  what a process with that policy would do
-"""
+
+""" + EXIT_CODES_EPILOG
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import stat
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
 
+from apt_hal.atomic import atomic_write_text
+from apt_hal.cli_errors import check_writable_folder
 from apt_hal.compile import lowering, tensorrt, validate
 from apt_hal.compile.export import DimRange, Exported, ExportError, export_onnx
 
@@ -63,12 +66,14 @@ class LogitsOf(torch.nn.Module):
 def load_model(spec: str) -> tuple[torch.nn.Module, str]:
     """``(model in eval mode on the CPU, description)`` from a preset name, a ModelConfig JSON file,
     an ``apt-hal train`` checkpoint (or run) folder, or a Hugging Face checkpoint folder. Random
-    weights (presets, configs) are seeded, so an export is reproducible."""
+    weights (presets, configs) are seeded, so an export is reproducible. A file that cannot give a
+    model raises ValueError (or OSError) naming it and what is wrong."""
     from apt_hal.models import PRESETS, ModelConfig, build_model
 
     path = Path(spec)
     if spec in PRESETS or (path.suffix == ".json" and path.is_file()):
-        cfg = ModelConfig.preset(spec) if spec in PRESETS else ModelConfig.from_json(path)
+        cfg = ModelConfig.preset(spec) if spec in PRESETS else _config_file(path)
+        _check_fits_in_memory(cfg, spec)
         torch.manual_seed(SEED)
         return build_model(cfg).eval(), f"{spec} ({cfg.family}, random weights, seed {SEED})"
     if path.is_dir():
@@ -78,11 +83,56 @@ def load_model(spec: str) -> tuple[torch.nn.Module, str]:
             model, _, folder = checkpoint.load_trained_model(path, device="cpu")
             return model.eval(), f"apt-hal checkpoint {folder}"
         if (path / "config.json").exists():
-            from apt_hal.models.hf import load_pretrained
-
-            return load_pretrained(path).eval(), f"Hugging Face checkpoint {path}"
+            return _hugging_face_model(path).eval(), f"Hugging Face checkpoint {path}"
     raise ValueError(f"--model {spec!r} is not a preset ({', '.join(PRESETS)}), a ModelConfig .json file, an apt-hal "
                      "checkpoint folder or a Hugging Face checkpoint folder (with config.json)")
+
+
+def _config_file(path: Path):
+    from apt_hal.models import ModelConfig
+
+    try:
+        fields = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:  # not UTF-8, or not JSON
+        raise ValueError(f"{path}: not a JSON file: {e}") from None
+    if not isinstance(fields, dict):
+        raise ValueError(f"{path}: a ModelConfig file holds a JSON object of fields, not a {type(fields).__name__}")
+    try:
+        return ModelConfig.from_dict(fields)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+def _check_fits_in_memory(cfg, spec: str) -> None:
+    """Refuse a config whose weights this machine cannot hold, before allocating them."""
+    from apt_hal.models import build_model
+
+    try:
+        shapes = build_model(cfg, device="meta")
+    except RuntimeError as e:  # a tensor size beyond what torch can address
+        raise ValueError(f"{spec}: the model's tensors are too large to exist ({e})") from None
+    needed = sum(t.numel() * t.element_size() for t in [*shapes.parameters(), *shapes.buffers()])
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if needed > memory:
+        raise ValueError(f"{spec}: the model's weights need {needed / 2 ** 30:,.1f} GiB, more than this machine's "
+                         f"{memory / 2 ** 30:,.1f} GiB of memory")
+
+
+def _hugging_face_model(path: Path) -> torch.nn.Module:
+    from safetensors import SafetensorError, safe_open
+
+    from apt_hal.models.hf import load_pretrained
+
+    for weights in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(weights, framework="pt"):  # reads the header only
+                pass
+        except SafetensorError as e:
+            raise ValueError(f"{weights}: not a valid safetensors file: {e}") from None
+    try:
+        return load_pretrained(path)
+    except KeyError as e:
+        raise ValueError(f"{path}: config.json (or the weights index) has no {e.args[0]!r} entry") from None
 
 
 def _example_inputs(model: torch.nn.Module, batch: int, seq: int, generator: torch.Generator) -> tuple:
@@ -165,6 +215,7 @@ def compile_model(model: Union[str, torch.nn.Module], output: Union[str, Path], 
         return CompileResult(EXIT_USAGE, "--require-trt needs --target tensorrt")
     try:
         fp4 = lowering.resolve_target(target, opset, fp4).fp4
+        check_writable_folder(output, "--output")
         log("load: " + (model if isinstance(model, str) else type(model).__name__))
         module, what = load_model(model) if isinstance(model, str) else (model.eval(), type(model).__name__)
     except (ValueError, OSError) as e:
@@ -233,14 +284,14 @@ def _tensorrt_stage(result: CompileResult, exported: Exported, reference: Path, 
     output = exported.path.parent
     readiness = tensorrt.readiness(exported.model)
     result.readiness = readiness
-    (output / "trt_readiness.md").write_text(readiness.markdown())
+    atomic_write_text(output / "trt_readiness.md", readiness.markdown())
     log(f"tensorrt: readiness against TensorRT {readiness.tensorrt_version}'s operator list: {readiness.verdict}")
     profiles = trt_profiles(exported, args, vocab_size)
     # polygraphy checks |got - ref| <= atol elementwise: the model's relaxed rel_inf band times the
     # largest logit of the export example is that band in absolute terms.
     _, relaxed = validate.tolerance("model", "logits", torch.float32).bands()
     script = output / "build_trt.sh"
-    script.write_text(tensorrt.build_script(exported.path.name, profiles, rtol=0.0, atol=relaxed * logit_scale,
+    atomic_write_text(script, tensorrt.build_script(exported.path.name, profiles, rtol=0.0, atol=relaxed * logit_scale,
                                             reference_file=None if reference == exported.path else reference.name))
     script.chmod(script.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
     result.files += [output / "trt_readiness.md", script]
@@ -284,4 +335,4 @@ def _write_report(result: CompileResult, output: Path) -> None:
     path = output / "compile_report.json"
     result.files.append(path)
     report["files"] = {str(f.name): f.stat().st_size if f.exists() else None for f in result.files if f != path}
-    path.write_text(json.dumps(report, indent=1, default=str) + "\n")
+    atomic_write_text(path, json.dumps(report, indent=1, default=str) + "\n")

@@ -6,6 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from apt_hal import __version__
+from apt_hal.cli_errors import UsageError, run_command
+
 EPILOG = """examples:
   apt-compile --target onnx --model apt-moe-tiny --output out/moe --dynamic-batch --dynamic-seq
   apt-compile --target tensorrt --model apt-oss-tiny --output out/oss-trt --dynamic-batch --dynamic-seq
@@ -39,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="apt-compile", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Export an APT model to ONNX (portable, ONNX Runtime) or TensorRT, every apt_hal op "
                     "lowered by one table per target, and validate the graph against eager PyTorch.")
+    p.add_argument("--version", action="version", version=f"apt-compile {__version__}")
     p.add_argument("--target", choices=tuple(lowering.PROFILES), help="what the graph must run on")
     p.add_argument("--model", metavar="CONFIG_OR_CHECKPOINT", help="preset, config .json or checkpoint folder")
     p.add_argument("--output", metavar="DIR", type=Path, help="folder for the graph, reports and scripts")
@@ -106,11 +110,11 @@ def print_summary(result, model: str) -> None:
 
 
 def main(argv=None) -> int:
-    try:
-        parser = build_parser()
-    except ModuleNotFoundError as e:  # the export extra is optional
-        print(f"apt-compile needs the {e.name} package: pip install \"apt-hal[export]\"", file=sys.stderr)
-        return 2
+    return run_command("apt-compile", _compile_command, argv)
+
+
+def _compile_command(argv) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.list_lowerings:
         print_lowerings()
@@ -118,12 +122,14 @@ def main(argv=None) -> int:
     missing = [f"--{n}" for n in ("target", "model", "output") if getattr(args, n) is None]
     if missing:
         parser.error(f"the following arguments are required: {', '.join(missing)}")
-    from apt_hal.compile.api import compile_model
+    from apt_hal.compile.api import EXIT_USAGE, compile_model
 
     result = compile_model(args.model, args.output, target=args.target, opset=args.opset, fp4=args.fp4,
                            dynamic_batch=args.dynamic_batch, dynamic_seq=args.dynamic_seq,
                            validate_graph=not args.no_validate, require_trt=args.require_trt,
                            log=lambda msg: print(msg, flush=True))
+    if result.exit_code == EXIT_USAGE:
+        raise UsageError(result.verdict)
     print_summary(result, args.model)
     return result.exit_code
 

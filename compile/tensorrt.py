@@ -111,9 +111,11 @@ def _element_types(model: onnx.ModelProto) -> dict[str, int]:
 
 
 def _constants(model: onnx.ModelProto) -> dict:
-    """Values known when TensorRT builds: initializers and Constant nodes' outputs (None where the
-    value is not a tensor attribute), by name."""
-    values = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer
+    """Values known when TensorRT builds: initializers and Constant nodes' outputs, by name. The
+    value is None where it is not a tensor attribute or lies in an external data file (a large
+    weight, never a value a restriction reads; the file is not loaded)."""
+    values = {i.name: None if onnx.external_data_helper.uses_external_data(i) else onnx.numpy_helper.to_array(i)
+              for i in model.graph.initializer
               if i.data_type not in (onnx.TensorProto.FLOAT4E2M1, onnx.TensorProto.FLOAT8E8M0)}
     for node in model.graph.node:
         if node.op_type == "Constant":

@@ -7,6 +7,8 @@ import pathlib
 import sys
 import time
 
+from apt_hal.cli_errors import UsageError, check_writable_folder, did_you_mean
+
 HELP = "check backends against the CPU reference and write JSON, JUnit, Markdown and HTML reports"
 EPILOG = """exit codes (bits, added together):
   0  no FAIL, ERROR or INFRA_ERROR (QUALITY_WARNING, XFAIL, XPASS, UNSUPPORTED and NOT_RUN do not
@@ -89,6 +91,8 @@ def _finish(report: dict, out: pathlib.Path, require: list[str], extra_code: int
     paths = reports.write_all(report, out)
     print(reports.text_summary(report))
     print("\nreports: " + ", ".join(str(p) for p in paths))
+    for name, why in reports.required_not_run(report, require).items():
+        print(f"required backend {name} did not run: {why}")
     code = reports.exit_code(report, require) | extra_code
     print(f"exit code {code}" + ("" if code else " (no FAIL, ERROR or INFRA_ERROR)")
           + " (see 'apt-hal conformance --help')" * bool(code))
@@ -102,43 +106,51 @@ def _merge(args, out: pathlib.Path, require: list[str]) -> int:
     for folder in args.merge:
         try:
             rep = reports.load(folder)
+        except ValueError as e:
+            raise UsageError(f"--merge {folder}: {e}") from None
         except FileNotFoundError:
             print(f"apt-hal conformance: no report in {folder} (did its job stop before writing one?)", file=sys.stderr)
             missing = status.EXIT_INFRA
             continue
         reports.relocate_repro(rep, pathlib.Path(folder), out)
         loaded.append(rep)
-    try:
-        merged = reports.merge(loaded)
-    except ValueError as e:
-        print(f"apt-hal conformance: error: {e}", file=sys.stderr)
-        return 2
-    return _finish(merged, out, require, missing)
+    return _finish(reports.merge(loaded), out, require, missing)
+
+
+def _backend_names(flag: str, value: str, known: list[str], allow_all: bool) -> list[str]:
+    """The backends ``value`` names: 'all' (where allowed) or known names, comma-separated."""
+    choices = "'all' or " * allow_all + "comma-separated backend names"
+    if allow_all and value.strip() == "all":
+        return known
+    names = _names([value])
+    if not names and allow_all:
+        raise UsageError(f"{flag} {value!r} names no backend; give {choices} (known: {', '.join(known)})")
+    for name in names:
+        if name not in known:
+            raise UsageError(f"{flag}: unknown backend {name!r}{did_you_mean(name, known)} "
+                             f"(known: {', '.join(known)}; give {choices})")
+    return names
 
 
 def run(args: argparse.Namespace) -> int:
     from apt_hal import registry
     from apt_hal.conformance import runner
-    from apt_hal.errors import UnknownBackendError
 
-    out, require = pathlib.Path(args.report), _names([args.require])
+    out = pathlib.Path(args.report)
+    known = list(registry.backends())
+    require = _backend_names("--require", args.require, known, allow_all=False)
+    if not args.list:
+        check_writable_folder(out, "--report")  # before hours of cases, not after them
     if args.merge:
         return _merge(args, out, require)
-    try:
-        backends = list(registry.backends()) if args.backend == "all" else _names([args.backend])
-        for name in backends + require:
-            registry.get_backend(name)
-        cases = runner.select_cases(_names(args.op), args.case, args.quick)
-    except (UnknownBackendError, ValueError) as e:
-        print(f"apt-hal conformance: error: {e}", file=sys.stderr)
-        return 2
+    backends = _backend_names("--backend", args.backend, known, allow_all=True)
+    cases = runner.select_cases(_names(args.op), args.case, args.quick)
     if args.list:
         for c in cases:
             print(f"{c.id}  {'quick ' if c.quick else ''}{' '.join(c.features)}".rstrip())
         return 0
     if not cases:
-        print("apt-hal conformance: error: no case matches the selection (see --list)", file=sys.stderr)
-        return 2
+        raise UsageError("no case matches the selection (see --list)")
     if args.write_golden:
         from apt_hal.conformance import golden
 

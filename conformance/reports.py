@@ -27,6 +27,7 @@ import os
 import pathlib
 import xml.etree.ElementTree as ET
 
+from apt_hal.atomic import atomic_write, atomic_write_text
 from apt_hal.conformance import status
 
 SCHEMA_MAJOR = "apt_hal.conformance/1"
@@ -81,9 +82,21 @@ def exit_code(report: dict, require=()) -> int:
     code = status.EXIT_FAILED if found[status.FAIL] or found[status.ERROR] else 0
     if found[status.INFRA_ERROR] or any(b["status"] == "INFRA_ERROR" for b in report["backends"].values()):
         code |= status.EXIT_INFRA
-    if any(report["backends"].get(name, {}).get("status") != "RAN" for name in require):
+    if required_not_run(report, require):
         code |= status.EXIT_REQUIRED_NOT_RUN
     return code
+
+
+def required_not_run(report: dict, require=()) -> dict[str, str]:
+    """Each backend of ``require`` that did not run, with why (its status and detail's last line)."""
+    missing = {}
+    for name in require:
+        b = report["backends"].get(name)
+        if b is None:
+            missing[name] = "not in the report (not selected by --backend, or absent from the merged reports)"
+        elif b["status"] != "RAN":
+            missing[name] = " ".join(filter(None, (b["status"], last_line(b.get("detail") or ""))))
+    return missing
 
 
 def merge(reports: list[dict]) -> dict:
@@ -120,16 +133,25 @@ def write_all(report: dict, folder: pathlib.Path) -> list[pathlib.Path]:
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = {k: folder / f for k, f in FILES.items()}
-    paths["json"].write_text(json.dumps(report, indent=1, sort_keys=False) + "\n")
-    ET.ElementTree(junit(report)).write(paths["junit"], encoding="utf-8", xml_declaration=True)
-    paths["markdown"].write_text(markdown(report))
-    paths["html"].write_text(render(report))
+    atomic_write_text(paths["json"], json.dumps(report, indent=1, sort_keys=False) + "\n")
+    atomic_write(paths["junit"], lambda tmp: ET.ElementTree(junit(report)).write(tmp, encoding="utf-8",
+                                                                                xml_declaration=True))
+    atomic_write_text(paths["markdown"], markdown(report))
+    atomic_write_text(paths["html"], render(report))
     return list(paths.values())
 
 
 def load(folder_or_file) -> dict:
+    """The report in a folder (its conformance.json) or a file; ValueError if it is not one."""
     p = pathlib.Path(folder_or_file)
-    return json.loads((p / FILES["json"] if p.is_dir() else p).read_text())
+    path = p / FILES["json"] if p.is_dir() else p
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:  # not UTF-8, or not JSON
+        raise ValueError(f"{path} is not a JSON report: {e}") from None
+    if not isinstance(report, dict) or report.get("schema") != SCHEMA_MAJOR:
+        raise ValueError(f"{path} is not a conformance report (no \"schema\": {SCHEMA_MAJOR!r})")
+    return report
 
 
 def junit(report: dict) -> ET.Element:

@@ -22,6 +22,7 @@ import pathlib
 
 import torch
 
+from apt_hal.atomic import atomic_write, atomic_write_text
 from apt_hal.conformance.spec import storage_elements
 
 # Dtypes safetensors cannot store: saved as their bytes, with the dtype in the metadata.
@@ -50,7 +51,7 @@ def save(path: pathlib.Path, values: dict) -> None:
             storages[keys[sid]] = (flat.view(torch.uint8) if v.dtype in _AS_BYTES else flat).clone()
         meta[name] = json.dumps({"storage": keys[sid], "dtype": str(v.dtype).removeprefix("torch."),
                                  "shape": list(v.shape), "stride": list(v.stride()), "offset": v.storage_offset()})
-    save_file(storages, str(path), metadata=meta)
+    atomic_write(path, lambda tmp: save_file(storages, str(tmp), metadata=meta))
 
 
 def load(path) -> dict:
@@ -84,6 +85,5 @@ def write_bundle(report_dir: pathlib.Path, record: dict, tensors: dict, seed: in
     except ImportError:
         note = "tensors not saved: safetensors is not installed (pip install safetensors)"
     case = {k: v for k, v in record.items() if k != "repro"}
-    (folder / "case.json").write_text(json.dumps({**case, "seed": seed, "note": note},
-                                                 indent=2) + "\n")
+    atomic_write_text(folder / "case.json", json.dumps({**case, "seed": seed, "note": note}, indent=2) + "\n")
     return rel

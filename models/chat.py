@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from apt_hal.cli_errors import EXIT_CODES_EPILOG
 from apt_hal.models import cli
 
 HELP = "chat with a checkpoint of apt-hal train: one message per line on stdin, replies on stdout"
@@ -23,7 +24,8 @@ EPILOG = """examples:
   printf 'The river\\n/quit\\n' | apt-hal chat --checkpoint runs/tiny --greedy
 
 Type a message and press Enter; /reset starts a new conversation, /quit or Ctrl-D leaves.
-"""
+
+""" + EXIT_CODES_EPILOG
 
 COMMANDS = {"/quit": "leave", "/reset": "start a new conversation"}
 

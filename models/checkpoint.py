@@ -5,8 +5,9 @@ A run folder holds one folder per saved step::
     out/step-00000300/  model.safetensors  training_state.pt  config.json  tokenizer.json ...
                         manifest.json      {"format": 1, "step": 300, "files": {name: {"sha256", "size"}}}
 
-A checkpoint exists only if its ``manifest.json`` parses and every file it lists has the listed
-size and SHA-256 (:func:`verify_checkpoint`); :func:`latest_checkpoint` returns the newest such
+A checkpoint exists only if its ``manifest.json`` parses, lists the weights and the training
+state, names only files of its folder, and every file it lists has the listed size and SHA-256
+(:func:`verify_checkpoint`); :func:`latest_checkpoint` returns the newest such
 folder. :func:`save_checkpoint` keeps that true whenever the process dies (SIGKILL, power loss):
 
 1. A leftover folder of the same step without a valid manifest (an interrupted save) is removed;
@@ -28,18 +29,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pathlib
 import random
 import re
 import shutil
-import tempfile
 import warnings
 from typing import Callable, Mapping, Optional, Union
 
 import torch
 
 import apt_hal
+from apt_hal.atomic import atomic_write, atomic_write_bytes, fsync_dir
 from apt_hal.errors import AptHalError
 
 __all__ = [
@@ -53,6 +53,7 @@ MODEL_FILE = "model.safetensors"
 STATE_FILE = "training_state.pt"
 MODEL_CONFIG_FILE = "config.json"  # ModelConfig.to_json
 RUN_FILE = "run.json"  # how the model was built beyond its config: {"mxfp4": null | [include patterns]}
+REQUIRED_FILES = (MODEL_FILE, STATE_FILE)  # a manifest without them is no checkpoint
 FORMAT = 1
 
 PathLike = Union[str, pathlib.Path]
@@ -67,6 +68,11 @@ class CheckpointError(AptHalError, IOError):
     """A folder is not a complete, intact checkpoint, or a checkpoint does not fit what loads it."""
 
 
+def _plain_name(name: str) -> bool:
+    """A file name that stays in its folder: no separator, no '..', not hidden."""
+    return bool(name) and "/" not in name and "\\" not in name and not name.startswith(".")
+
+
 def _step_path(root: PathLike, step: int) -> pathlib.Path:
     return pathlib.Path(root) / f"step-{step:08d}"
 
@@ -76,41 +82,22 @@ def _step_path(root: PathLike, step: int) -> pathlib.Path:
 # ---------------------------------------------------------------------------------------------
 
 
-def _fsync_dir(folder: pathlib.Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _sha256_and_size(path: pathlib.Path, fsync: bool = False) -> tuple[str, int]:
+def _sha256_and_size(path: pathlib.Path) -> tuple[str, int]:
     digest, size = hashlib.sha256(), 0
     with open(path, "rb") as f:
         while chunk := f.read(_HASH_CHUNK):
             digest.update(chunk)
             size += len(chunk)
-        if fsync:  # fsync acts on the file, whichever descriptor asks: the writer's data is now on disk
-            os.fsync(f.fileno())
     return digest.hexdigest(), size
 
 
 def _write_atomic(folder: pathlib.Path, name: str, content: FileContent) -> dict:
     """Write ``folder/name`` atomically and durably; returns its manifest entry."""
-    fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = pathlib.Path(tmp_name)
-    try:
-        if isinstance(content, bytes):
-            tmp.write_bytes(content)
-        else:
-            content(tmp)
-        sha256, size = _sha256_and_size(tmp, fsync=True)
-        os.replace(tmp, folder / name)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(folder)
+    if isinstance(content, bytes):
+        atomic_write_bytes(folder / name, content)
+    else:
+        atomic_write(folder / name, content)
+    sha256, size = _sha256_and_size(folder / name)
     return {"sha256": sha256, "size": size}
 
 
@@ -119,7 +106,7 @@ def _remove_checkpoint(folder: pathlib.Path) -> None:
     manifest = folder / MANIFEST
     if manifest.exists():
         manifest.unlink()
-        _fsync_dir(folder)
+        fsync_dir(folder)
     shutil.rmtree(folder)
 
 
@@ -145,9 +132,12 @@ def save_checkpoint(root: PathLike, step: int, files: Mapping[str, FileContent],
     if keep_last is not None and keep_last < 1:
         raise ValueError(f"save_checkpoint: keep_last must be >= 1 or None, got {keep_last}")
     for name in files:
-        if name == MANIFEST or "/" in name or name.startswith(".") or not name:
+        if not _plain_name(name) or name == MANIFEST:
             raise ValueError(f"save_checkpoint: file name {name!r} must be a plain name other than {MANIFEST!r} "
                              "and not start with '.'")
+    absent = [name for name in REQUIRED_FILES if name not in files]
+    if absent:
+        raise ValueError(f"save_checkpoint: a checkpoint needs {', '.join(absent)}")
     root = pathlib.Path(root)
     folder = _step_path(root, step)
     root.mkdir(parents=True, exist_ok=True)
@@ -159,7 +149,7 @@ def save_checkpoint(root: PathLike, step: int, files: Mapping[str, FileContent],
         else:
             raise CheckpointError(f"save_checkpoint: {folder} already holds a valid checkpoint of step {step}")
     folder.mkdir()
-    _fsync_dir(root)
+    fsync_dir(root)
 
     entries = {name: _write_atomic(folder, name, content) for name, content in files.items()}
     manifest = {"format": FORMAT, "step": step, "files": entries}
@@ -185,7 +175,9 @@ def verify_checkpoint(folder: PathLike) -> dict:
     """Check ``folder``'s manifest and the size and SHA-256 of every file it lists; return the manifest.
 
     Raises :class:`CheckpointError` naming the first problem: no manifest (an interrupted save),
-    an unreadable manifest, a missing file, or a file whose size or hash differs.
+    an unreadable manifest, a manifest that does not list the :data:`REQUIRED_FILES`, a name that
+    leaves the folder (a path, '..', or a symbolic link pointing out), a missing file, or a file
+    whose size or hash differs.
     """
     folder = pathlib.Path(folder)
     manifest_path = folder / MANIFEST
@@ -199,8 +191,14 @@ def verify_checkpoint(folder: PathLike) -> dict:
         int(manifest["step"])
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{manifest_path} is not a valid manifest: {e}") from e
+    absent = [name for name in REQUIRED_FILES if name not in entries]
+    if absent:
+        raise CheckpointError(f"{manifest_path} does not list {', '.join(absent)}: not a complete checkpoint")
+    inside = folder.resolve()
     for name, (sha256, size) in entries.items():
         path = folder / name
+        if not _plain_name(name) or name == MANIFEST or path.resolve().parent != inside:
+            raise CheckpointError(f"{manifest_path} lists {name!r}, which is not a file of the checkpoint folder")
         if not path.is_file():
             raise CheckpointError(f"{folder}: {name} is listed in the manifest but missing")
         actual_sha256, actual_size = _sha256_and_size(path)
@@ -259,17 +257,32 @@ def model_weights_writer(model: torch.nn.Module) -> Callable[[pathlib.Path], Non
 
 def load_model_weights(model: torch.nn.Module, folder: PathLike) -> None:
     """Load the weights of checkpoint ``folder`` into ``model`` (every tensor must fit, none left over)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_model
 
+    path = pathlib.Path(folder) / MODEL_FILE
     try:
-        load_model(model, str(pathlib.Path(folder) / MODEL_FILE), strict=True)
+        load_model(model, str(path), strict=True)
+    except SafetensorError as e:
+        raise CheckpointError(f"{path}: not a valid safetensors file: {e}") from None
     except RuntimeError as e:
         raise CheckpointError(f"{folder}: the weights do not fit this model: {e}") from e
 
 
 def load_training_state(folder: PathLike) -> dict:
     """The training state saved in checkpoint ``folder`` (tensors on the CPU)."""
-    return torch.load(pathlib.Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
+    path = pathlib.Path(folder) / STATE_FILE
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch.load raises whatever its unpickler meets in a damaged file (IndexError...)
+        raise CheckpointError(f"{path}: unreadable training state: {_first_line(e)}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: the training state is a {type(state).__name__}, not a dict")
+    return state
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def rng_state(device: torch.device) -> dict:

@@ -14,6 +14,8 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
+from apt_hal.cli_errors import EXIT_CODES_EPILOG, parse_device
+
 HELP = "continue a prompt with a checkpoint of apt-hal train"
 EPILOG = """examples:
   apt-hal generate --checkpoint runs/tiny --prompt "The river" --seed 1
@@ -22,7 +24,8 @@ EPILOG = """examples:
 
 --checkpoint takes a run folder (its latest complete checkpoint is used) or one step-N folder;
 its manifest is verified before anything is loaded.
-"""
+
+""" + EXIT_CODES_EPILOG
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
@@ -45,14 +48,12 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
 
 def load(args: argparse.Namespace):
     """``(model, tokenizer)`` from ``--checkpoint``, on ``--device`` under ``--backend``."""
-    import torch
-
     import apt_hal
     from apt_hal.models.checkpoint import load_trained_model
 
     if args.backend:
         apt_hal.use(args.backend)
-    model, tokenizer, _ = load_trained_model(args.checkpoint, torch.device(args.device) if args.device else None)
+    model, tokenizer, _ = load_trained_model(args.checkpoint, parse_device(args.device) if args.device else None)
     return model, tokenizer
 
 

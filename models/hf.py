@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from apt_hal import mxfp4
+from apt_hal.atomic import atomic_write, atomic_write_text
 from apt_hal import rope as rope_lib
 from apt_hal.models.config import DTYPES, ModelConfig
 
@@ -390,10 +391,10 @@ def save_pretrained(model: nn.Module, path: Union[str, os.PathLike], *,
     weight_map, total = {}, 0
     for name, shard in zip(names, shards):
         tensors = {e.hf: _to_hf(e.layout, targets[e.ours].detach()[e.index]) for e in shard}
-        save_file(tensors, str(path / name), metadata={"format": "pt"})
+        atomic_write(path / name, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
         weight_map.update(dict.fromkeys(tensors, name))
         total += sum(t.numel() * t.element_size() for t in tensors.values())
     if len(shards) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (path / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-    (path / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
+        atomic_write_text(path / INDEX_FILE, json.dumps(index, indent=2) + "\n")
+    atomic_write_text(path / "config.json", json.dumps(hf, indent=2, sort_keys=True) + "\n")

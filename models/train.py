@@ -32,6 +32,7 @@ from typing import Mapping, Optional, TextIO
 import torch
 
 from apt_hal import device as hal_device
+from apt_hal.cli_errors import EXIT_CODES_EPILOG, parse_device
 from apt_hal.models import checkpoint as ckpt
 from apt_hal.models.tokenizer import MIN_VOCAB_SIZE, Tokenizer
 
@@ -304,6 +305,10 @@ def train(model: torch.nn.Module, train_tokens: torch.Tensor, eval_tokens: torch
         last_checkpoint = pathlib.Path(resume_from)
         ckpt.load_model_weights(model, last_checkpoint)
         state = ckpt.load_training_state(last_checkpoint)
+        absent = [key for key in ("optimizer", "scheduler", "data", "rng", "step") if key not in state]
+        if absent:
+            raise ckpt.CheckpointError(f"{last_checkpoint / ckpt.STATE_FILE}: the training state has no "
+                                       f"{', '.join(absent)}")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         data.load_state_dict(state["data"])
@@ -385,7 +390,8 @@ A checkpoint is DIR/step-NNNNNNNN/ (weights, optimizer, scheduler, random genera
 model config, tokenizer) and counts only once its manifest.json (SHA-256 of every file) is written;
 the default precision is bf16 autocast where the device supports it. Then:
   apt-hal generate --checkpoint runs/tiny --prompt "The river"
-"""
+
+""" + EXIT_CODES_EPILOG
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -452,7 +458,7 @@ def _train_command(args: argparse.Namespace) -> int:
 
     if args.backend:
         apt_hal.use(args.backend)
-    device = torch.device(args.device) if args.device else hal_device.get_device()
+    device = parse_device(args.device) if args.device else hal_device.get_device()
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     text = pathlib.Path(args.data).read_text(encoding="utf-8")
     out = pathlib.Path(args.out)

@@ -33,7 +33,8 @@ class TiedLM(nn.Module):
 
 
 def _files(model, **extra):
-    return {ckpt.MODEL_FILE: ckpt.model_weights_writer(model), "notes.json": b'{"a": 1}', **extra}
+    return {ckpt.MODEL_FILE: ckpt.model_weights_writer(model), ckpt.STATE_FILE: lambda p: torch.save({}, p),
+            "notes.json": b'{"a": 1}', **extra}
 
 
 def test_a_saved_checkpoint_loads_back_and_its_manifest_lists_every_file(tmp_path):
@@ -74,7 +75,7 @@ def test_each_file_is_fsynced_before_its_rename_and_the_manifest_lands_last(tmp_
     folder = ckpt.save_checkpoint(tmp_path, 3, _files(TiedLM()))
 
     replaces = [e for e in events if e[0] == "replace"]
-    assert [os.path.basename(e[2]) for e in replaces] == [ckpt.MODEL_FILE, "notes.json", ckpt.MANIFEST]
+    assert [os.path.basename(e[2]) for e in replaces] == [ckpt.MODEL_FILE, ckpt.STATE_FILE, "notes.json", ckpt.MANIFEST]
     for _, tmp, final in replaces:
         at = events.index(("replace", tmp, final))
         assert os.path.dirname(tmp) == str(folder), "the temporary file is in the same folder (same filesystem)"
@@ -124,6 +125,48 @@ def test_corruption_is_detected_and_latest_falls_back_to_an_intact_checkpoint(tm
         assert ckpt.latest_checkpoint(tmp_path) is None
     with pytest.raises(ckpt.CheckpointError, match="no complete checkpoint"), pytest.warns(RuntimeWarning):
         ckpt.resolve_checkpoint(tmp_path)
+
+
+def _rewrite_manifest(folder, files):
+    """Replace ``folder``'s manifest with one listing ``files`` (name -> path), hashed correctly."""
+    entries = {name: {"sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "size": path.stat().st_size}
+               for name, path in files.items()}
+    (folder / ckpt.MANIFEST).write_text(json.dumps({"format": 1, "step": 1, "files": entries}))
+
+
+def test_a_manifest_must_list_the_weights_and_training_state_and_only_files_of_its_folder(tmp_path):
+    folder = ckpt.save_checkpoint(tmp_path / "run", 1, _files(TiedLM()))
+    own = {name: folder / name for name in (ckpt.MODEL_FILE, ckpt.STATE_FILE)}
+    outside = tmp_path / "hostname"
+    outside.write_text("secret\n")
+    (folder / "link").symlink_to(outside)
+    cases = [({}, f"does not list {ckpt.MODEL_FILE}, {ckpt.STATE_FILE}"),
+             ({ckpt.MODEL_FILE: own[ckpt.MODEL_FILE]}, f"does not list {ckpt.STATE_FILE}"),
+             ({**own, "../../hostname": outside}, "lists '../../hostname', which is not a file of the checkpoint"),
+             ({**own, str(outside): outside}, "which is not a file of the checkpoint folder"),
+             ({**own, "link": outside}, "lists 'link', which is not a file of the checkpoint folder")]
+    for files, message in cases:
+        _rewrite_manifest(folder, files)
+        with pytest.raises(ckpt.CheckpointError, match=message):
+            ckpt.verify_checkpoint(folder)
+    _rewrite_manifest(folder, own)
+    assert ckpt.verify_checkpoint(folder)["files"].keys() == own.keys()
+    with pytest.raises(ValueError, match=f"a checkpoint needs {ckpt.STATE_FILE}"):
+        ckpt.save_checkpoint(tmp_path / "run", 2, {ckpt.MODEL_FILE: b"weights"})
+
+
+def test_unreadable_weights_and_training_state_are_checkpoint_errors(tmp_path):
+    folder = ckpt.save_checkpoint(tmp_path, 1, _files(TiedLM()))
+    (folder / ckpt.MODEL_FILE).write_bytes(b"\x00not safetensors" * 8)
+    with pytest.raises(ckpt.CheckpointError, match=f"{ckpt.MODEL_FILE}: not a valid safetensors file"):
+        ckpt.load_model_weights(TiedLM(), folder)
+    for content in (b"torn", b"PK\x03\x04" + b"\x00" * 40):
+        (folder / ckpt.STATE_FILE).write_bytes(content)
+        with pytest.raises(ckpt.CheckpointError, match=f"{ckpt.STATE_FILE}: unreadable training state"):
+            ckpt.load_training_state(folder)
+    torch.save([1, 2], folder / ckpt.STATE_FILE)
+    with pytest.raises(ckpt.CheckpointError, match="the training state is a list, not a dict"):
+        ckpt.load_training_state(folder)
 
 
 def test_keep_last_removes_older_checkpoints_and_interrupted_saves(tmp_path):

@@ -128,6 +128,28 @@ def test_train_resume_continues_from_the_latest_checkpoint_with_its_config_and_t
     assert tokenizers[0] == tokenizers[1], "the resumed run keeps the checkpoint's tokenizer"
 
 
+@pytest.mark.parametrize("damage, message", [
+    ({ckpt.MODEL_FILE: b"\x00not safetensors" * 8}, f"{ckpt.MODEL_FILE}: not a valid safetensors file"),
+    ({ckpt.STATE_FILE: b"torn"}, f"{ckpt.STATE_FILE}: unreadable training state"),
+])
+def test_train_resume_from_an_unreadable_checkpoint_is_one_line(damage, message, tmp_path):
+    """Files damaged before their manifest was written (so it verifies): loading must still say
+    which file is wrong in one line."""
+    import hashlib
+
+    out = tmp_path / "run"
+    assert _run("train", *TINY_RUN, "--out", str(out), "--steps", "2", "--save-every", "2")[0] == 0
+    folder = ckpt.latest_checkpoint(out)
+    manifest = json.loads((folder / ckpt.MANIFEST).read_text())
+    for name, content in damage.items():
+        (folder / name).write_bytes(content)
+        manifest["files"][name] = {"sha256": hashlib.sha256(content).hexdigest(), "size": len(content)}
+    (folder / ckpt.MANIFEST).write_text(json.dumps(manifest))
+    code, _, stderr = _run("train", "--data", DATA, "--out", str(out), "--resume", "--steps", "4")
+    assert code == 2 and "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    assert stderr.startswith("apt-hal train: error: ") and message in stderr, stderr
+
+
 def test_train_with_mxfp4_linears_saves_a_checkpoint_that_generates(tmp_path):
     out = tmp_path / "fp4"
     code, _, stderr = _run("train", *TINY_RUN, "--out", str(out), "--steps", "2", "--mxfp4", "ffn")

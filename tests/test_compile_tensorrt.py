@@ -99,6 +99,23 @@ def test_readiness_reports_unsupported_operators_types_and_restrictions():
     assert "OUTSIDE" in r.markdown()
 
 
+def test_readiness_reads_a_graph_whose_weights_are_in_an_external_data_file(tmp_path, monkeypatch):
+    """Past 2 GiB the export saves its weights next to the graph; readiness reads types and shapes
+    from the graph and never the data file, wherever the process runs."""
+    weight = onnx.numpy_helper.from_array(torch.full((64, 64), 0.5).numpy(), "w")  # raw data: movable out
+    k = helper.make_tensor("k", TensorProto.INT64, [1], [2])
+    model = _graph([helper.make_node("MatMul", ["x", "w"], ["y"]), helper.make_node("TopK", ["y", "k"], ["v", "i"])],
+                   [_vi("x", TensorProto.FLOAT, [3, 64])], [_vi("v", TensorProto.FLOAT, [3, 2])], [weight, k])
+    onnx.save_model(model, str(tmp_path / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="model.onnx.data", size_threshold=1024)  # as export does, leaving the graph external
+    monkeypatch.chdir(tmp_path.parent)
+    for graph in (model, onnx.load(str(tmp_path / "model.onnx"), load_external_data=False)):
+        assert onnx.external_data_helper.uses_external_data(graph.graph.initializer[0])
+        status = {o.op_type: o for o in tensorrt.readiness(graph).ops}
+        assert status["MatMul"].status == "ok" and status["MatMul"].types == ["FP32"]
+        assert status["TopK"].status == "ok", "the small inline k is still read"
+
+
 def test_operator_list_names_its_source_and_covers_the_ops_we_emit():
     data = tensorrt.load_support()
     assert "onnx-tensorrt" in data["source"] and data["tensorrt_version"] == "10.15"
