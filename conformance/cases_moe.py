@@ -169,8 +169,8 @@ def _experts_cases() -> list[Case]:
     cases += variants(op, FLOATS, "mxfp4_t33_e8_k4_d256_f256", _experts(33, 8, 4, 256, 256, mxfp4_weights=True),
                       features=("mxfp4_experts",), reduction=512)
     # The weights must be contiguous; every other tensor may have any strides.
-    cases += strided_variants(Case(op, torch.bfloat16, "bias", _experts(5, 4, 2, d, f, bias=True), features=("bias",),
-                                   reduction=d + f),
+    cases += strided_variants(Case(op, torch.bfloat16, "bias_t3_d32_f32", _experts(3, 4, 2, 32, 32, bias=True),
+                                   features=("bias",), reduction=64),
                               [("x", None), ("x", 1), ("sorted_assignments", None), ("expert_offsets", None),
                                ("b_up", None), ("b_down", None)])
 
