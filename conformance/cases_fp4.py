@@ -8,8 +8,8 @@ import math
 import torch
 
 from apt_hal import mxfp4, ops
-from apt_hal.conformance.spec import (EDGES, FLOATS, Case, OpSpec, edge_values, randint, randn, strided_variants,
-                                      variants)
+from apt_hal.conformance.spec import (EDGES, FLOATS, Case, OpSpec, edge_values, randint, randn, spread,
+                                      strided_variants, variants)
 
 QUICK = (torch.bfloat16,)  # feature and edge cases: one dtype in the quick suite, all in the full one
 
@@ -90,6 +90,7 @@ def _fp4_cases() -> list[Case]:
         bad("bias_shape", "'bias'", bias=lambda a: a["bias"][:5]),
         bad("bias_dtype", "'bias'", bias=lambda a: a["bias"].to(torch.float16)),
         bad("w_packed_noncontiguous", "'w_packed'", w_packed=lambda a: a["w_packed"].T.contiguous().T),
+        bad("w_scales_strided", "'w_scales'", w_scales=lambda a: spread(a["w_scales"], 1)),
     ]
     return cases
 

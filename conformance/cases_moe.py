@@ -14,7 +14,7 @@ import math
 import torch
 
 from apt_hal import mxfp4, ops
-from apt_hal.conformance.spec import FLOATS, Case, OpSpec, randint, randn, strided_variants, variants
+from apt_hal.conformance.spec import FLOATS, Case, OpSpec, randint, randn, spread, strided_variants, variants
 
 QUICK = (torch.bfloat16,)
 INDEX = (torch.int32, torch.int64)
@@ -184,6 +184,7 @@ def _experts_cases() -> list[Case]:
               bad("one_scale_only", "'w_up_scales'", w_up_scales=lambda a: torch.zeros(4, 128, 2, dtype=torch.uint8)),
               bad("offsets_size", "'expert_offsets'", expert_offsets=lambda a: a["expert_offsets"][:-1]),
               bad("odd_up_width", "w_up", w_up=lambda a: a["w_up"][:, :-1].contiguous()),
+              bad("w_down_strided", "'w_down'", w_down=lambda a: spread(a["w_down"], 1)),
               bad("assignments_size", "'sorted_assignments'",
                   sorted_assignments=lambda a: a["sorted_assignments"][:-1])]
     return cases

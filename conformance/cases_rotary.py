@@ -9,8 +9,8 @@ import math
 import torch
 
 from apt_hal import ops
-from apt_hal.conformance.spec import (EDGES, FLOATS, Case, OpSpec, edge_values, randint, randn, strided_variants,
-                                      variants)
+from apt_hal.conformance.spec import (EDGES, FLOATS, Case, OpSpec, edge_values, randint, randn, spread,
+                                      strided_variants, variants)
 
 QUICK = (torch.bfloat16,)
 
@@ -86,6 +86,7 @@ def _cases(op: str) -> list[Case]:
         bad("unknown_style", "'style'", style=lambda a: "rotate_half"),
         bad("strided_head_dim", "'q'", q=lambda a: a["q"].transpose(2, 3).contiguous().transpose(2, 3)),
         bad("cache_dtype", "'cos_sin_cache'", cos_sin_cache=lambda a: a["cos_sin_cache"].to(torch.bfloat16)),
+        bad("cache_strided", "'cos_sin_cache'", cos_sin_cache=lambda a: spread(a["cos_sin_cache"], 1)),
     ]
     return cases
 
