@@ -8,7 +8,8 @@ import math
 import torch
 
 from apt_hal import mxfp4, ops
-from apt_hal.conformance.spec import EDGES, FLOATS, Case, OpSpec, edge_values, randint, randn, variants
+from apt_hal.conformance.spec import (EDGES, FLOATS, Case, OpSpec, edge_values, randint, randn, spread,
+                                      strided_variants, variants)
 
 QUICK = (torch.bfloat16,)  # feature and edge cases: one dtype in the quick suite, all in the full one
 
@@ -69,6 +70,9 @@ def _fp4_cases() -> list[Case]:
     # (cuda-triton splits fp16 and fp32 x into bf16 parts), and the edges are where that shows.
     for e in EDGES:
         cases += variants(op, FLOATS, f"edge_{e}", _matmul((4,), 64, 8, edge=e), quick_dtypes="*", reduction=64)
+    # The weights must be contiguous (error cases below); x and bias may have any strides.
+    cases += strided_variants(Case(op, torch.bfloat16, "bias", _matmul((5,), 64, 24, bias=True), features=("bias",),
+                                   reduction=64), [("x", None), ("x", 1), ("bias", None)])
 
     def bad(name, raises, **changes):
         def make(g, dtype):
@@ -86,6 +90,7 @@ def _fp4_cases() -> list[Case]:
         bad("bias_shape", "'bias'", bias=lambda a: a["bias"][:5]),
         bad("bias_dtype", "'bias'", bias=lambda a: a["bias"].to(torch.float16)),
         bad("w_packed_noncontiguous", "'w_packed'", w_packed=lambda a: a["w_packed"].T.contiguous().T),
+        bad("w_scales_strided", "'w_scales'", w_scales=lambda a: spread(a["w_scales"], 1)),
     ]
     return cases
 
@@ -127,6 +132,7 @@ def _quantize_cases() -> list[Case]:
     for kind in ("ties", *EDGES):
         cases += variants(op, FLOATS, f"edge_{kind}", _quantize_input((4, 64), kind), quick_dtypes=QUICK)
     cases += variants(op, FLOATS, "batch_dims", _quantize_input((2, 3, 64)), quick_dtypes=QUICK)
+    cases += strided_variants(Case(op, torch.bfloat16, "rows5_k96", _quantize_input((5, 96))), [("w", None)])
     cases += [
         Case(op, torch.float32, "error_k_not_multiple_of_32", lambda g, dt: dict(w=randn(g, (2, 48), dt)),
              quick=True, raises="multiple of 32", error=ValueError),

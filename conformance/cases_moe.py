@@ -14,7 +14,7 @@ import math
 import torch
 
 from apt_hal import mxfp4, ops
-from apt_hal.conformance.spec import FLOATS, Case, OpSpec, randint, randn, variants
+from apt_hal.conformance.spec import FLOATS, Case, OpSpec, randint, randn, spread, strided_variants, variants
 
 QUICK = (torch.bfloat16,)
 INDEX = (torch.int32, torch.int64)
@@ -62,6 +62,8 @@ def _route_cases() -> list[Case]:
                        ("edge_largest", _route(6, 8, 2, logits="largest")), ("empty_t0", _route(0, 8, 2))]:
         cases += variants(op, FLOATS, name, make, quick_dtypes=QUICK, reduction=8)
     cases += variants(op, FLOATS, "t257_e64_k8", _route(257, 64, 8, renormalize=True), reduction=64)
+    cases += strided_variants(Case(op, torch.bfloat16, "t7_e8_k2", _route(7, 8, 2), reduction=8),
+                              [("router_logits", None)])
 
     def bad(name, raises, value_check=False, **changes):
         def make(g, dtype):
@@ -100,6 +102,7 @@ def _permute_cases() -> list[Case]:
         cases += variants(op, INDEX, name, make, quick_dtypes=(torch.int32,), features=feats)
     cases += variants(op, INDEX, "t257_e16_k4", _permute(257, 16, 4))
     cases += variants(op, INDEX, "capacity_t257_e16_k4", _permute(257, 16, 4, 50), features=("capacity",))
+    cases += strided_variants(Case(op, torch.int32, "t9_e4_k2", _permute(9, 4, 2)), [("topk_ids", None)])
 
     def bad(name, raises, value_check=False, **changes):
         def make(g, dtype):
@@ -165,6 +168,11 @@ def _experts_cases() -> list[Case]:
     cases += variants(op, FLOATS, "t64_e8_k2_d256_f512", _experts(64, 8, 2, 256, 512), reduction=768)
     cases += variants(op, FLOATS, "mxfp4_t33_e8_k4_d256_f256", _experts(33, 8, 4, 256, 256, mxfp4_weights=True),
                       features=("mxfp4_experts",), reduction=512)
+    # The weights must be contiguous; every other tensor may have any strides.
+    cases += strided_variants(Case(op, torch.bfloat16, "bias_t3_d32_f32", _experts(3, 4, 2, 32, 32, bias=True),
+                                   features=("bias",), reduction=64),
+                              [("x", None), ("x", 1), ("sorted_assignments", None), ("expert_offsets", None),
+                               ("b_up", None), ("b_down", None)])
 
     def bad(name, raises, **changes):
         def make(g, dtype):
@@ -176,6 +184,7 @@ def _experts_cases() -> list[Case]:
               bad("one_scale_only", "'w_up_scales'", w_up_scales=lambda a: torch.zeros(4, 128, 2, dtype=torch.uint8)),
               bad("offsets_size", "'expert_offsets'", expert_offsets=lambda a: a["expert_offsets"][:-1]),
               bad("odd_up_width", "w_up", w_up=lambda a: a["w_up"][:, :-1].contiguous()),
+              bad("w_down_strided", "'w_down'", w_down=lambda a: spread(a["w_down"], 1)),
               bad("assignments_size", "'sorted_assignments'",
                   sorted_assignments=lambda a: a["sorted_assignments"][:-1])]
     return cases
@@ -202,6 +211,10 @@ def _combine_cases() -> list[Case]:
                               ("empty_t0", _combine(0, 4, 2, 64), ())]:
         cases += variants(op, FLOATS, name, make, quick_dtypes=QUICK, features=feats, reduction=4)
     cases += variants(op, FLOATS, "t257_e16_k4_d512", _combine(257, 16, 4, 512), reduction=4)
+    cases += strided_variants(Case(op, torch.bfloat16, "capacity", _combine(9, 4, 2, 64, capacity=2),
+                                   features=("capacity",), reduction=2),
+                              [("y", None), ("y", 1), ("sorted_assignments", None), ("expert_offsets", None),
+                               ("topk_weights", None)])
 
     def bad(name, raises, **changes):
         def make(g, dtype):

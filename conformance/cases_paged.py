@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from apt_hal import ops
-from apt_hal.conformance.spec import Case, OpSpec, random_bytes, randint, variants
+from apt_hal.conformance.spec import Case, OpSpec, random_bytes, randint, strided_variants, variants
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.uint8, torch.int64, torch.float8_e4m3fn)
 QUICK = (torch.uint8, torch.bfloat16)
@@ -67,6 +67,9 @@ def _write_cases() -> list[Case]:
         cases += variants(op, DTYPES, name, make, quick_dtypes=QUICK, features=feats)
     cases += variants(op, DTYPES, "t300_bs16_kv8x128", _write(40, 16, (8, 128), 300, strided=True),
                       features=("strided_pool",))
+    # Pools and values are dense past their first dimension; ids may have any stride.
+    cases += strided_variants(Case(op, torch.bfloat16, "t7_bs4", _write(6, 4, (2, 8), 7)),
+                              [("cache", 1), ("values", 1), ("slot_mapping", None)])
 
     def bad(name, raises, value_check=False, **changes):
         def make(g, dtype):
@@ -94,6 +97,9 @@ def _gather_cases() -> list[Case]:
         cases += variants(op, DTYPES, name, make, quick_dtypes=QUICK, features=feats)
     cases += variants(op, DTYPES, "table_16x64_kv8x128", _gather(256, 16, (8, 128), (16, 64), strided=True),
                       features=("strided_pool",))
+    cases += strided_variants(Case(op, torch.bfloat16, "table_3x4", _gather(8, 4, (2, 8), (3, 4))),
+                              [("cache", 1), ("block_table", None), ("block_table", 1)])
+    cases += strided_variants(Case(op, torch.bfloat16, "table_5", _gather(8, 4, (2, 8), (5,))), [("block_table", None)])
 
     def bad(name, raises, value_check=False, **changes):
         def make(g, dtype):
@@ -121,6 +127,8 @@ def _copy_cases() -> list[Case]:
     cases += variants(op, DTYPES, "n64_kv8x128", _copy(128, 96, 16, (8, 128), 64))
     cases += variants(op, DTYPES, "n64_kv8x128_to_host", _copy(128, 96, 16, (8, 128), 64), features=("cross_device",),
                       host_args=("dst", "dst_ids"))
+    cases += strided_variants(Case(op, torch.bfloat16, "n3", _copy(6, 5, 4, (2, 8), 3)),
+                              [("src", 1), ("src_ids", None), ("dst", 1), ("dst_ids", None)])
 
     def bad(name, raises, value_check=False, **changes):
         def make(g, dtype):

@@ -9,7 +9,8 @@ import math
 import torch
 
 from apt_hal import ops
-from apt_hal.conformance.spec import EDGES, FLOATS, Case, OpSpec, edge_values, randint, randn, variants
+from apt_hal.conformance.spec import (EDGES, FLOATS, Case, OpSpec, edge_values, randint, randn, spread,
+                                      strided_variants, variants)
 
 QUICK = (torch.bfloat16,)
 
@@ -64,6 +65,9 @@ def _cases(op: str) -> list[Case]:
     cases += variants(op, FLOATS, "prefill_b2_s128_h8_d128", _rotary(2, 128, 8, 8, 128))
     cases += variants(op, FLOATS, "prefill_gqa_qkv_b2_s64_hq16_hk4", _rotary(2, 64, 16, 4, 128, layout="qkv"),
                       features=("strided", "gqa"))
+    # q and k may be strided in every dimension but head_dim; the cache must be contiguous.
+    cases += strided_variants(Case(op, torch.bfloat16, "gqa_hq4_hk2", _rotary(2, 3, 4, 2, 64), features=("gqa",)),
+                              [("q", 3), ("k", 3), ("positions", None)])
 
     def bad(name, raises, value_check=False, **changes):
         def make(g, dtype):
@@ -82,6 +86,7 @@ def _cases(op: str) -> list[Case]:
         bad("unknown_style", "'style'", style=lambda a: "rotate_half"),
         bad("strided_head_dim", "'q'", q=lambda a: a["q"].transpose(2, 3).contiguous().transpose(2, 3)),
         bad("cache_dtype", "'cos_sin_cache'", cos_sin_cache=lambda a: a["cos_sin_cache"].to(torch.bfloat16)),
+        bad("cache_strided", "'cos_sin_cache'", cos_sin_cache=lambda a: spread(a["cos_sin_cache"], 1)),
     ]
     return cases
 

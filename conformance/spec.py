@@ -86,6 +86,22 @@ def variants(op: str, dtypes, name: str, make, quick_dtypes=(), **kw) -> list[Ca
     return [Case(op, dt, name, make, quick="*" in quick_dtypes or dt in quick_dtypes, **kw) for dt in dtypes]
 
 
+def strided_variants(base: Case, layouts) -> list[Case]:
+    """Copies of ``base`` in which one tensor argument is :func:`spread`: one case per ``(argument,
+    dims)`` of ``layouts`` (``dims``: how many leading dimensions are strided, None for all), each
+    in the quick suite. Every backend is held to them: an operand's strides are part of its
+    layout, which the contract's checks allow or reject, never an optional feature."""
+    def variant(arg: str, dims: Optional[int]) -> Case:
+        def make(g, dtype):
+            args = base.make(g, dtype)
+            return {**args, arg: spread(args[arg], dims)}
+
+        where = "" if dims is None else f"_dims0-{dims - 1}" if dims > 1 else "_dim0"
+        return dataclasses.replace(base, name=f"{base.name}_strided_{arg}{where}", make=make, quick=True)
+
+    return [variant(arg, dims) for arg, dims in layouts]
+
+
 # ---- inputs ---------------------------------------------------------------------------------
 
 
@@ -143,6 +159,24 @@ def edge_values(g: torch.Generator, shape, dtype: torch.dtype, kind: str, headro
         x[n // 8], x[3 * n // 8 + 2], x[5 * n // 8 + 3] = float("nan"), float("inf"), float("-inf")
         return x.reshape(shape).to(dtype)
     raise ValueError(f"unknown edge kind {kind!r}; known: {', '.join(EDGES)}")
+
+
+# Fills the gaps of spread tensors: as an index it is far out of range, as a float a large finite
+# value, so a kernel that reads a gap (ignores a stride) gives a visibly wrong result.
+GAP_BYTE = 0x5A
+
+
+def spread(t: torch.Tensor, dims: Optional[int] = None) -> torch.Tensor:
+    """``t``'s values in a new layout whose first ``dims`` dimensions (all when None) take every
+    other element of a twice larger storage, as a column of a table or a slice does: a 1-D tensor
+    gets stride 2, a 2-D one strides ``(4 * cols, 2)``."""
+    dims = t.dim() if dims is None else dims
+    shape = [2 * n if i < dims else n for i, n in enumerate(t.shape)]
+    n_bytes = math.prod(shape) * t.element_size()
+    big = torch.full((n_bytes,), GAP_BYTE, dtype=torch.uint8).view(t.dtype).reshape(shape)
+    view = big[tuple(slice(None, None, 2) if i < dims else slice(None) for i in range(t.dim()))]
+    view.copy_(t)
+    return view
 
 
 # ---- placing inputs on a device ---------------------------------------------------------------

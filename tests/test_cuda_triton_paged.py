@@ -164,8 +164,8 @@ class _TorchRowCopy:
         return self.launch
 
     @staticmethod
-    def launch(src, src_ids, src_row_stride, dst, dst_ids, rows_per_block, dst_block_stride, n_rows, row_len,
-               *_, **__):
+    def launch(src, src_ids, src_id_stride, src_rows, src_row_stride, dst, dst_ids, dst_id_stride, dst_rows,
+               rows_per_block, dst_block_stride, n_rows, row_len, *_, **__):
         every = torch.arange(n_rows, device=dst.device)
         s = every if src_ids is None else src_ids.long()
         rows = src[s.clamp(min=0), :row_len] * (s >= 0)[:, None]

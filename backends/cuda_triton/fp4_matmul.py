@@ -317,7 +317,7 @@ def _k_loop(acc, x_tile, w_tile, s_tile, mask_m, K, k0, BLOCK_K: tl.constexpr, K
 @triton.jit
 def _fp4_matmul_kernel(
     x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr,
-    M, N, K, stride_xm, stride_wn, stride_sn, stride_om,
+    M, N, K, stride_xm, stride_wn, stride_sn, stride_om, stride_bias,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_STEPS: tl.constexpr,
     X_PARTS: tl.constexpr, SWAP_AB: tl.constexpr, X_PERMUTED: tl.constexpr, SPLIT_K: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, INTERPRETER: tl.constexpr,
@@ -326,7 +326,7 @@ def _fp4_matmul_kernel(
     of BLOCK_K starting at block s * K_STEPS; with SPLIT_K > 1 it writes its fp32 partial sum to
     out_ptr + s * M * N (no bias). K_STEPS is a compile-time constant: one compiled variant per
     (K, split), and a loop bound that Triton's interpreter (which needs Python ints) can run.
-    w_ptr: the packed weights as 32-bit words, stride_wn words per row."""
+    w_ptr: the packed weights as 32-bit words, stride_wn words per row; bias: stride_bias apart."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -375,7 +375,7 @@ def _fp4_matmul_kernel(
         tl.store(out_tile, acc, mask=mask_m[:, None] & mask_n[None, :])
     else:
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            acc += tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         tl.store(out_tile, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
@@ -400,8 +400,8 @@ def _dequantize_kernel(w_ptr, s_ptr, out_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK
 
 
 @triton.jit
-def _split_k_sum_kernel(part_ptr, bias_ptr, out_ptr, MN, N, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr,
-                        HAS_BIAS: tl.constexpr):
+def _split_k_sum_kernel(part_ptr, bias_ptr, out_ptr, MN, N, stride_bias, SPLIT_K: tl.constexpr,
+                        BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr):
     """out = sum over s of part[s] (+ bias), in a fixed order (deterministic), rounded once."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < MN
@@ -409,7 +409,7 @@ def _split_k_sum_kernel(part_ptr, bias_ptr, out_ptr, MN, N, SPLIT_K: tl.constexp
     for s in tl.static_range(1, SPLIT_K):
         acc += tl.load(part_ptr + s * MN + offs, mask=mask, other=0.0)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+        acc += tl.load(bias_ptr + (offs % N) * stride_bias, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -476,11 +476,12 @@ def launch(x: torch.Tensor, w_packed: torch.Tensor, w_scales: torch.Tensor, bias
     if x_permuted:
         x2 = permute_k(x2, cfg.block_k)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    bias_stride = 0 if bias is None else bias.stride(0)
     target = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
     with hw.device_guard(x):
         wrap(_fp4_matmul_kernel)[grid](
-            x2, words, scales, bias, target, m, n, k, x2.stride(0), k // 8, k // mxfp4.BLOCK, n,
+            x2, words, scales, bias, target, m, n, k, x2.stride(0), k // 8, k // mxfp4.BLOCK, n, bias_stride,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, K_STEPS=k_blocks // split,
             X_PARTS=_X_PARTS[x.dtype], SWAP_AB=cfg.swap_ab, X_PERMUTED=x_permuted, SPLIT_K=split,
             GROUP_M=cfg.group_m, EVEN_K=k % cfg.block_k == 0, HAS_BIAS=bias is not None,
@@ -489,7 +490,8 @@ def launch(x: torch.Tensor, w_packed: torch.Tensor, w_scales: torch.Tensor, bias
         if split > 1:
             block = 1024
             wrap(_split_k_sum_kernel)[(triton.cdiv(m * n, block),)](
-                target, bias, out, m * n, n, SPLIT_K=split, BLOCK=block, HAS_BIAS=bias is not None, num_warps=4)
+                target, bias, out, m * n, n, bias_stride, SPLIT_K=split, BLOCK=block, HAS_BIAS=bias is not None,
+                num_warps=4)
     return out.reshape(*x.shape[:-1], n)
 
 

@@ -13,6 +13,15 @@
 * combine: invert the row order, then gather each token's rows and sum them in ``j`` order in
   float32 (no atomics: deterministic).
 
+Index operands may hold anything at check levels "none" and "metadata" (the value checks that
+reject bad indices run only at "values"); no kernel follows an index out of its tensor, and the
+result is defined: a routing row holding NaN or +inf, or only -inf, gets experts 0..k-1 with
+weight 0; permute puts the assignments whose id is outside ``[0, E)`` last, after the dropped
+ones (``expert_offsets`` count only valid ids); experts read ``expert_offsets`` as described in
+:func:`_expert_tile` and give a zero row for an assignment outside ``[0, S)``; combine ignores
+such assignments, a token's assignment that no row names contributes 0, and one named by
+several rows uses the last.
+
 No step reads a tensor value on the host and every grid depends on shapes only, so a whole
 layer can be captured in a CUDA graph. The grouped GEMMs launch a fixed number of row tiles
 (see :func:`_row_tiles`) and each program finds its expert from ``expert_offsets`` on the GPU;
@@ -52,7 +61,8 @@ def _plain(kernel):
 
 
 def _dense(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """The kernels index 1-D and [E, n] operands as contiguous (a no-op when they are)."""
+    """The kernels index these small read-only 1-D and [E, n] operands as contiguous: a strided one
+    is copied before the launch (a no-op when it is contiguous)."""
     return None if t is None else t.contiguous()
 
 
@@ -74,8 +84,15 @@ def _route_kernel(logits_ptr, weights_ptr, ids_ptr, T, E, stride_t, stride_e,
     col = tl.arange(0, E_PAD)
     in_tok = tok < T
     row = tl.minimum(tok, T - 1).to(tl.int64)  # rows past T repeat the last one, unstored
+    real = (col < E)[None, :]
     x = tl.load(logits_ptr + row[:, None] * stride_t + col[None, :] * stride_e,
-                mask=(col < E)[None, :], other=float("-inf")).to(tl.float32)
+                mask=real, other=float("-inf")).to(tl.float32)
+    # A row holding NaN or +inf, or only -inf, has no defined routing (a value-check error): it
+    # gets experts 0..k-1 (a row of zeros ties everywhere) with weight 0, never NaN.
+    undefined = tl.max(((x != x) | (x == float("inf"))).to(tl.int32), axis=1) > 0
+    no_finite = tl.max((real & (x > float("-inf"))).to(tl.int32), axis=1) == 0
+    bad = undefined | no_finite
+    x = tl.where(bad[:, None] & real, 0.0, x)
     if SOFTMAX_FIRST:
         z = tl.exp(x - tl.max(x, axis=1)[:, None])
         scores = z / tl.sum(z, axis=1)[:, None]
@@ -101,6 +118,7 @@ def _route_kernel(logits_ptr, weights_ptr, ids_ptr, T, E, stride_t, stride_e,
     else:
         z = tl.where(chosen, tl.exp(top - tl.max(tl.where(chosen, top, float("-inf")), axis=1)[:, None]), 0.0)
         w = z / tl.sum(z, axis=1)[:, None]
+    w = tl.where(bad[:, None], 0.0, w)
     out = tok[:, None] * TOP_K + slot
     keep = in_tok[:, None] & chosen
     tl.store(weights_ptr + out, w, mask=keep)
@@ -131,61 +149,69 @@ def route(router_logits: torch.Tensor, top_k: int, scoring: str = "softmax_topk"
 
 
 @triton.jit
-def _priority_block(ids_ptr, block, T, S, top_k, BLOCK: tl.constexpr):
+def _priority_block(ids_ptr, stride_t, stride_k, block, T, S, E, top_k, BLOCK: tl.constexpr):
     """Assignments of one block of priorities (every token's first choice by token index, then
-    every second choice, ...) and their experts, -1 past the last."""
+    every second choice, ...) and their experts: -1 past the last, E (the bucket of ids out of
+    range, compared before any narrowing) for an id outside [0, E)."""
     p = block * BLOCK + tl.arange(0, BLOCK)
-    assignment = (p % T) * top_k + p // T
-    expert = tl.load(ids_ptr + assignment, mask=p < S, other=-1).to(tl.int32)
-    return assignment, expert
+    token = p % T
+    j = p // T
+    raw = tl.load(ids_ptr + token.to(tl.int64) * stride_t + j.to(tl.int64) * stride_k, mask=p < S, other=0)
+    expert = tl.where(p < S, tl.where((raw >= 0) & (raw < E), raw, E), -1).to(tl.int32)
+    return token * top_k + j, expert
 
 
 @triton.jit
-def _permute_count_kernel(ids_ptr, hist_ptr, T, S, E, top_k, BLOCK: tl.constexpr, E_PAD: tl.constexpr):
+def _permute_count_kernel(ids_ptr, stride_t, stride_k, hist_ptr, T, S, E, top_k, BLOCK: tl.constexpr,
+                          E_PAD: tl.constexpr):
+    # Histograms of E + 1 buckets: the experts, then the ids out of range.
     block = tl.program_id(0)
-    _, expert = _priority_block(ids_ptr, block, T, S, top_k, BLOCK)
+    _, expert = _priority_block(ids_ptr, stride_t, stride_k, block, T, S, E, top_k, BLOCK)
     col = tl.arange(0, E_PAD)
     counts = tl.sum((expert[:, None] == col[None, :]).to(tl.int32), axis=0)
-    tl.store(hist_ptr + block * E + col, counts, mask=col < E)
+    tl.store(hist_ptr + block * (E + 1) + col, counts, mask=col <= E)
 
 
 @triton.jit
 def _permute_scan_kernel(hist_ptr, offsets_ptr, drop_start_ptr, n_blocks, E, capacity,
                          ROWS: tl.constexpr, E_PAD: tl.constexpr):
-    # One program: the histograms become each block's first rank per expert (in place), then
-    # the experts' kept counts give expert_offsets and the dropped ones the rows after them.
+    # One program: the histograms become each block's first rank per bucket (in place), then the
+    # experts' kept counts give expert_offsets and the dropped ones the rows after them; the ids
+    # out of range (bucket E) are all dropped, last.
     col = tl.arange(0, E_PAD)
     real = col < E
+    buckets = col <= E
     seen = tl.zeros([E_PAD], tl.int32)
     b0 = tl.full([], 0, tl.int32)  # a tensor, so the loop-carried value keeps one type
     while b0 < n_blocks:  # not `for range(n_blocks)`: the interpreter fails on run-time bounds
         rows = b0 + tl.arange(0, ROWS)
-        mask = (rows < n_blocks)[:, None] & real[None, :]
-        ptrs = hist_ptr + rows[:, None] * E + col[None, :]
+        mask = (rows < n_blocks)[:, None] & buckets[None, :]
+        ptrs = hist_ptr + rows[:, None] * (E + 1) + col[None, :]
         h = tl.load(ptrs, mask=mask, other=0)
         tl.store(ptrs, tl.cumsum(h, axis=0) - h + seen[None, :], mask=mask)
         seen += tl.sum(h, axis=0)
         b0 += ROWS
-    kept = tl.where(capacity < 0, seen, tl.minimum(seen, capacity))
+    kept = tl.where(real, tl.where(capacity < 0, seen, tl.minimum(seen, capacity)), 0)
     dropped = seen - kept
     n_kept = tl.sum(kept, axis=0)
     tl.store(offsets_ptr + col, (tl.cumsum(kept, axis=0) - kept).to(tl.int64), mask=real)
     tl.store(offsets_ptr + E, n_kept.to(tl.int64))
-    tl.store(drop_start_ptr + col, n_kept + tl.cumsum(dropped, axis=0) - dropped, mask=real)
+    tl.store(drop_start_ptr + col, n_kept + tl.cumsum(dropped, axis=0) - dropped, mask=buckets)
 
 
 @triton.jit
-def _permute_scatter_kernel(ids_ptr, hist_ptr, offsets_ptr, drop_start_ptr, order_ptr, T, S, E, top_k,
-                            capacity, BLOCK: tl.constexpr):
+def _permute_scatter_kernel(ids_ptr, stride_t, stride_k, hist_ptr, offsets_ptr, drop_start_ptr, order_ptr, T, S, E,
+                            top_k, capacity, BLOCK: tl.constexpr):
     block = tl.program_id(0)
-    assignment, expert = _priority_block(ids_ptr, block, T, S, top_k, BLOCK)
-    valid = (expert >= 0) & (expert < E)  # ids out of range are a contract error: never index with them
+    assignment, expert = _priority_block(ids_ptr, stride_t, stride_k, block, T, S, E, top_k, BLOCK)
+    valid = expert >= 0
     i = tl.arange(0, BLOCK)
     earlier_same = (expert[:, None] == expert[None, :]) & (i[None, :] < i[:, None])
-    rank = tl.load(hist_ptr + block * E + expert, mask=valid, other=0) + tl.sum(earlier_same.to(tl.int32), axis=1)
-    kept = (capacity < 0) | (rank < capacity)
-    start = tl.where(kept, tl.load(offsets_ptr + expert, mask=valid, other=0).to(tl.int32),
-                     tl.load(drop_start_ptr + expert, mask=valid, other=0) - capacity)
+    rank = tl.load(hist_ptr + block * (E + 1) + expert, mask=valid, other=0) + tl.sum(earlier_same.to(tl.int32), axis=1)
+    cap = tl.where(expert == E, 0, capacity)  # the out-of-range bucket keeps nothing
+    kept = (cap < 0) | (rank < cap)
+    start = tl.where(kept, tl.load(offsets_ptr + expert, mask=valid & (expert < E), other=0).to(tl.int32),
+                     tl.load(drop_start_ptr + expert, mask=valid, other=0) - cap)
     tl.store(order_ptr + start + rank, assignment.to(tl.int32), mask=valid)
 
 
@@ -194,22 +220,23 @@ def permute(topk_ids: torch.Tensor, num_experts: int, capacity: int = -1, *,
     """``moe_permute`` on the GPU: (sorted_assignments int32 [S], expert_offsets int64 [E+1])."""
     t, k = topk_ids.shape
     s = t * k
-    ids = topk_ids.contiguous()
+    ids = topk_ids
     order = ids.new_empty((s,), dtype=torch.int32)
     offsets = ids.new_empty((num_experts + 1,), dtype=torch.int64)
     n_blocks = triton.cdiv(s, _PERMUTE_BLOCK)
-    hist = ids.new_empty((n_blocks, num_experts), dtype=torch.int32)
-    drop_start = ids.new_empty((num_experts,), dtype=torch.int32)
-    e_pad = _pow2(num_experts)
+    buckets = num_experts + 1  # the experts, then the ids out of range
+    hist = ids.new_empty((n_blocks, buckets), dtype=torch.int32)
+    drop_start = ids.new_empty((buckets,), dtype=torch.int32)
+    e_pad = _pow2(buckets)
     with hw.device_guard(ids):
         if n_blocks:
-            launch(_permute_count_kernel)[(n_blocks,)](ids, hist, t, s, num_experts, k,
+            launch(_permute_count_kernel)[(n_blocks,)](ids, *ids.stride(), hist, t, s, num_experts, k,
                                                        BLOCK=_PERMUTE_BLOCK, E_PAD=e_pad, num_warps=4)
         launch(_permute_scan_kernel)[(1,)](hist, offsets, drop_start, n_blocks, num_experts, capacity,
                                            ROWS=max(2, 2048 // e_pad), E_PAD=e_pad, num_warps=4)
         if n_blocks:
-            launch(_permute_scatter_kernel)[(n_blocks,)](ids, hist, offsets, drop_start, order, t, s, num_experts,
-                                                         k, capacity, BLOCK=_PERMUTE_BLOCK, num_warps=4)
+            launch(_permute_scatter_kernel)[(n_blocks,)](ids, *ids.stride(), hist, offsets, drop_start, order, t, s,
+                                                         num_experts, k, capacity, BLOCK=_PERMUTE_BLOCK, num_warps=4)
     return order, offsets
 
 
@@ -232,17 +259,29 @@ def permute(topk_ids: torch.Tensor, num_experts: int, capacity: int = -1, *,
 
 
 @triton.jit
-def _expert_tile(pid, offsets_ptr, n_tiles, E, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
-    """The work of program ``pid``: (expert, first row, the expert's end row, n tile, busy).
+def _larger(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _expert_tile(pid, offsets_ptr, n_tiles, E, S, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The work of program ``pid``: (expert, first row, the expert's end row, n tile, busy, kept).
 
     Programs go expert by expert; inside an expert, n tile by n tile with the row tiles fastest,
     so the programs sharing a weight tile run together and the expert's rows stay in L2.
-    ``busy`` programs have work; from ``pid == busy`` on, the expert returned is ``E``.
+    ``busy`` programs have work; from ``pid == busy`` on, the expert returned is ``E``. ``kept``
+    rows (the first) belong to experts, the others are dropped.
+    Whatever ``expert_offsets`` hold, expert ``e`` owns rows ``[o[e], o[e+1])`` of the offsets
+    ``o`` read as 0, then the running maximum of ``expert_offsets[1:]`` clamped to ``[0, S]``:
+    valid offsets are unchanged, and no row outside ``[0, S)`` or of two experts is ever touched.
     """
     eid = tl.arange(0, E_PAD)
-    lo = tl.load(offsets_ptr + eid, mask=eid < E, other=0)
-    hi = tl.load(offsets_ptr + eid + 1, mask=eid < E, other=0)
-    m_tiles = (hi - lo + BLOCK_M - 1) // BLOCK_M
+    real = eid < E
+    lo = tl.load(offsets_ptr + eid, mask=real & (eid > 0), other=0)
+    hi = tl.load(offsets_ptr + eid + 1, mask=real, other=0)
+    lo = tl.associative_scan(tl.minimum(tl.maximum(lo, 0), S), 0, _larger)
+    hi = tl.associative_scan(tl.minimum(tl.maximum(hi, 0), S), 0, _larger)
+    m_tiles = tl.where(real, (hi - lo + BLOCK_M - 1) // BLOCK_M, 0)
     work = m_tiles * n_tiles
     work_end = tl.cumsum(work, axis=0)
     e = tl.sum((work_end <= pid).to(tl.int64), axis=0)  # int64: it multiplies weight strides
@@ -251,7 +290,7 @@ def _expert_tile(pid, offsets_ptr, n_tiles, E, E_PAD: tl.constexpr, BLOCK_M: tl.
     local = pid - tl.sum(tl.where(mine, work_end - work, 0), axis=0)
     row0 = tl.sum(tl.where(mine, lo, 0), axis=0) + (local % m_tiles_e) * BLOCK_M
     row_end = tl.sum(tl.where(mine, hi, 0), axis=0)
-    return e, row0, row_end, local // m_tiles_e, tl.sum(work, axis=0)
+    return e, row0, row_end, local // m_tiles_e, tl.sum(work, axis=0), tl.max(hi, axis=0)
 
 
 @triton.jit
@@ -331,20 +370,32 @@ def _store_act(gate, up, act_ptr, b_ptr, e, U, gate_rows, up_rows, rows, row_end
 
 
 @triton.jit
-def _store_y(acc, y_ptr, b_ptr, e, N, w_rows, rows, row_end, cols, HAS_BIAS: tl.constexpr):
-    """The down projection's epilogue on [BLOCK_M, BLOCK_N] float32 sums: bias, store."""
+def _token_rows(assign_ptr, rows, row_end, S, top_k):
+    """The token of each row ``rows`` (those past the expert's end repeat its last row), and
+    whether its assignment is in ``[0, S)``; an assignment out of range reads token 0."""
+    a = tl.load(assign_ptr + tl.minimum(rows, row_end - 1)).to(tl.int64)
+    ok = (a >= 0) & (a < S)
+    return tl.where(ok, a, 0) // top_k, ok
+
+
+@triton.jit
+def _store_y(acc, y_ptr, b_ptr, assign_ptr, e, S, N, w_rows, rows, row_end, cols, HAS_BIAS: tl.constexpr):
+    """The down projection's epilogue on [BLOCK_M, BLOCK_N] float32 sums: bias, store; a row whose
+    assignment is out of range is zero (``assign_ptr`` None: every assignment is valid)."""
     if HAS_BIAS:
         acc += tl.load(b_ptr + e * N + w_rows).to(tl.float32)[None, :]
+    if assign_ptr is not None:
+        _, ok = _token_rows(assign_ptr, rows, row_end, S, 1)
+        acc = tl.where(ok[:, None], acc, 0.0)
     tl.store(y_ptr + rows[:, None] * N + cols[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=(rows < row_end)[:, None] & (cols < N)[None, :])
 
 
 @triton.jit
-def _zero_dropped_rows(spare, offsets_ptr, y_ptr, S, N, E, n_tiles,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _zero_dropped_rows(spare, kept, y_ptr, S, N, n_tiles, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Spare program ``spare`` (0, 1, ...) of a down projection writes zeros over one tile of the
-    dropped rows, which follow the kept ones (see _row_tiles: there are spares enough)."""
-    rows = tl.load(offsets_ptr + E) + (spare // n_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+    dropped rows, which follow the ``kept`` ones (see _row_tiles: there are spares enough)."""
+    rows = kept + (spare // n_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = (spare % n_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
     tl.store(y_ptr + rows[:, None] * N + cols[None, :], tl.zeros([BLOCK_M, BLOCK_N], y_ptr.dtype.element_ty),
              mask=(rows < S)[:, None] & (cols < N)[None, :])
@@ -371,7 +422,7 @@ def _load_columns(row_ptrs, k0, K: tl.constexpr, BLOCK_K: tl.constexpr):
 
 @triton.jit
 def _moe_up_kernel(x, assign_ptr, offsets_ptr, w, w_scales_ptr, b_ptr, act_ptr,
-                   F, top_k, stride_x, alpha, limit, E, K: tl.constexpr,
+                   S, F, top_k, stride_x, alpha, limit, E, K: tl.constexpr,
                    ACTIVATION: tl.constexpr, QUANT: tl.constexpr, HAS_BIAS: tl.constexpr, TMA: tl.constexpr,
                    DOT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr, E_PAD: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -383,7 +434,7 @@ def _moe_up_kernel(x, assign_ptr, offsets_ptr, w, w_scales_ptr, b_ptr, act_ptr,
     # K (= d) is a compile-time constant: a model's widths are fixed, the K loop's trip count is
     # then known, and Triton 3.6's interpreter (with numpy 2.4) fails on run-time loop bounds.
     n_tiles = tl.cdiv(F, BLOCK_N)
-    e, row0, row_end, n_tile, _ = _expert_tile(tl.program_id(0), offsets_ptr, n_tiles, E, E_PAD, BLOCK_M)
+    e, row0, row_end, n_tile, _, _ = _expert_tile(tl.program_id(0), offsets_ptr, n_tiles, E, S, E_PAD, BLOCK_M)
     if e >= E:
         return
     rows = row0 + tl.arange(0, BLOCK_M)
@@ -404,7 +455,7 @@ def _moe_up_kernel(x, assign_ptr, offsets_ptr, w, w_scales_ptr, b_ptr, act_ptr,
     else:
         DTYPE: tl.constexpr = x.dtype.element_ty
         # Rows past the expert's end repeat its last row (no masked loads) and are not stored.
-        tokens = tl.load(assign_ptr + tl.minimum(rows, row_end - 1)).to(tl.int64) // top_k
+        tokens, _ = _token_rows(assign_ptr, rows, row_end, S, top_k)
         x_rows = x + tokens[:, None] * stride_x
         w_e, s_e = _expert_weights(w, w_scales_ptr, e, U, K, QUANT)
         for k0 in range(0, K, BLOCK_K):
@@ -419,7 +470,7 @@ def _moe_up_kernel(x, assign_ptr, offsets_ptr, w, w_scales_ptr, b_ptr, act_ptr,
 
 
 @triton.jit
-def _moe_down_kernel(act, offsets_ptr, w, w_scales_ptr, b_ptr, y_ptr, S, N, E, K: tl.constexpr,
+def _moe_down_kernel(act, assign_ptr, offsets_ptr, w, w_scales_ptr, b_ptr, y_ptr, S, N, E, K: tl.constexpr,
                      QUANT: tl.constexpr, HAS_BIAS: tl.constexpr, TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
                      INTERPRETER: tl.constexpr, E_PAD: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -428,9 +479,9 @@ def _moe_down_kernel(act, offsets_ptr, w, w_scales_ptr, b_ptr, y_ptr, S, N, E, K
     # [E*N, K]) are tensor descriptors, else pointers.
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(N, BLOCK_N)
-    e, row0, row_end, n_tile, busy = _expert_tile(pid, offsets_ptr, n_tiles, E, E_PAD, BLOCK_M)
+    e, row0, row_end, n_tile, busy, kept = _expert_tile(pid, offsets_ptr, n_tiles, E, S, E_PAD, BLOCK_M)
     if e >= E:
-        _zero_dropped_rows(pid - busy, offsets_ptr, y_ptr, S, N, E, n_tiles, BLOCK_M, BLOCK_N)
+        _zero_dropped_rows(pid - busy, kept, y_ptr, S, N, n_tiles, BLOCK_M, BLOCK_N)
         return
     rows = row0 + tl.arange(0, BLOCK_M)
     cols = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -450,7 +501,7 @@ def _moe_down_kernel(act, offsets_ptr, w, w_scales_ptr, b_ptr, y_ptr, S, N, E, K
             a = _load_columns(a_rows, k0, K, BLOCK_K)
             acc = _dot(a, _weight_tile(w_e, s_e, w_rows, k0, K, DTYPE, QUANT, BLOCK_N, BLOCK_K, INTERPRETER),
                        acc, DOT_PRECISION, INTERPRETER)
-    _store_y(acc, y_ptr, b_ptr, e, N, w_rows, rows, row_end, cols, HAS_BIAS)
+    _store_y(acc, y_ptr, b_ptr, assign_ptr, e, S, N, w_rows, rows, row_end, cols, HAS_BIAS)
 
 
 @triton.jit
@@ -517,14 +568,14 @@ def _mxfp4_gemv(w_e, s_e, w_rows, x_ptr, x_rows, K: tl.constexpr, BLOCK_M: tl.co
 
 
 @triton.jit
-def _moe_up_gemv_kernel(xs_ptr, offsets_ptr, w_ptr, w_scales_ptr, b_ptr, act_ptr, F, alpha, limit, E,
+def _moe_up_gemv_kernel(xs_ptr, offsets_ptr, w_ptr, w_scales_ptr, b_ptr, act_ptr, S, F, alpha, limit, E,
                         K: tl.constexpr, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, INTERPRETER: tl.constexpr,
                         E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # The up projection of _moe_up_kernel for MXFP4 weights on CUDA cores (see _mxfp4_gemv), on
     # the token rows gathered in expert order in float32 (xs [S, K]); a gated activation reads the
     # gate and up rows of its columns as one set of 2*BLOCK_N weight rows.
     n_tiles = tl.cdiv(F, BLOCK_N)
-    e, row0, row_end, n_tile, _ = _expert_tile(tl.program_id(0), offsets_ptr, n_tiles, E, E_PAD, BLOCK_M)
+    e, row0, row_end, n_tile, _, _ = _expert_tile(tl.program_id(0), offsets_ptr, n_tiles, E, S, E_PAD, BLOCK_M)
     if e >= E:
         return
     rows = row0 + tl.arange(0, BLOCK_M)
@@ -544,15 +595,16 @@ def _moe_up_gemv_kernel(xs_ptr, offsets_ptr, w_ptr, w_scales_ptr, b_ptr, act_ptr
 
 
 @triton.jit
-def _moe_down_gemv_kernel(act_ptr, offsets_ptr, w_ptr, w_scales_ptr, b_ptr, y_ptr, S, N, E, K: tl.constexpr,
+def _moe_down_gemv_kernel(act_ptr, assign_ptr, offsets_ptr, w_ptr, w_scales_ptr, b_ptr, y_ptr, S, N, E,
+                          K: tl.constexpr,
                           HAS_BIAS: tl.constexpr, INTERPRETER: tl.constexpr, E_PAD: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # The down projection of _moe_down_kernel for MXFP4 weights on CUDA cores (see _mxfp4_gemv).
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(N, BLOCK_N)
-    e, row0, row_end, n_tile, busy = _expert_tile(pid, offsets_ptr, n_tiles, E, E_PAD, BLOCK_M)
+    e, row0, row_end, n_tile, busy, kept = _expert_tile(pid, offsets_ptr, n_tiles, E, S, E_PAD, BLOCK_M)
     if e >= E:
-        _zero_dropped_rows(pid - busy, offsets_ptr, y_ptr, S, N, E, n_tiles, BLOCK_M, BLOCK_N)
+        _zero_dropped_rows(pid - busy, kept, y_ptr, S, N, n_tiles, BLOCK_M, BLOCK_N)
         return
     rows = row0 + tl.arange(0, BLOCK_M)
     cols = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -560,7 +612,7 @@ def _moe_down_gemv_kernel(act_ptr, offsets_ptr, w_ptr, w_scales_ptr, b_ptr, y_pt
     w_e, s_e = _expert_weights(w_ptr, w_scales_ptr, e, N, K, True)
     acc = _mxfp4_gemv(w_e, s_e, w_rows, act_ptr, tl.minimum(rows, row_end - 1) * K, K, BLOCK_M, BLOCK_K,
                       INTERPRETER)
-    _store_y(tl.trans(acc), y_ptr, b_ptr, e, N, w_rows, rows, row_end, cols, HAS_BIAS)
+    _store_y(tl.trans(acc), y_ptr, b_ptr, assign_ptr, e, S, N, w_rows, rows, row_end, cols, HAS_BIAS)
 
 
 @triton.jit
@@ -570,7 +622,8 @@ def _gather_rows_kernel(x_ptr, assign_ptr, xs_ptr, S, D, stride_x, top_k,
     # the "tma" kind (x's dtype) and the "gemv" kind (float32: widened once, not in every program).
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     c = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    tokens = tl.load(assign_ptr + r, mask=r < S, other=0).to(tl.int64) // top_k
+    a = tl.load(assign_ptr + r, mask=r < S, other=0).to(tl.int64)
+    tokens = tl.where((a >= 0) & (a < S), a, 0) // top_k  # out of range: token 0, zeroed by the down projection
     mask = (r < S)[:, None] & (c < D)[None, :]
     row = tl.load(x_ptr + tokens[:, None] * stride_x + c[None, :], mask=mask)
     tl.store(xs_ptr + r.to(tl.int64)[:, None] * D + c[None, :], row.to(xs_ptr.dtype.element_ty), mask=mask)
@@ -645,7 +698,7 @@ def up_projection(x: torch.Tensor, sorted_assignments: torch.Tensor, expert_offs
     s, d = sorted_assignments.shape[0], x.shape[1]
     num_experts, f = w_up.shape[0], act.shape[1]
     grid = (_row_tiles(s, num_experts, tiles["BLOCK_M"]) * triton.cdiv(f, tiles["BLOCK_N"]),)
-    common = dict(F=f, alpha=float(alpha), limit=float(limit), E=num_experts, K=d,
+    common = dict(S=s, F=f, alpha=float(alpha), limit=float(limit), E=num_experts, K=d,
                   ACTIVATION=ACTIVATIONS.index(activation), HAS_BIAS=b_up is not None, E_PAD=_pow2(num_experts),
                   **_launch_config(tiles))
     if tiles["KIND"] == "gemv":
@@ -665,21 +718,22 @@ def up_projection(x: torch.Tensor, sorted_assignments: torch.Tensor, expert_offs
 
 def down_projection(act: torch.Tensor, expert_offsets: torch.Tensor, w_down: torch.Tensor,
                     w_down_scales: Optional[torch.Tensor], b_down: Optional[torch.Tensor], y: torch.Tensor,
-                    tiles: dict, launch=_plain) -> torch.Tensor:
-    """y [S, d] = act's rows times w_down plus b_down; the rows of dropped assignments are zeros."""
+                    tiles: dict, launch=_plain, sorted_assignments: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y [S, d] = act's rows times w_down plus b_down; the rows of dropped assignments are zeros, and
+    so are those whose ``sorted_assignments`` entry is out of range (None: none is)."""
     (s, f), d = act.shape, y.shape[1]
     num_experts = w_down.shape[0]
     grid = (_row_tiles(s, num_experts, tiles["BLOCK_M"]) * triton.cdiv(d, tiles["BLOCK_N"]),)
     common = dict(S=s, N=d, E=num_experts, K=f, HAS_BIAS=b_down is not None, E_PAD=_pow2(num_experts),
                   **_launch_config(tiles))
     if tiles["KIND"] == "gemv":
-        launch(_moe_down_gemv_kernel)[grid](act, expert_offsets, w_down, w_down_scales, b_down, y,
+        launch(_moe_down_gemv_kernel)[grid](act, sorted_assignments, expert_offsets, w_down, w_down_scales, b_down, y,
                                             INTERPRETER=hw.interpreting(), **common)
         return y
     if tiles["KIND"] == "tma":
         act = TensorDescriptor.from_tensor(act, [tiles["BLOCK_M"], tiles["BLOCK_K"]])
         w_down = TensorDescriptor.from_tensor(w_down.view(-1, f), [tiles["BLOCK_N"], tiles["BLOCK_K"]])
-    launch(_moe_down_kernel)[grid](act, expert_offsets, w_down, w_down_scales, b_down, y,
+    launch(_moe_down_kernel)[grid](act, sorted_assignments, expert_offsets, w_down, w_down_scales, b_down, y,
                                    QUANT=w_down_scales is not None, TMA=tiles["KIND"] == "tma",
                                    DOT_PRECISION=_dot_precision(y.dtype), INTERPRETER=hw.interpreting(), **common)
     return y
@@ -714,7 +768,7 @@ def experts(x: torch.Tensor, sorted_assignments: torch.Tensor, expert_offsets: t
     with hw.device_guard(x):
         up_projection(x, sorted_assignments, expert_offsets, w_up, w_up_scales, b_up, top_k, activation, alpha,
                       limit, act, tiles[0], launch)
-        down_projection(act, expert_offsets, w_down, w_down_scales, b_down, y, tiles[1], launch)
+        down_projection(act, expert_offsets, w_down, w_down_scales, b_down, y, tiles[1], launch, sorted_assignments)
     return y
 
 
@@ -725,9 +779,13 @@ def experts(x: torch.Tensor, sorted_assignments: torch.Tensor, expert_offsets: t
 
 @triton.jit
 def _invert_kernel(order_ptr, row_of_ptr, S, BLOCK: tl.constexpr):
+    # row_of[a] = the row r with order[r] == a (row_of starts at -1: no row). For an order that is
+    # not a permutation the result is still defined, whatever the check level: entries outside
+    # [0, S) are ignored, and an assignment named by several rows gets the last (atomic max).
     r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     inside = r < S
-    tl.store(row_of_ptr + tl.load(order_ptr + r, mask=inside, other=0), r, mask=inside)
+    a = tl.load(order_ptr + r, mask=inside, other=0).to(tl.int64)
+    tl.atomic_max(row_of_ptr + a, r, mask=inside & (a >= 0) & (a < S), sem="relaxed")
 
 
 @triton.jit
@@ -741,8 +799,8 @@ def _combine_kernel(y_ptr, row_of_ptr, offsets_ptr, weights_ptr, out_ptr, T, D, 
     acc = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
     for j in tl.static_range(TOP_K):  # in j order, as the spec sums
         a = tok * TOP_K + j
-        row = tl.load(row_of_ptr + a, mask=in_tok, other=0)
-        kept = in_tok & (row < n_kept)  # a dropped assignment contributes 0, whatever its weight
+        row = tl.load(row_of_ptr + a, mask=in_tok, other=-1)
+        kept = in_tok & (row >= 0) & (row < n_kept)  # a dropped assignment contributes 0, whatever its weight
         w = tl.load(weights_ptr + a, mask=kept, other=0.0)
         v = tl.load(y_ptr + row.to(tl.int64)[:, None] * stride_y + col[None, :], mask=kept[:, None] & in_col,
                     other=0.0)
@@ -761,7 +819,7 @@ def combine(y: torch.Tensor, sorted_assignments: torch.Tensor, expert_offsets: t
         return out
     y = y if y.stride(1) == 1 else y.contiguous()
     sorted_assignments, expert_offsets, topk_weights = map(_dense, (sorted_assignments, expert_offsets, topk_weights))
-    row_of = torch.empty(s, dtype=torch.int32, device=y.device)
+    row_of = torch.full((s,), -1, dtype=torch.int32, device=y.device)
     block_d = min(_pow2(d), 512)
     tile_tokens = max(2, hw.STREAM_TILE_BYTES // (block_d * y.element_size() * k))
     block_t = min(_pow2(t), 1 << (tile_tokens.bit_length() - 1))

@@ -9,8 +9,9 @@ rows move as 16-byte vector accesses. The word matrices are built from ``view`` 
 The kernel copies rows: ``dst row dst_ids[i] = src row src_ids[i]`` (ids omitted: ``i``). Source
 rows sit ``stride(0)`` words apart (blocks of a pool, possibly a per-layer view of a larger
 allocation, or tokens); destination row ``j`` is row ``j % rows_per_block`` of block
-``j // rows_per_block`` (a slot, for writes). A negative source id reads zeros, a negative
-destination id skips the row. Then
+``j // rows_per_block`` (a slot, for writes). Ids may have any stride. A source id outside the
+source rows (negative included) reads zeros, a destination id outside the destination skips the
+row: whatever the check level, no id is ever followed out of its pool. Then
 
 * ``paged_write``   = rows of ``values`` -> slots of the pool (``rows_per_block = block_size``);
 * ``paged_gather``  = blocks of the pool named by the table -> a dense output;
@@ -43,8 +44,9 @@ _WORD_DTYPES = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
 
 
 @triton.jit
-def _copy_rows_kernel(src, src_ids, src_row_stride, dst, dst_ids, dst_rows_per_block, dst_block_stride,
-                      n_rows, row_len, col_blocks, ROWS: tl.constexpr, COLS: tl.constexpr):
+def _copy_rows_kernel(src, src_ids, src_id_stride, src_rows, src_row_stride, dst, dst_ids, dst_id_stride, dst_rows,
+                      dst_rows_per_block, dst_block_stride, n_rows, row_len, col_blocks, SKIP_BAD_SRC: tl.constexpr,
+                      ROWS: tl.constexpr, COLS: tl.constexpr):
     n_tiles = tl.cdiv(n_rows, ROWS) * col_blocks
     tile = tl.program_id(0)
     # One pass per program unless the grid is capped. (`while`, as the interpreter's range() needs ints.)
@@ -53,27 +55,35 @@ def _copy_rows_kernel(src, src_ids, src_row_stride, dst, dst_ids, dst_rows_per_b
         row_ok = rows < n_rows
         s = rows
         if src_ids is not None:
-            s = tl.load(src_ids + rows, mask=row_ok).to(tl.int64)
+            s = tl.load(src_ids + rows * src_id_stride, mask=row_ok).to(tl.int64)
         d = rows
         if dst_ids is not None:
-            d = tl.load(dst_ids + rows, mask=row_ok).to(tl.int64)
+            d = tl.load(dst_ids + rows * dst_id_stride, mask=row_ok).to(tl.int64)
+        # Ids outside the pools are never followed, whatever the check level: a source row out of
+        # range reads zeros (or, SKIP_BAD_SRC, skips its row), a destination out of range is skipped.
+        s_ok = row_ok & (s >= 0) & (s < src_rows)
+        d_ok = row_ok & (d >= 0) & (d < dst_rows)
+        if SKIP_BAD_SRC:
+            d_ok = d_ok & s_ok
         src_at = s * src_row_stride
         dst_at = (d // dst_rows_per_block) * dst_block_stride + (d % dst_rows_per_block) * row_len
         cols = (tile % col_blocks) * COLS + tl.arange(0, COLS)
         col_ok = (cols < row_len)[None, :]
-        x = tl.load(src + src_at[:, None] + cols[None, :], mask=(row_ok & (s >= 0))[:, None] & col_ok, other=0)
-        tl.store(dst + dst_at[:, None] + cols[None, :], x, mask=(row_ok & (d >= 0))[:, None] & col_ok)
+        x = tl.load(src + src_at[:, None] + cols[None, :], mask=s_ok[:, None] & col_ok, other=0)
+        tl.store(dst + dst_at[:, None] + cols[None, :], x, mask=d_ok[:, None] & col_ok)
         tile += tl.num_programs(0)
 
 
 def launch_copy_rows(src: torch.Tensor, src_ids: Optional[torch.Tensor], dst: torch.Tensor,
                      dst_ids: Optional[torch.Tensor], n_rows: int, row_len: int, *, dst_rows_per_block: int = 1,
                      kernel=_copy_rows_kernel, tile_bytes: int = hw.STREAM_TILE_BYTES,
-                     max_programs: Optional[int] = None, num_warps: Optional[int] = None) -> None:
+                     max_programs: Optional[int] = None, num_warps: Optional[int] = None,
+                     skip_bad_src: bool = False) -> None:
     """Copy ``n_rows`` rows of ``row_len`` words between word matrices ``src``/``dst`` (``[blocks,
-    block_len]``, dim 0 strided); see the module docstring. ``kernel`` is the Triton kernel or its
-    ``wrap_triton`` wrapper. ``max_programs`` caps the grid (each program then loops over tiles);
-    ``num_warps`` overrides the warps a tile of ``tile_bytes`` gets."""
+    block_len]``, dim 0 strided); see the module docstring. The id vectors may have any stride.
+    ``kernel`` is the Triton kernel or its ``wrap_triton`` wrapper. ``max_programs`` caps the grid
+    (each program then loops over tiles); ``num_warps`` overrides the warps a tile of ``tile_bytes``
+    gets; ``skip_bad_src``: a source id out of range skips its row instead of writing zeros."""
     if n_rows == 0 or row_len == 0:
         return
     word = src.element_size()
@@ -87,8 +97,14 @@ def launch_copy_rows(src: torch.Tensor, src_ids: Optional[torch.Tensor], dst: to
     tiles = triton.cdiv(n_rows, rows) * col_blocks
     with hw.device_guard(dst):
         kernel[(min(tiles, max_programs or tiles),)](
-            src, src_ids, src.stride(0), dst, dst_ids, dst_rows_per_block, dst.stride(0), n_rows, row_len,
-            col_blocks, ROWS=rows, COLS=cols, num_warps=num_warps or hw.stream_num_warps(rows * cols * word))
+            src, src_ids, _stride(src_ids), src.shape[0], src.stride(0), dst, dst_ids, _stride(dst_ids),
+            dst.shape[0] * dst_rows_per_block, dst_rows_per_block, dst.stride(0), n_rows, row_len, col_blocks,
+            SKIP_BAD_SRC=skip_bad_src, ROWS=rows, COLS=cols,
+            num_warps=num_warps or hw.stream_num_warps(rows * cols * word))
+
+
+def _stride(ids: Optional[torch.Tensor]) -> int:
+    return 0 if ids is None else ids.stride(0)
 
 
 # ---- word views -----------------------------------------------------------------------------------
@@ -158,7 +174,7 @@ def _host_run(rows: torch.Tensor, ids: torch.Tensor) -> Optional[torch.Tensor]:
     if tracing() or not rows.is_pinned():
         return None
     first, n = int(ids[0]), ids.numel()
-    if not torch.equal(ids, torch.arange(first, first + n, dtype=ids.dtype)):
+    if first < 0 or first + n > rows.shape[0] or not torch.equal(ids, torch.arange(first, first + n, dtype=ids.dtype)):
         return None
     run = rows[first:first + n]
     return run if run.is_contiguous() else None
@@ -172,7 +188,7 @@ def read_pinned_host(host_w: torch.Tensor, host_ids: torch.Tensor, dst_w: torch.
     see hw.HOST_READ_PROGRAMS. The host blocks are read in stream order."""
     ids = host_ids.to(dst_w.device, non_blocking=True)
     launch_copy_rows(host_w, ids, dst_w, dst_ids, ids.numel(), dst_w.shape[1], kernel=kernel, tile_bytes=tile_bytes,
-                     max_programs=programs, num_warps=num_warps)
+                     max_programs=programs, num_warps=num_warps, skip_bad_src=True)
     # torch's pinned-memory allocator hands a freed block out again only once the copies recorded
     # on it have finished, and a kernel's reads are not recorded: a one-word copy from the same
     # allocation, queued after the kernel, records them (the host pool may be freed at once).
@@ -209,8 +225,9 @@ def copy_blocks_across_devices(src, src_ids, dst, dst_ids, kernel=_copy_rows_ker
     """
     n = src_ids.numel()
     block_bytes = math.prod(src.shape[1:]) * src.element_size()
-    if n == 0 or block_bytes == 0:
-        return
+    if n == 0 or block_bytes == 0 or src.shape[0] == 0 or dst.shape[0] == 0:
+        return  # (an empty pool: every pair is out of range and skipped)
+    src_ids, dst_ids = _drop_invalid_pairs(src_ids, src.shape[0], dst_ids, dst.shape[0])
     src_w, dst_w = _word_rows(src, dst, unit=block_bytes)
     if dst.device.type == "cpu":
         _copy_to_host(src_w, src_ids, dst_w, dst_ids, kernel)
@@ -224,6 +241,18 @@ def copy_blocks_across_devices(src, src_ids, dst, dst_ids, kernel=_copy_rows_ker
     launch_copy_rows(staged.to(dst.device, non_blocking=True), None, dst_w, dst_ids, n, dst_w.shape[1], kernel=kernel)
 
 
+def _drop_invalid_pairs(src_ids: torch.Tensor, src_blocks: int, dst_ids: torch.Tensor,
+                        dst_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ids for a cross-device copy in which a pair with an id out of range is skipped: its source
+    id becomes 0 (a block that exists, so no gather leaves the pool) and its destination id -1
+    (which every scatter skips). Towards a GPU, no host synchronisation: the mask moves like the
+    ids; towards the host, the CPU waits for it (that copy waits for its blocks anyway)."""
+    src_ok = (src_ids >= 0) & (src_ids < src_blocks)
+    src_ok = src_ok.to(dst_ids.device, non_blocking=dst_ids.device.type != "cpu")
+    keep = src_ok & (dst_ids >= 0) & (dst_ids < dst_blocks)
+    return torch.where(src_ok, src_ids, 0), torch.where(keep, dst_ids, -1)
+
+
 def _copy_to_host(src_w, src_ids, host_w, host_ids, kernel) -> None:
     staged = _gather_blocks(src_w, src_ids, pin=False, kernel=kernel)
     run = _host_run(host_w, host_ids)
@@ -234,7 +263,8 @@ def _copy_to_host(src_w, src_ids, host_w, host_ids, kernel) -> None:
         host = torch.empty(staged.shape, dtype=staged.dtype, pin_memory=True)
         host.copy_(staged)  # blocking, then the CPU scatters
         staged = host
-    host_w.index_copy_(0, host_ids.long(), staged)  # index_copy_ takes int64 ids only
+    keep = host_ids >= 0  # skipped pairs (see _drop_invalid_pairs)
+    host_w.index_copy_(0, host_ids[keep].long(), staged[keep])  # index_copy_ takes int64 ids only
 
 
 def _copy_blocks(src, src_ids, dst, dst_ids, kernel):
@@ -244,7 +274,8 @@ def _copy_blocks(src, src_ids, dst, dst_ids, kernel):
     block_bytes = math.prod(src.shape[1:]) * src.element_size()
     if src_ids.numel() and block_bytes:
         src_w, dst_w = _word_rows(src, dst, unit=block_bytes)
-        launch_copy_rows(src_w, src_ids, dst_w, dst_ids, src_ids.numel(), src_w.shape[1], kernel=kernel)
+        launch_copy_rows(src_w, src_ids, dst_w, dst_ids, src_ids.numel(), src_w.shape[1], kernel=kernel,
+                         skip_bad_src=True)
 
 
 @impl(ops.paged_copy_blocks, backend="cuda-triton", name="triton")

@@ -9,8 +9,10 @@ k share one launch. Out of place, the unrotated tail ``R..D`` is copied; in plac
 untouched.
 
 Head blocks are as large as one tile of ``hw.STREAM_TILE_BYTES`` allows and shrink only when the
-grid would have too few programs to fill the GPU (a decode step of one token). B, S and H may
-have any strides; offsets are computed in int64.
+grid would have too few programs to fill the GPU (a decode step of one token). B, S and H of q
+and k, and both dimensions of ``positions``, may have any strides; offsets are computed in int64.
+A position outside ``[0, len(cos_sin_cache))`` rotates by the identity (its cache row is never
+read), whatever the check level.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ def _rotate_heads(x, out, x_head_stride, out_head_stride, first_head, n_heads, c
 
 
 @triton.jit
-def _rotary_kernel(q, k, q_out, k_out, positions, cos_sin_cache, seq_len, q_heads, k_heads,
+def _rotary_kernel(q, k, q_out, k_out, positions, cos_sin_cache, n_positions, seq_len, q_heads, k_heads,
                    q_sb, q_ss, q_sh, k_sb, k_ss, k_sh, qo_sb, qo_ss, qo_sh, ko_sb, ko_ss, ko_sh, pos_sb, pos_ss,
                    HALF: tl.constexpr, HALF_PAD: tl.constexpr, TAIL: tl.constexpr, TAIL_PAD: tl.constexpr,
                    NEOX: tl.constexpr, Q_BLOCK_H: tl.constexpr, K_BLOCK_H: tl.constexpr):
@@ -72,9 +74,12 @@ def _rotary_kernel(q, k, q_out, k_out, positions, cos_sin_cache, seq_len, q_head
     s = token % seq_len
     pos = tl.load(positions + b * pos_sb + s * pos_ss).to(tl.int64)
     i = tl.arange(0, HALF_PAD)[None, :]
+    # A position outside the cache rotates by the identity (cos 1, sin 0): the row is never read.
+    pos_i = pos + i * 0  # the position per lane: a mask of the load's shape
+    ok = (i < HALF) & (pos_i >= 0) & (pos_i < n_positions)
     row = cos_sin_cache + pos * (2 * HALF)
-    cos = tl.load(row + i, mask=i < HALF, other=0.0)
-    sin = tl.load(row + HALF + i, mask=i < HALF, other=0.0)
+    cos = tl.load(row + i, mask=ok, other=1.0)
+    sin = tl.load(row + HALF + i, mask=ok, other=0.0)
     q_blocks = tl.cdiv(q_heads, Q_BLOCK_H)
     if block < q_blocks:
         _rotate_heads(q + b * q_sb + s * q_ss, q_out + b * qo_sb + s * qo_ss, q_sh, qo_sh, block * Q_BLOCK_H,
@@ -118,7 +123,7 @@ def launch_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos
     bq, bk = heads
     grid = (n_tokens, triton.cdiv(q_heads, bq) + triton.cdiv(k_heads, bk))
     with hw.device_guard(q):
-        kernel[grid](q, k, q_out, k_out, positions, cos_sin_cache, seq, q_heads, k_heads,
+        kernel[grid](q, k, q_out, k_out, positions, cos_sin_cache, cos_sin_cache.shape[0], seq, q_heads, k_heads,
                      *q.stride()[:3], *k.stride()[:3], *q_out.stride()[:3], *k_out.stride()[:3], *positions.stride(),
                      HALF=half, HALF_PAD=triton.next_power_of_2(half), TAIL=tail,
                      TAIL_PAD=triton.next_power_of_2(max(tail, 1)), NEOX=style == "neox", Q_BLOCK_H=bq,
