@@ -166,3 +166,13 @@ def test_a_plugin_ranked_behind_the_builtins_is_not_the_device(fresh_discovery):
     fresh_discovery([_EP("fake-accel", "fake_hal:BACKEND", obj=fake)])
     assert registry.auto_backends()[-1] == "fake-accel"
     assert apt_hal.device_type() == registry.device_type_of(registry.auto_backends()[0]) != "fakeaccel"
+
+
+def test_conformance_reports_record_the_versions_of_every_backends_packages(fresh_discovery):
+    from apt_hal.conformance import runner
+
+    declares_pytest = _declare("needs-pytest", lambda: registry.Probe(False, "x"), packages=("pytest",))
+    fresh_discovery([_EP("needs-pytest", "p:BACKEND", obj=declares_pytest)])
+    versions = runner.environment()["packages"]
+    assert versions["pytest"] == importlib.metadata.version("pytest")
+    assert versions["triton"] == importlib.metadata.version("triton")  # cuda-triton's declaration
