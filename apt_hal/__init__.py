@@ -30,6 +30,7 @@ from apt_hal.errors import (
     PluginError,
     UnknownBackendError,
 )
+
 # apt_hal.backends is the package of built-in backends; the registry's listing is registry.backends().
 from apt_hal.registry import Backend, Probe, explain, impl, register_impl, use
 

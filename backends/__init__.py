@@ -7,8 +7,8 @@ backends need no change here: they declare an entry point in the group ``apt_hal
 
 from apt_hal.backends.cpu import BACKEND as _cpu
 from apt_hal.backends.cuda_triton import BACKEND as _cuda_triton
-from apt_hal.backends.huawei_cloud import BACKEND as _huawei_cloud
 from apt_hal.backends.hpu import BACKEND as _hpu
+from apt_hal.backends.huawei_cloud import BACKEND as _huawei_cloud
 from apt_hal.backends.npu import BACKEND as _npu
 from apt_hal.backends.rocm import BACKEND as _rocm
 from apt_hal.backends.xpu import BACKEND as _xpu

@@ -34,7 +34,8 @@ def test_unannotated_and_annotated_implementations_with_the_contracts_schema_reg
     def plain(q, k, positions, cos_sin_cache, style="neox"):
         return q, k
 
-    def typed(q: Tensor, k: Tensor, positions: Tensor, cos_sin_cache: Tensor, style: str = "neox") -> Tuple[Tensor, Tensor]:
+    def typed(q: Tensor, k: Tensor, positions: Tensor, cos_sin_cache: Tensor,
+              style: str = "neox") -> Tuple[Tensor, Tensor]:
         return q, k
 
     _register(plain)

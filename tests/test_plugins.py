@@ -41,7 +41,8 @@ def fresh_discovery(monkeypatch):
     monkeypatch.setattr(registry, "_discovered", False)
 
     def install(eps):
-        monkeypatch.setattr(importlib.metadata, "entry_points", lambda group=None: eps if group == registry.ENTRY_POINT_GROUP else [])
+        monkeypatch.setattr(importlib.metadata, "entry_points",
+                            lambda group=None: eps if group == registry.ENTRY_POINT_GROUP else [])
 
     yield install
     registry._forget_resolutions()

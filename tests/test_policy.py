@@ -59,7 +59,8 @@ def _contended_run(seed: int) -> tuple[set, list]:
     return seen, wrong
 
 
-def test_with_blocks_in_eight_threads_never_touch_the_process_policy(fast_switching):
+@pytest.mark.usefixtures("fast_switching")
+def test_with_blocks_in_eight_threads_never_touch_the_process_policy():
     apt_hal.use("auto")
     process = registry.current_policy()
     for run in range(4):

@@ -8,12 +8,7 @@ import torch
 
 import apt_hal
 from apt_hal import ops, registry
-from apt_hal.errors import (
-    BackendUnavailableError,
-    OpNotImplementedError,
-    PluginError,
-    UnknownBackendError,
-)
+from apt_hal.errors import BackendUnavailableError, OpNotImplementedError, UnknownBackendError
 
 SEVEN = {"cpu", "cuda-triton", "rocm", "xpu", "hpu", "npu", "huawei-cloud"}
 
@@ -62,7 +57,8 @@ def test_unknown_backend_names_the_known_ones():
 def test_choosing_an_unavailable_backend_raises_with_reason_and_install_hint():
     if registry.probe("npu").available:
         pytest.skip("this machine has an Ascend NPU")
-    with pytest.raises(BackendUnavailableError, match=r"'npu' is unavailable: torch_npu is not installed.*pip install torch-npu"):
+    with pytest.raises(BackendUnavailableError,
+                       match=r"'npu' is unavailable: torch_npu is not installed.*pip install torch-npu"):
         apt_hal.use("npu")
 
 
@@ -111,7 +107,8 @@ def test_auto_logs_every_probe(caplog):
         assert name in logged
 
 
-def test_missing_implementation_falls_back_with_one_warning(test_backend):
+@pytest.mark.usefixtures("test_backend")
+def test_missing_implementation_falls_back_with_one_warning():
     args = _rotary_args()
     expected = ops.rotary.reference(*args)
     apt_hal.use("test")
@@ -126,13 +123,15 @@ def test_missing_implementation_falls_back_with_one_warning(test_backend):
         ops.rotary(*args)
 
 
-def test_strict_turns_fallback_into_an_error(test_backend):
+@pytest.mark.usefixtures("test_backend")
+def test_strict_turns_fallback_into_an_error():
     with apt_hal.use("test", strict=True):
         with pytest.raises(OpNotImplementedError, match="rotary cannot run on backend 'test'"):
             ops.rotary(*_rotary_args())
 
 
-def test_registered_implementation_is_used_and_supports_can_decline(test_backend):
+@pytest.mark.usefixtures("test_backend")
+def test_registered_implementation_is_used_and_supports_can_decline():
     calls = []
 
     def rotary_test(q, k, positions, cos_sin_cache, style="neox"):
@@ -152,7 +151,8 @@ def test_registered_implementation_is_used_and_supports_can_decline(test_backend
     assert row["test"] == "rotary_test"
 
 
-def test_the_dispatcher_path_uses_the_same_selection(test_backend):
+@pytest.mark.usefixtures("test_backend")
+def test_the_dispatcher_path_uses_the_same_selection():
     calls = []
 
     def rotary_test(q, k, positions, cos_sin_cache, style="neox"):
@@ -177,7 +177,8 @@ def test_inputs_on_another_device_fall_back_visibly():
         registry.unregister_backend("meta-test")
 
 
-def test_implementation_registration_errors(test_backend):
+@pytest.mark.usefixtures("test_backend")
+def test_implementation_registration_errors():
     def wrong(q, k, positions, cache, style="neox"):  # 'cache' is not the contract's name
         return q, k
 
@@ -199,20 +200,22 @@ def test_implementation_registration_errors(test_backend):
 # --- torch.compile may trace into a backend's own op; torch.export keeps the apt_hal op --------
 
 _TRACE_LIB = torch.library.Library("apt_hal_test", "DEF")
-_TRACE_LIB.define("rotary(Tensor q, Tensor k, Tensor positions, Tensor cos_sin_cache, str style='neox') -> (Tensor, Tensor)")
+_TRACE_LIB.define("rotary(Tensor q, Tensor k, Tensor positions, Tensor cos_sin_cache, str style='neox') "
+                  "-> (Tensor, Tensor)")
 _TRACE_LIB.impl("rotary", lambda *a: ops.rotary.reference(*a), "CompositeExplicitAutograd")
 torch.library.register_fake("apt_hal_test::rotary", lambda q, k, *rest: (torch.empty_like(q), torch.empty_like(k)),
                             lib=_TRACE_LIB)
 
 
-def test_compile_traces_the_backends_traceable_op_and_export_keeps_apt_hal(test_backend):
+@pytest.mark.usefixtures("test_backend")
+def test_compile_traces_the_backends_traceable_op_and_export_keeps_apt_hal():
     def rotary_test(q, k, positions, cos_sin_cache, style="neox"):
         return ops.rotary.reference(q, k, positions, cos_sin_cache, style)
 
     registry.register_impl(ops.rotary, "test", rotary_test, traceable="apt_hal_test::rotary")
     graphs = []
 
-    def capture(gm, example_inputs):
+    def capture(gm, _example_inputs):
         graphs.append(gm)
         return gm.forward
 
@@ -232,7 +235,8 @@ def test_compile_traces_the_backends_traceable_op_and_export_keeps_apt_hal(test_
         torch.testing.assert_close(o, e, rtol=0, atol=0)
 
 
-def test_check_levels(test_backend):
+@pytest.mark.usefixtures("test_backend")
+def test_check_levels():
     seen = []
 
     def rotary_test(q, k, positions, cos_sin_cache, style="neox"):
