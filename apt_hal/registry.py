@@ -123,7 +123,6 @@ _probes: dict[str, Probe] = {}
 _probe_lock = threading.Lock()
 _overrun_probes: dict[str, tuple[threading.Thread, float]] = {}  # name -> (probe thread, its time limit)
 _activated: dict[str, Optional[str]] = {}  # backend -> None when fine, else the traceback
-_activating: set[str] = set()  # backends whose implementation module is being imported now
 _impls: dict[str, list[Implementation]] = {}  # op name -> implementations, registration order
 _contracts: dict[str, Any] = {}  # op name -> apt_hal.contract.Op
 _resolution_cache: dict[tuple, "_Resolution"] = {}
@@ -337,7 +336,6 @@ def activate(name: str) -> None:
 def _import_implementations(b: Backend) -> None:
     """Import ``b``'s implementation module, check its traceable ops, and record the outcome."""
     name = b.name
-    _activating.add(name)
     try:
         importlib.import_module(b.implementations)
         for entry in [i for entries in _impls.values() for i in entries if i.backend == name]:
@@ -347,8 +345,6 @@ def _import_implementations(b: Backend) -> None:
         _activated[name] = traceback.format_exc()
         _probes.pop(name, None)
         return
-    finally:
-        _activating.discard(name)
     _activated[name] = None
     _forget_resolutions()
 
@@ -394,7 +390,7 @@ def register_impl(op, backend: str, fn: Callable, name: Optional[str] = None,
     torch op (``"namespace::name"``) with the same schema and semantics that ``torch.compile`` can
     trace into (e.g. the ``torch.library.triton_op`` the implementation launches); without it the
     compiled graph calls the ``apt_hal`` op, which dispatches at run time. Its schema is checked
-    now, or, when the backend's module defines the op after registering, at the end of activation.
+    now, or, if the op is not defined yet and the backend not yet activated, at its activation.
     """
     op_name = op if isinstance(op, str) else op.name
     contract = contracts().get(op_name)
@@ -409,7 +405,7 @@ def register_impl(op, backend: str, fn: Callable, name: Optional[str] = None,
             raise ValueError(f"an implementation named {full!r} of {op_name} is already registered")
         entry = Implementation(op_name, backend, full, fn, supports, traceable)
         if traceable:
-            _check_traceable(entry, deferred=backend in _activating)
+            _check_traceable(entry, deferred=backend not in _activated)
         _impls[op_name].append(entry)
         _forget_resolutions()
     return entry
@@ -430,8 +426,8 @@ def _check_signature(contract, full: str, fn: Callable) -> None:
 
 
 def _check_traceable(entry: Implementation, deferred: bool) -> None:
-    """``entry.traceable`` must be a torch op with the contract's schema. While its backend is
-    being activated, an op its module has not defined yet is checked when the import ends."""
+    """``entry.traceable`` must be a torch op with the contract's schema. Until its backend is
+    activated, an op not defined yet (its module defines it further down) is checked at activation."""
     schema = impl_schema.traceable_schema(entry.traceable)
     if schema is None:
         if deferred:

@@ -113,10 +113,21 @@ def test_a_traceable_op_must_exist_and_be_named_with_its_namespace(schema_backen
     def rotary_ok(q, k, positions, cos_sin_cache, style="neox"):
         return q, k
 
-    with pytest.raises(TypeError, match="traceable='apt_hal_schema_test::missing', which is not a defined torch op"):
-        _register(rotary_ok, traceable="apt_hal_schema_test::missing")
     with pytest.raises(ValueError, match="traceable must name a torch op as 'namespace::name', got 'rotary'"):
         _register(rotary_ok, traceable="rotary")
+    _register(rotary_ok, traceable="apt_hal_schema_test::missing")  # may be defined before activation
+    with pytest.raises(BackendUnavailableError, match="traceable='apt_hal_schema_test::missing', which is not a "
+                                                      "defined torch op"):
+        registry.activate(schema_backend)
+
+
+def test_once_activated_a_backends_traceable_op_must_exist_at_registration(schema_backend):
+    def rotary_ok(q, k, positions, cos_sin_cache, style="neox"):
+        return q, k
+
+    registry.activate(schema_backend)
+    with pytest.raises(TypeError, match="traceable='apt_hal_schema_test::missing', which is not a defined torch op"):
+        _register(rotary_ok, traceable="apt_hal_schema_test::missing")
 
 
 _BACKEND_MODULE = '''
