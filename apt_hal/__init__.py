@@ -30,9 +30,10 @@ from apt_hal.errors import (
     PluginError,
     UnknownBackendError,
 )
+from apt_hal.explanation import explain
 
 # apt_hal.backends is the package of built-in backends; the registry's listing is registry.backends().
-from apt_hal.registry import Backend, Probe, explain, impl, register_impl, use
+from apt_hal.registry import Backend, Probe, impl, register_impl, use
 
 __version__ = "0.1.0"
 

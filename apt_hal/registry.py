@@ -25,7 +25,7 @@ Vocabulary
 Out-of-tree backends are found through the entry-point group ``apt_hal.backends``: each entry
 point names a :class:`Backend` (or a zero-argument callable returning one), importable without
 the vendor stack. A plugin that fails to load, or claims a name already declared, is reported by
-:func:`plugin_errors` and :func:`explain` and otherwise ignored.
+:func:`plugin_errors` and :func:`apt_hal.explain` and otherwise ignored.
 """
 
 from __future__ import annotations
@@ -664,87 +664,6 @@ def compile_target(op_name: str, device_type: str) -> str:
     if res.candidates and res.candidates[0].supports is None and res.candidates[0].traceable:
         return res.candidates[0].traceable
     return ""
-
-
-# --------------------------------------------------------------------------------------------
-# explain
-# --------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Explanation:
-    """What apt_hal knows and would do; ``str()`` gives the table ``apt-hal info`` prints."""
-
-    policy: Policy
-    backends: list[dict]
-    ops: list[dict]  # per op: {"op": name, "<backend>": implementation or reason}
-    plugin_errors: list[tuple[str, str]]
-
-    def __str__(self) -> str:
-        lines = [f"policy: backend={self.policy.backend} strict={self.policy.strict}", "", "backends:"]
-        rows = [("backend", "device", "status", "detail")]
-        for b in self.backends:
-            rows.append((b["name"], b["device_type"], "available" if b["available"] else "unavailable", b["detail"]))
-        lines += _table(rows)
-        names = [b["name"] for b in self.backends if b["available"]]
-        lines += ["", "ops (the implementation each available backend resolves to; "
-                      "* = what the policy picks for inputs on that backend's device):"]
-        rows = [("op", *names)]
-        for o in self.ops:
-            rows.append((o["op"], *[o[n] for n in names]))
-        lines += _table(rows)
-        for where, tb in self.plugin_errors:
-            lines += ["", f"plugin {where} failed to load:", tb.rstrip()]
-        return "\n".join(lines)
-
-
-def _table(rows: list[tuple]) -> list[str]:
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    out = []
-    for j, r in enumerate(rows):
-        out.append("  " + "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
-        if j == 0:
-            out.append("  " + "  ".join("-" * w for w in widths))
-    return out
-
-
-def explain() -> Explanation:
-    """Every known backend with its availability and reason, and per op the implementation each
-    backend resolves to (or why it would fall back to the reference). Activates nothing that is
-    unavailable; activates available backends so their implementations are listed."""
-    pol = current_policy()
-    ops = contracts()
-    brows = []
-    for name, b in backends().items():
-        p = probe(name)
-        if p.available:
-            try:
-                activate(name)
-            except BackendUnavailableError:
-                p = probe(name)
-        brows.append({"name": name, "device_type": device_type_of(name), "available": p.available,
-                      "detail": p.detail, "packages": list(b.packages), "install_hint": b.install_hint,
-                      "remote": b.remote, "auto": p.auto and b.auto_rank is not None})
-    chosen: dict[str, str] = {}  # device type -> backend the policy picks
-    if pol.backend == "auto":
-        for name in auto_backends():
-            chosen.setdefault(device_type_of(name), name)
-    else:
-        chosen[device_type_of(pol.backend)] = pol.backend
-    orows = []
-    for op_name in ops:
-        row = {"op": op_name}
-        for b in brows:
-            if not b["available"]:
-                row[b["name"]] = "-"
-                continue
-            cands = implementations(op_name, b["name"])
-            cell = " | ".join(c.name.split(".", 1)[1] for c in cands) if cands else "reference (fallback)"
-            if chosen.get(b["device_type"]) == b["name"]:
-                cell += " *"
-            row[b["name"]] = cell
-        orows.append(row)
-    return Explanation(pol, brows, orows, plugin_errors())
 
 
 def _reset_for_tests() -> None:
