@@ -546,9 +546,10 @@ class use:
     concurrent threads cannot change it: it sets a ``ContextVar`` on entry and resets it on exit.
     Whether a call is a plain statement is unknown when ``use(...)`` runs, so the process-wide
     policy changes when the result is known not to be entered: when it is dropped (at once, for a
-    plain statement), or at this thread's next apt_hal call or ``use(...)``, whichever comes
-    first. A ``use`` object entered after that still scopes its block, and leaves the process-wide
-    policy as it was applied.
+    plain statement), or when this thread next reads the policy (an op call,
+    ``apt_hal.device_type()``, ``apt_hal.explain()``) or calls ``use(...)``, whichever comes first.
+    A ``use`` object entered after that still scopes its block, and leaves the process-wide policy
+    as it was applied.
     """
 
     def __init__(self, backend: str = "auto", *, strict: bool = False):
