@@ -21,6 +21,7 @@ from apt_hal.device import (
 )
 from apt_hal.errors import (
     AptHalError,
+    BackendError,
     BackendUnavailableError,
     ContractError,
     CorruptBlockError,
@@ -29,13 +30,15 @@ from apt_hal.errors import (
     PluginError,
     UnknownBackendError,
 )
+from apt_hal.explanation import explain
+
 # apt_hal.backends is the package of built-in backends; the registry's listing is registry.backends().
-from apt_hal.registry import Backend, Probe, explain, impl, register_impl, use
+from apt_hal.registry import Backend, Probe, impl, register_impl, use
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AptHalError", "Backend", "BackendUnavailableError", "ContractError", "CorruptBlockError",
+    "AptHalError", "Backend", "BackendError", "BackendUnavailableError", "ContractError", "CorruptBlockError",
     "OpNotImplementedError", "PagedStoreFullError", "PluginError", "Probe", "UnknownBackendError", "device_count",
     "device_type", "empty_cache", "explain", "get_device", "impl", "max_memory_allocated",
     "graphs", "memory_allocated", "mxfp4", "nn", "ops", "register_impl", "rope", "set_checks", "synchronize", "use",

@@ -1,7 +1,8 @@
 """One device API for every backend, built on ``torch.accelerator`` where torch has it.
 
 Models and tools call these instead of ``torch.cuda.*`` / ``torch.npu.*``; the device type comes
-from the active backend (or, under ``"auto"``, the best available one: CUDA > HPU > NPU > XPU > CPU).
+from the active backend (or, under ``"auto"``, the available backend of best ``auto_rank``: with
+the built-in backends, CUDA > HPU > NPU > XPU > CPU).
 """
 
 from __future__ import annotations
@@ -20,10 +21,8 @@ def device_type() -> str:
     pol = registry.current_policy()
     if pol.backend != "auto":
         return registry.device_type_of(pol.backend)
-    for dev in registry.AUTO_DEVICE_ORDER:
-        if registry._auto_backends(dev):
-            return dev
-    return "cpu"
+    best = registry.auto_backends()
+    return registry.device_type_of(best[0]) if best else "cpu"
 
 
 def _module(dev_type: str):

@@ -9,11 +9,19 @@ class ContractError(AptHalError, ValueError):
     """An argument violates an op contract (shape, dtype, device, layout or value)."""
 
 
-class BackendUnavailableError(AptHalError, RuntimeError):
-    """A backend was chosen explicitly but its probe says it cannot run here."""
+class BackendError(AptHalError):
+    """A backend cannot be used: its name is unknown, or it cannot run here.
+
+    Catch this one around ``apt_hal.use(...)`` (or a first op call under ``APT_HAL_BACKEND``):
+    it covers both :class:`UnknownBackendError` and :class:`BackendUnavailableError`.
+    """
 
 
-class UnknownBackendError(AptHalError, KeyError):
+class BackendUnavailableError(BackendError, RuntimeError):
+    """A backend was chosen explicitly but its probe says it cannot run here, or its import failed."""
+
+
+class UnknownBackendError(BackendError, KeyError):
     """A backend name that no built-in backend or plugin declares."""
 
     def __str__(self) -> str:  # KeyError would quote the whole message

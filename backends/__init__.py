@@ -7,11 +7,12 @@ backends need no change here: they declare an entry point in the group ``apt_hal
 
 from apt_hal.backends.cpu import BACKEND as _cpu
 from apt_hal.backends.cuda_triton import BACKEND as _cuda_triton
-from apt_hal.backends.huawei_cloud import BACKEND as _huawei_cloud
 from apt_hal.backends.hpu import BACKEND as _hpu
+from apt_hal.backends.huawei_cloud import BACKEND as _huawei_cloud
 from apt_hal.backends.npu import BACKEND as _npu
 from apt_hal.backends.rocm import BACKEND as _rocm
 from apt_hal.backends.xpu import BACKEND as _xpu
 
-# In the auto order of the design card: CUDA > HPU > NPU > XPU > CPU (then the remote one).
+# Listed in the order of their auto_rank (CUDA > HPU > NPU > XPU > CPU, then the remote one, which
+# "auto" never picks); the ranks, not this order, decide what "auto" chooses.
 BUILTIN_BACKENDS = (_cuda_triton, _rocm, _hpu, _npu, _xpu, _cpu, _huawei_cloud)

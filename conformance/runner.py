@@ -36,8 +36,8 @@ from apt_hal.errors import BackendUnavailableError
 
 SCHEMA = "apt_hal.conformance/1"
 KNOWN_FAILURES = pathlib.Path(__file__).with_name("known_failures.json")
-PACKAGES = ("apt-hal", "torch", "triton", "numpy", "safetensors", "torch-npu", "habana-torch-plugin",
-            "intel-extension-for-pytorch")
+# Reports also record the versions of every declared backend's Backend.packages.
+PACKAGES = ("apt-hal", "torch", "numpy", "safetensors")
 
 Progress = Callable[[int, int, str], None]
 
@@ -71,7 +71,8 @@ def load_known_failures(path: pathlib.Path = KNOWN_FAILURES) -> list[dict]:
 def environment() -> dict:
     """The host: Python, OS and the versions of the packages that matter (no timestamps)."""
     versions = {}
-    for dist in PACKAGES:
+    backend_packages = [dist for b in registry.backends().values() for dist in b.packages]
+    for dist in dict.fromkeys(PACKAGES + tuple(backend_packages)):
         try:
             versions[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:

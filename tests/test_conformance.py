@@ -28,9 +28,7 @@ def _declare(name, probe, implementations="builtins", claims=None):
 
 
 def _forget(name):
-    del registry._backends[name], registry._origins[name]
-    registry._activated.pop(name, None)
-    registry._bump()
+    registry.unregister_backend(name)
 
 
 # ---- the quick suite on this machine's backends -------------------------------------------

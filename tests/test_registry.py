@@ -1,6 +1,5 @@
 """The registry: backend declarations, policy (use / env / auto / strict), fallback, plugins, explain."""
 
-import importlib.metadata
 import logging
 import threading
 
@@ -9,12 +8,7 @@ import torch
 
 import apt_hal
 from apt_hal import ops, registry
-from apt_hal.errors import (
-    BackendUnavailableError,
-    OpNotImplementedError,
-    PluginError,
-    UnknownBackendError,
-)
+from apt_hal.errors import BackendUnavailableError, OpNotImplementedError, UnknownBackendError
 
 SEVEN = {"cpu", "cuda-triton", "rocm", "xpu", "hpu", "npu", "huawei-cloud"}
 
@@ -33,13 +27,8 @@ def test_backend():
     decl = registry.Backend(name="test", device_type="cpu", probe=lambda: registry.Probe(True, "test double"),
                             implementations="builtins")
     registry.register_backend(decl, origin="tests/test_registry.py")
-    added = []
-    yield added
-    for entry in added:
-        registry.unregister_impl(entry)
-    del registry._backends["test"], registry._origins["test"]
-    registry._activated.pop("test", None)
-    registry._bump()
+    yield "test"
+    registry.unregister_backend("test")
 
 
 def test_all_seven_backends_are_declared_with_a_reason():
@@ -68,7 +57,8 @@ def test_unknown_backend_names_the_known_ones():
 def test_choosing_an_unavailable_backend_raises_with_reason_and_install_hint():
     if registry.probe("npu").available:
         pytest.skip("this machine has an Ascend NPU")
-    with pytest.raises(BackendUnavailableError, match=r"'npu' is unavailable: torch_npu is not installed.*pip install torch-npu"):
+    with pytest.raises(BackendUnavailableError,
+                       match=r"'npu' is unavailable: torch_npu is not installed.*pip install torch-npu"):
         apt_hal.use("npu")
 
 
@@ -117,7 +107,8 @@ def test_auto_logs_every_probe(caplog):
         assert name in logged
 
 
-def test_missing_implementation_falls_back_with_one_warning(test_backend):
+@pytest.mark.usefixtures("test_backend")
+def test_missing_implementation_falls_back_with_one_warning():
     args = _rotary_args()
     expected = ops.rotary.reference(*args)
     apt_hal.use("test")
@@ -132,21 +123,23 @@ def test_missing_implementation_falls_back_with_one_warning(test_backend):
         ops.rotary(*args)
 
 
-def test_strict_turns_fallback_into_an_error(test_backend):
+@pytest.mark.usefixtures("test_backend")
+def test_strict_turns_fallback_into_an_error():
     with apt_hal.use("test", strict=True):
         with pytest.raises(OpNotImplementedError, match="rotary cannot run on backend 'test'"):
             ops.rotary(*_rotary_args())
 
 
-def test_registered_implementation_is_used_and_supports_can_decline(test_backend):
+@pytest.mark.usefixtures("test_backend")
+def test_registered_implementation_is_used_and_supports_can_decline():
     calls = []
 
     def rotary_test(q, k, positions, cos_sin_cache, style="neox"):
         calls.append(style)
         return ops.rotary.reference(q, k, positions, cos_sin_cache, style)
 
-    test_backend.append(registry.register_impl(ops.rotary, "test", rotary_test,
-                                               supports=lambda q, k, positions, cos_sin_cache, style: style == "neox"))
+    registry.register_impl(ops.rotary, "test", rotary_test,
+                                               supports=lambda q, k, positions, cos_sin_cache, style: style == "neox")
     args = list(_rotary_args())
     with apt_hal.use("test", strict=True):
         ops.rotary(*args)
@@ -158,14 +151,15 @@ def test_registered_implementation_is_used_and_supports_can_decline(test_backend
     assert row["test"] == "rotary_test"
 
 
-def test_the_dispatcher_path_uses_the_same_selection(test_backend):
+@pytest.mark.usefixtures("test_backend")
+def test_the_dispatcher_path_uses_the_same_selection():
     calls = []
 
     def rotary_test(q, k, positions, cos_sin_cache, style="neox"):
         calls.append(1)
         return ops.rotary.reference(q, k, positions, cos_sin_cache, style)
 
-    test_backend.append(registry.register_impl(ops.rotary, "test", rotary_test))
+    registry.register_impl(ops.rotary, "test", rotary_test)
     with apt_hal.use("test", strict=True):
         torch.ops.apt_hal.rotary(*_rotary_args())  # what traced graphs call
     assert calls == [1]
@@ -180,12 +174,11 @@ def test_inputs_on_another_device_fall_back_visibly():
             with pytest.warns(RuntimeWarning, match="inputs are on cpu but backend 'meta-test' runs on meta"):
                 ops.rotary(*_rotary_args())
     finally:
-        del registry._backends["meta-test"], registry._origins["meta-test"]
-        registry._activated.pop("meta-test", None)
-        registry._bump()
+        registry.unregister_backend("meta-test")
 
 
-def test_implementation_registration_errors(test_backend):
+@pytest.mark.usefixtures("test_backend")
+def test_implementation_registration_errors():
     def wrong(q, k, positions, cache, style="neox"):  # 'cache' is not the contract's name
         return q, k
 
@@ -195,7 +188,7 @@ def test_implementation_registration_errors(test_backend):
     def rotary_ok(q, k, positions, cos_sin_cache, style="neox"):
         return q, k
 
-    test_backend.append(registry.register_impl(ops.rotary, "test", rotary_ok))
+    registry.register_impl(ops.rotary, "test", rotary_ok)
     with pytest.raises(ValueError, match="already registered"):
         registry.register_impl(ops.rotary, "test", rotary_ok)
     with pytest.raises(KeyError, match="unknown op"):
@@ -204,85 +197,25 @@ def test_implementation_registration_errors(test_backend):
         registry.register_impl(ops.rotary, "nope", rotary_ok)
 
 
-# --- plugins --------------------------------------------------------------------------------
-
-
-class _EP:
-    """Stands for an importlib.metadata.EntryPoint."""
-
-    def __init__(self, name, value, obj=None, exc=None):
-        self.name, self.value, self._obj, self._exc = name, value, obj, exc
-
-    def load(self):
-        if self._exc:
-            raise self._exc
-        return self._obj
-
-
-@pytest.fixture
-def fresh_discovery(monkeypatch):
-    """Run discovery again with stand-in entry points; the registry's tables are restored after."""
-    monkeypatch.setattr(registry, "_backends", {})
-    monkeypatch.setattr(registry, "_origins", {})
-    monkeypatch.setattr(registry, "_plugin_errors", [])
-    monkeypatch.setattr(registry, "_discovered", False)
-
-    def install(eps):
-        monkeypatch.setattr(importlib.metadata, "entry_points", lambda group=None: eps if group == registry.ENTRY_POINT_GROUP else [])
-
-    yield install
-    registry._bump()
-
-
-def test_plugin_backend_is_discovered(fresh_discovery):
-    decl = registry.Backend(name="acme", device_type="cpu", probe=lambda: registry.Probe(False, "no ACME card"),
-                            implementations="acme_hal.impls", install_hint="pip install acme-hal")
-    fresh_discovery([_EP("acme", "acme_hal:BACKEND", obj=decl)])
-    assert registry.backends()["acme"] is decl
-    assert "no ACME card" in str(apt_hal.explain())
-
-
-def test_plugin_given_as_a_factory(fresh_discovery):
-    decl = registry.Backend(name="acme2", device_type="cpu", probe=lambda: registry.Probe(False, "x"),
-                            implementations="m")
-    fresh_discovery([_EP("acme2", "acme_hal:declare", obj=lambda: decl)])
-    assert "acme2" in registry.backends()
-
-
-def test_failing_plugin_is_reported_with_its_traceback(fresh_discovery):
-    fresh_discovery([_EP("broken", "broken_hal:BACKEND", exc=ImportError("No module named 'broken_hal'"))])
-    with pytest.warns(RuntimeWarning, match="failed to load"):
-        names = registry.backends()
-    assert SEVEN <= set(names)  # the built-ins still work
-    (where, tb), = registry.plugin_errors()
-    assert "broken" in where and "ImportError" in tb and "broken_hal" in tb
-    assert "No module named 'broken_hal'" in str(apt_hal.explain())
-
-
-def test_two_backends_claiming_one_name_is_an_error(fresh_discovery):
-    dup = registry.Backend(name="cpu", device_type="cpu", probe=lambda: registry.Probe(True, "x"), implementations="m")
-    fresh_discovery([_EP("evil", "evil:BACKEND", obj=dup)])
-    with pytest.raises(PluginError, match="two backends claim the name 'cpu': built-in and entry point 'evil'"):
-        registry.backends()
-
-
 # --- torch.compile may trace into a backend's own op; torch.export keeps the apt_hal op --------
 
 _TRACE_LIB = torch.library.Library("apt_hal_test", "DEF")
-_TRACE_LIB.define("rotary(Tensor q, Tensor k, Tensor positions, Tensor cos_sin_cache, str style='neox') -> (Tensor, Tensor)")
+_TRACE_LIB.define("rotary(Tensor q, Tensor k, Tensor positions, Tensor cos_sin_cache, str style='neox') "
+                  "-> (Tensor, Tensor)")
 _TRACE_LIB.impl("rotary", lambda *a: ops.rotary.reference(*a), "CompositeExplicitAutograd")
 torch.library.register_fake("apt_hal_test::rotary", lambda q, k, *rest: (torch.empty_like(q), torch.empty_like(k)),
                             lib=_TRACE_LIB)
 
 
-def test_compile_traces_the_backends_traceable_op_and_export_keeps_apt_hal(test_backend):
+@pytest.mark.usefixtures("test_backend")
+def test_compile_traces_the_backends_traceable_op_and_export_keeps_apt_hal():
     def rotary_test(q, k, positions, cos_sin_cache, style="neox"):
         return ops.rotary.reference(q, k, positions, cos_sin_cache, style)
 
-    test_backend.append(registry.register_impl(ops.rotary, "test", rotary_test, traceable="apt_hal_test::rotary"))
+    registry.register_impl(ops.rotary, "test", rotary_test, traceable="apt_hal_test::rotary")
     graphs = []
 
-    def capture(gm, example_inputs):
+    def capture(gm, _example_inputs):
         graphs.append(gm)
         return gm.forward
 
@@ -302,14 +235,15 @@ def test_compile_traces_the_backends_traceable_op_and_export_keeps_apt_hal(test_
         torch.testing.assert_close(o, e, rtol=0, atol=0)
 
 
-def test_check_levels(test_backend):
+@pytest.mark.usefixtures("test_backend")
+def test_check_levels():
     seen = []
 
     def rotary_test(q, k, positions, cos_sin_cache, style="neox"):
         seen.append(positions.max().item())
         return q, k
 
-    test_backend.append(registry.register_impl(ops.rotary, "test", rotary_test))
+    registry.register_impl(ops.rotary, "test", rotary_test)
     q, k, pos, cache, style = _rotary_args()
     with apt_hal.use("test", strict=True):
         far = pos + 100  # outside the cache: a value error only 'values' checks see

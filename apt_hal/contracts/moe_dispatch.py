@@ -239,7 +239,7 @@ def _fake_experts(x, sorted_assignments, *rest):
     return x.new_empty((sorted_assignments.shape[0], x.shape[1]))
 
 
-def activate(h: torch.Tensor, activation: str, alpha: float = 1.702, limit: float = 7.0) -> torch.Tensor:
+def apply_activation(h: torch.Tensor, activation: str, alpha: float = 1.702, limit: float = 7.0) -> torch.Tensor:
     """The expert activation of step 3, on ``h = x @ w_up^T + b_up`` (float32)."""
     if activation == "swiglu":
         gate, up = h.chunk(2, dim=-1)
@@ -295,7 +295,7 @@ def _ffn(rows, w_up, w_down, w_up_scales, w_down_scales, b_up, b_down, e, activa
     h = rows @ _expert_weight(w_up, w_up_scales, e).T
     if b_up is not None:
         h = h + b_up[e].float()
-    out = activate(h, activation, alpha, limit) @ _expert_weight(w_down, w_down_scales, e).T
+    out = apply_activation(h, activation, alpha, limit) @ _expert_weight(w_down, w_down_scales, e).T
     if b_down is not None:
         out = out + b_down[e].float()
     return out

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 import apt_hal
 from apt_hal import mxfp4, ops
-from apt_hal.contracts.moe_dispatch import activate
+from apt_hal.contracts.moe_dispatch import apply_activation
 from benchmarks import harness
 
 OP = "moe"
@@ -139,7 +139,7 @@ def _expert_ffn(layer: Layer, e: int, rows: torch.Tensor) -> torch.Tensor:
     w_up = mxfp4.dequantize(layer.w_up[e], layer.w_up_scales[e], dt) if c.quant else layer.w_up[e]
     w_down = mxfp4.dequantize(layer.w_down[e], layer.w_down_scales[e], dt) if c.quant else layer.w_down[e]
     h = F.linear(rows, w_up, None if layer.b_up is None else layer.b_up[e])
-    act = activate(h, c.activation).to(dt)
+    act = apply_activation(h, c.activation).to(dt)
     return F.linear(act, w_down, None if layer.b_down is None else layer.b_down[e])
 
 
@@ -164,7 +164,7 @@ def grouped_mm_layer(layer: Layer) -> torch.Tensor:
     ends = torch.cumsum(counts, 0).to(torch.int32)
     tok = order // c.top_k
     h = torch._grouped_mm(layer.x[tok], layer.w_up.transpose(1, 2), offs=ends)
-    act = activate(h.float(), c.activation).to(layer.x.dtype)
+    act = apply_activation(h.float(), c.activation).to(layer.x.dtype)
     y = torch._grouped_mm(act, layer.w_down.transpose(1, 2), offs=ends)
     return torch.zeros_like(layer.x).index_add_(0, tok, y * w.reshape(-1)[order, None].to(y.dtype))
 
