@@ -3,7 +3,9 @@
 The contract's schema is the torch schema inferred from its reference's annotations (``Op.schema``).
 An implementation's schema is inferred the same way from its own signature: parameter names,
 kinds, defaults and, where annotated, types. An unannotated parameter (or return) takes the
-contract's type, so it is compared by name and default only. A traceable op's schema is the one
+contract's type, so it is compared by name and default only. A parameter without a default takes
+the contract's: the op always passes every argument, so an implementation need not repeat the
+defaults, but one it does declare must be the contract's. A traceable op's schema is the one
 torch registered for it (``torch.ops.<namespace>.<name>.default._schema``).
 """
 
@@ -63,7 +65,9 @@ def implementation_schema(fn: Callable, reference: Callable, mutates_args: tuple
     except Exception as e:  # an annotation naming something its module does not define
         raise TypeError(f"cannot read the annotations of {fn.__qualname__}: {type(e).__name__}: {e}") from None
     ref_params = list(ref.parameters.values())
-    params = [p.replace(annotation=r.annotation) if p.annotation is inspect.Parameter.empty else p
+    empty = inspect.Parameter.empty
+    params = [p.replace(annotation=r.annotation if p.annotation is empty else p.annotation,
+                        default=r.default if p.default is empty else p.default)
               for p, r in zip(sig.parameters.values(), ref_params)]
     returns = ref.return_annotation if sig.return_annotation is inspect.Signature.empty else sig.return_annotation
 

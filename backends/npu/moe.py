@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch_npu
 
-from apt_hal.contracts.moe_dispatch import activate
+from apt_hal.contracts.moe_dispatch import apply_activation
 
 # npu_moe_init_routing_v2: expert_num is at most 10240 in count mode.
 MAX_EXPERTS = 10240
@@ -121,7 +121,7 @@ def experts(chip, x, sorted_assignments, expert_offsets, w_up, w_down, w_up_scal
     h = _grouped_matmul(rows, w_up, counts).float()
     if b_up is not None:
         h = h + b_up.float()[expert]
-    act = activate(h, activation, alpha, limit).to(x.dtype)
+    act = apply_activation(h, activation, alpha, limit).to(x.dtype)
     y = _grouped_matmul(act, w_down, counts).float()
     if b_down is not None:
         y = y + b_down.float()[expert]
