@@ -188,19 +188,21 @@ class Server:
         async def endpoint(request: Request) -> Response:
             t0 = time.perf_counter()
             request_id = request.headers.get(REQUEST_ID, "")
-            received, error = 0, None
+            received, error, op_seconds = 0, None, 0.0
             try:
                 self._authorize(request)
                 if work is None:
                     body, media = json.dumps(self._status(route)).encode(), "application/json"
                 else:
-                    body, media, received = await self._admitted(request, work)
+                    body, media, received, op_seconds = await self._admitted(request, work)
                 status = 200
             except Refusal as e:
                 status, error = e.status, e.kind
                 body, media = json.dumps({"error": e.kind, "message": str(e)}).encode(), "application/json"
             self.metrics.record(route, status, error, received, len(body), time.perf_counter() - t0)
-            return Response(body, status, media_type=media, headers={REQUEST_ID: request_id[:64]})
+            # Server-Timing: the time spent in the work itself, so a client can tell its overhead.
+            headers = {REQUEST_ID: request_id[:64], "server-timing": f"op;dur={1000 * op_seconds:.3f}"}
+            return Response(body, status, media_type=media, headers=headers)
 
         return endpoint
 
@@ -212,7 +214,7 @@ class Server:
             raise Refusal(401, "unauthorized", "wrong credential")
         self.replays.check(request.headers.get(REQUEST_ID), request.headers.get(REQUEST_TIME))
 
-    async def _admitted(self, request: Request, work) -> tuple[bytes, str, int]:
+    async def _admitted(self, request: Request, work) -> tuple[bytes, str, int, float]:
         if self.busy >= self.settings.max_inflight:
             raise Refusal(429, "busy", f"{self.busy} requests in flight (limit {self.settings.max_inflight}); retry")
         self.busy += 1
@@ -224,11 +226,11 @@ class Server:
             future.add_done_callback(lambda _: self._release())
             released_by_worker = True
             try:
-                body, media = await asyncio.wait_for(asyncio.shield(future), self.settings.request_timeout)
+                body, media, seconds = await asyncio.wait_for(asyncio.shield(future), self.settings.request_timeout)
             except asyncio.TimeoutError:
                 raise Refusal(504, "timeout", f"the op ran past the request timeout "
                                               f"({self.settings.request_timeout:.0f} s)") from None
-            return body, media, len(frame)
+            return body, media, len(frame), seconds
         finally:
             if not released_by_worker:
                 self._release()
@@ -266,10 +268,12 @@ class Server:
             raise Refusal(400, "malformed", f"the body ended after {filled} of {size} bytes")
         return frame
 
-    def _guarded(self, work, frame: bytearray) -> tuple[bytes, str]:
-        """Runs in a worker thread: ``work`` with every failure turned into a Refusal."""
+    def _guarded(self, work, frame: bytearray) -> tuple[bytes, str, float]:
+        """Runs in a worker thread: ``work`` and its duration, every failure turned into a Refusal."""
+        t0 = time.perf_counter()
         try:
-            return work(frame)
+            body, media = work(frame)
+            return body, media, time.perf_counter() - t0
         except Refusal:
             raise
         except wire.FrameError as e:

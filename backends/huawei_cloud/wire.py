@@ -83,6 +83,11 @@ def _wire_view(t: torch.Tensor) -> tuple[torch.Tensor, str, Optional[str]]:
 
 def encode(message: dict, tensors: dict[str, torch.Tensor]) -> bytes:
     """One frame holding ``message`` and ``tensors`` (any device, any strides)."""
+    return b"".join(encode_parts(message, tensors))
+
+
+def encode_parts(message: dict, tensors: dict[str, torch.Tensor]) -> list[memoryview]:
+    """The frame of :func:`encode` as pieces to send one after the other, the tensors not copied."""
     entries, parts, logical, offset = {}, [], {}, 0
     for name, t in tensors.items():
         dense, st_dtype, label = _wire_view(t)
@@ -91,7 +96,7 @@ def encode(message: dict, tensors: dict[str, torch.Tensor]) -> bytes:
         nbytes = dense.numel() * dense.element_size()
         pad = -offset % ALIGN
         if pad:
-            parts.append(bytes(pad))
+            parts.append(memoryview(bytes(pad)))
             offset += pad
         entries[name] = {"dtype": st_dtype, "shape": list(dense.shape), "data_offsets": [offset, offset + nbytes]}
         if nbytes:
@@ -101,7 +106,7 @@ def encode(message: dict, tensors: dict[str, torch.Tensor]) -> bytes:
     header = json.dumps({"__metadata__": {"apt_hal": json.dumps(meta)}, **entries},
                         separators=(",", ":")).encode()
     header += b" " * (-(len(header) + _PREFIX.size) % ALIGN)  # safetensors pads with spaces
-    return b"".join([_PREFIX.pack(len(header)), header, *parts])
+    return [memoryview(_PREFIX.pack(len(header)) + header), *parts]
 
 
 def _int(value: Any, what: str) -> int:
