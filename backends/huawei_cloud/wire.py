@@ -8,7 +8,8 @@ The header maps each tensor name to ``{"dtype", "shape", "data_offsets": [begin,
 into the data that follows the header) and holds ``"__metadata__": {"apt_hal": "<JSON>"}``: the
 message itself (op, arguments, request id, result). Tensors travel dense and row-major (the
 strides are implied by the shape; the caller's strides were checked by the contract before the
-call left the client). Data begins 64-byte aligned and each tensor starts on a 64-byte boundary.
+call left the client). The header is padded so the data begins 64-byte aligned, and tensors follow
+each other without gaps, widest elements first, so each starts aligned to its element size.
 
 safetensors cannot load torch's MXFP4 dtypes, so ``float4_e2m1fn_x2`` and ``float8_e8m0fnu``
 travel as ``U8`` with their real dtype in the message's ``"dtypes"`` map.
@@ -89,15 +90,13 @@ def encode(message: dict, tensors: dict[str, torch.Tensor]) -> bytes:
 def encode_parts(message: dict, tensors: dict[str, torch.Tensor]) -> list[memoryview]:
     """The frame of :func:`encode` as pieces to send one after the other, the tensors not copied."""
     entries, parts, logical, offset = {}, [], {}, 0
-    for name, t in tensors.items():
-        dense, st_dtype, label = _wire_view(t)
+    views = {name: _wire_view(t) for name, t in tensors.items()}
+    # Widest elements first: every tensor then starts aligned to its element size without the
+    # gaps between tensors that safetensors forbids.
+    for name, (dense, st_dtype, label) in sorted(views.items(), key=lambda kv: -kv[1][0].element_size()):
         if label:
             logical[name] = label
         nbytes = dense.numel() * dense.element_size()
-        pad = -offset % ALIGN
-        if pad:
-            parts.append(memoryview(bytes(pad)))
-            offset += pad
         entries[name] = {"dtype": st_dtype, "shape": list(dense.shape), "data_offsets": [offset, offset + nbytes]}
         if nbytes:
             parts.append(dense.reshape(-1).view(torch.uint8).numpy().data)
@@ -176,7 +175,7 @@ def decode(frame: bytearray, limits: Limits = Limits()) -> tuple[dict, dict[str,
         t = t.reshape(shape)
         if name in logical:
             label = logical[name]
-            if dtype is not torch.uint8 or label not in LOGICAL_DTYPES:
+            if dtype is not torch.uint8 or not isinstance(label, str) or label not in LOGICAL_DTYPES:
                 raise FrameError(f"tensor {name!r:.40}: logical dtype {label!r:.40} must be one of "
                                  f"{', '.join(LOGICAL_DTYPES)} over U8")
             t = t.view(LOGICAL_DTYPES[label])
