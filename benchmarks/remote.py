@@ -19,7 +19,6 @@ backend. Measured:
 from __future__ import annotations
 
 import argparse
-import hmac
 import os
 import pathlib
 import secrets
@@ -141,10 +140,10 @@ def grpc_serve(token_file: str) -> None:
     def method(work):
         def handle(request: bytes, context):
             given = dict(context.invocation_metadata()).get("authorization", "")
-            if not hmac.compare_digest(given.encode(), core._expected):
+            if not core.token_matches(given):
                 context.abort(grpc.StatusCode.UNAUTHENTICATED, "wrong credential")
             try:
-                body, _, seconds = core._guarded(work, bytearray(request))
+                body, _, seconds = core.perform(work, bytearray(request))
             except Refusal as e:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{e.status} {e}")
             context.set_trailing_metadata((("op-ms", f"{1000 * seconds:.3f}"),))
@@ -154,7 +153,7 @@ def grpc_serve(token_file: str) -> None:
 
     server = grpc.server(concurrent.futures.ThreadPoolExecutor(4), options=GRPC_OPTIONS)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-        "apt_hal.Remote", {"Call": method(core._execute), "Upload": method(core._upload)}),))
+        "apt_hal.Remote", {"Call": method(core.execute), "Upload": method(core.upload)}),))
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     print(f"grpc server listening on http://127.0.0.1:{port}", flush=True)

@@ -22,6 +22,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import hmac
+import inspect
 import json
 import threading
 import time
@@ -40,6 +41,7 @@ from apt_hal.backends.huawei_cloud.wire import FRAME_TYPE, REQUEST_ID, REQUEST_T
 
 # The ops a client may name; moe_dispatch is their composition, run on the client.
 OPS = {op.name: op for op in ops.ALL_OPS}
+PARAMETERS = {op.name: list(inspect.signature(op.reference).parameters) for op in ops.ALL_OPS}
 # Errors an op raises for a bad argument: the client raises the same class with the same text.
 ARGUMENT_ERRORS = (apt_hal.ContractError, TypeError, ValueError)
 
@@ -176,8 +178,8 @@ class Server:
 
     def app(self) -> Starlette:
         return Starlette(routes=[
-            Route("/v1/call", self._endpoint("call", self._execute), methods=["POST"]),
-            Route("/v1/weights", self._endpoint("weights", self._upload), methods=["POST"]),
+            Route("/v1/call", self._endpoint("call", self.execute), methods=["POST"]),
+            Route("/v1/weights", self._endpoint("weights", self.upload), methods=["POST"]),
             Route("/v1/health", self._endpoint("health", None), methods=["GET"]),
             Route("/v1/metrics", self._endpoint("metrics", None), methods=["GET"]),
         ])
@@ -210,9 +212,12 @@ class Server:
         given = request.headers.get("authorization")
         if given is None:
             raise Refusal(401, "unauthorized", "missing credential: send 'Authorization: Bearer <token>'")
-        if not hmac.compare_digest(given.encode(), self._expected):  # constant time
+        if not self.token_matches(given):
             raise Refusal(401, "unauthorized", "wrong credential")
         self.replays.check(request.headers.get(REQUEST_ID), request.headers.get(REQUEST_TIME))
+
+    def token_matches(self, authorization: str) -> bool:
+        return hmac.compare_digest(authorization.encode(), self._expected)  # constant time
 
     async def _admitted(self, request: Request, work) -> tuple[bytes, str, int, float]:
         if self.busy >= self.settings.max_inflight:
@@ -222,7 +227,7 @@ class Server:
         released_by_worker = False
         try:
             frame = await self._read_body(request)
-            future = loop.run_in_executor(self.pool, self._guarded, work, frame)
+            future = loop.run_in_executor(self.pool, self.perform, work, frame)
             future.add_done_callback(lambda _: self._release())
             released_by_worker = True
             try:
@@ -268,7 +273,7 @@ class Server:
             raise Refusal(400, "malformed", f"the body ended after {filled} of {size} bytes")
         return frame
 
-    def _guarded(self, work, frame: bytearray) -> tuple[bytes, str, float]:
+    def perform(self, work, frame: bytearray) -> tuple[bytes, str, float]:
         """Runs in a worker thread: ``work`` and its duration, every failure turned into a Refusal."""
         t0 = time.perf_counter()
         try:
@@ -288,22 +293,23 @@ class Server:
 
     # ---- the work -----------------------------------------------------------------------------
 
-    def _execute(self, frame: bytearray) -> tuple[bytes, str]:
+    def execute(self, frame: bytearray) -> tuple[bytes, str]:
         message, tensors = wire.decode(frame, self.limits)
         op = OPS.get(message.get("op")) if isinstance(message.get("op"), str) else None
         if op is None:
             raise Refusal(400, "malformed", f"unknown op {str(message.get('op'))[:40]!r}; known: {', '.join(OPS)}")
         packed = message.get("args")
-        if not isinstance(packed, list) or len(packed) > len(op._names):
-            raise Refusal(400, "malformed", f"'args' must be a list of at most {len(op._names)} values for {op.name}")
+        names = PARAMETERS[op.name]
+        if not isinstance(packed, list) or len(packed) > len(names):
+            raise Refusal(400, "malformed", f"'args' must be a list of at most {len(names)} values for {op.name}")
         args = [self._on_device(wire.unpack_value(a, tensors, self.store)) for a in packed]
         result = op(*args)
         out: dict[str, torch.Tensor] = {}
         reply = {"id": message.get("id"), "result": wire.pack_value(result, out, "r"),
-                 "mutated": {name: wire.pack_value(args[op._index[name]], out, "m") for name in op.mutates_args}}
+                 "mutated": {name: wire.pack_value(args[names.index(name)], out, "m") for name in op.mutates_args}}
         return wire.encode(reply, out), FRAME_TYPE
 
-    def _upload(self, frame: bytearray) -> tuple[bytes, str]:
+    def upload(self, frame: bytearray) -> tuple[bytes, str]:
         message, tensors = wire.decode(frame, self.limits)
         key = message.get("key")
         if set(tensors) != {"w"} or not isinstance(key, str):
