@@ -20,6 +20,7 @@ import uuid
 import httpx
 import pytest
 import torch
+import trustme
 
 import apt_hal
 from apt_hal import cli, mxfp4, ops, registry
@@ -34,7 +35,7 @@ def start_server(token_file: pathlib.Path, *extra: str, port: int = 0) -> tuple[
                              str(token_file), *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     ready, _, _ = select.select([proc.stdout], [], [], START_TIMEOUT)
     line = proc.stdout.readline() if ready else ""
-    if "listening on http://127.0.0.1:" not in line:
+    if "listening on http://127.0.0.1:" not in line and "listening on https://127.0.0.1:" not in line:
         proc.kill()
         raise RuntimeError(f"apt-hal serve did not start: {line!r} {proc.stderr.read()[-2000:]}")
     return proc, int(line.rsplit(":", 1)[1])
@@ -59,18 +60,41 @@ def token_file(tmp_path_factory) -> pathlib.Path:
 
 
 @pytest.fixture(scope="module")
-def servers(token_file):
-    """The main server, and a small one (one request in flight, 2 s request timeout) started beside it."""
-    main, small = {}, {}
-    starter = threading.Thread(target=lambda: small.update(zip(("proc", "port"), start_server(
-        token_file, "--max-inflight", "1", "--request-timeout", "2", "--max-request-mib", "1"))))
-    starter.start()
+def certificates(tmp_path_factory) -> dict[str, str]:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, as PEM files."""
+    folder = tmp_path_factory.mktemp("tls")
+    ca = trustme.CA()
+    server_cert, client_cert = ca.issue_cert("127.0.0.1"), ca.issue_cert("client.apt-hal.test")
+    files = {"ca": folder / "ca.pem", "cert": folder / "server.pem", "key": folder / "server.key",
+             "client": folder / "client.pem"}
+    ca.cert_pem.write_to_path(str(files["ca"]))
+    server_cert.cert_chain_pems[0].write_to_path(str(files["cert"]))
+    server_cert.private_key_pem.write_to_path(str(files["key"]))
+    client_cert.private_key_and_cert_chain_pem.write_to_path(str(files["client"]))
+    return {k: str(v) for k, v in files.items()}
+
+
+@pytest.fixture(scope="module")
+def servers(token_file, certificates):
+    """The main server; a small one (one request in flight, 2 s request timeout); one on mutual TLS.
+    The latter two start beside the first."""
+    main, small, tls = {}, {}, {}
+    starters = [
+        threading.Thread(target=lambda: small.update(zip(("proc", "port"), start_server(
+            token_file, "--max-inflight", "1", "--request-timeout", "2", "--max-request-mib", "1")))),
+        threading.Thread(target=lambda: tls.update(zip(("proc", "port"), start_server(
+            token_file, "--tls-cert", certificates["cert"], "--tls-key", certificates["key"],
+            "--tls-client-ca", certificates["ca"])))),
+    ]
+    for s in starters:
+        s.start()
     try:
         main.update(zip(("proc", "port"), start_server(token_file)))
     finally:
-        starter.join(START_TIMEOUT + 10)
-    yield main, small
-    for s in (main, small):
+        for s in starters:
+            s.join(START_TIMEOUT + 10)
+    yield main, small, tls
+    for s in (main, small, tls):
         if "proc" in s:
             stop_server(s["proc"])
 
@@ -203,6 +227,24 @@ def test_tokens_are_compared_in_constant_time(monkeypatch):
     assert calls == [(b"Bearer wrong", b"Bearer " + b"t" * 32)]
 
 
+def test_resident_store_evicts_the_least_recently_used_and_says_gone():
+    from apt_hal.backends.huawei_cloud.server import Refusal, ResidentStore
+
+    store = ResidentStore(limit=300)
+    for key in "abc":
+        store.put(key, torch.full((1,), ord(key)), 100)
+    store["a"]  # used: "b" is now the oldest
+    store.put("d", torch.zeros(1), 100)
+    assert store.stats() == {"weights": 3, "bytes": 300, "limit": 300, "evictions": 1}
+    with pytest.raises(Refusal, match="upload it again") as gone:
+        store["b"]
+    assert gone.value.status == 410
+    assert store["a"].item() == ord("a")
+    with pytest.raises(Refusal) as too_large:
+        store.put("e", torch.zeros(1), 301)
+    assert too_large.value.status == 413
+
+
 def test_busy_server_answers_429_and_a_body_too_slow_gets_408(servers, token):
     small = servers[1]
     slow = socket.create_connection(("127.0.0.1", small["port"]), timeout=10)
@@ -220,6 +262,22 @@ def test_busy_server_answers_429_and_a_body_too_slow_gets_408(servers, token):
         assert reply.startswith("HTTP/1.1 408") and time.monotonic() - t0 < 5
     finally:
         slow.close()
+
+
+def test_mutual_tls_serves_a_client_with_a_certificate_and_refuses_others(servers, token, certificates):
+    url = f"https://127.0.0.1:{servers[2]['port']}"
+    client = Client(url, token, ca=certificates["ca"], cert=certificates["client"])
+    got, _ = client.call("rotary", rotary_args(5))
+    assert all(torch.equal(a, b) for a, b in zip(got, ops.rotary.reference(*rotary_args(5))))
+    client.close()
+    for refused in (Client(url, token, ca=certificates["ca"], retries=0),  # no client certificate
+                    Client(url, token, cert=certificates["client"], retries=0)):  # server not trusted
+        with pytest.raises(RemoteError, match=f"huawei-cloud server {url}"):
+            refused.health()
+        refused.close()
+    with httpx.Client(base_url=f"http://127.0.0.1:{servers[2]['port']}", timeout=10) as plain:
+        with pytest.raises(httpx.HTTPError):  # no plain HTTP on a TLS port
+            plain.get("/v1/health", headers=headers(token))
 
 
 # ---- fuzz ---------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import socket
+import ssl
 import threading
 import time
 import uuid
@@ -43,12 +44,17 @@ class RemoteError(AptHalError, ConnectionError):
 
 class Client:
     def __init__(self, endpoint: str, key: str, *, timeout: float = 120.0, retries: int = 4,
-                 backoff: float = 0.05, verify: Any = True, cert: Optional[str] = None):
+                 backoff: float = 0.05, ca: Optional[str] = None, cert: Optional[str] = None):
+        """``ca``: the CA file that signed the server's certificate (default: the system's);
+        ``cert``: a PEM file with this client's certificate and key, for a server that requires one."""
         self.endpoint = endpoint.rstrip("/")
         self.retries, self.backoff = retries, backoff
         # No Nagle: a request's headers and body are separate writes, and waiting for the peer's
         # delayed ACK between them costs 40 ms a call.
-        transport = httpx.HTTPTransport(verify=verify, cert=cert, socket_options=[NO_DELAY],
+        tls = ssl.create_default_context(cafile=ca)
+        if cert:
+            tls.load_cert_chain(cert)
+        transport = httpx.HTTPTransport(verify=tls, socket_options=[NO_DELAY],
                                         limits=httpx.Limits(max_connections=64, max_keepalive_connections=64))
         self._http = httpx.Client(base_url=self.endpoint, headers={"authorization": f"Bearer {key}"},
                                   timeout=httpx.Timeout(timeout, connect=5.0), transport=transport)
@@ -62,7 +68,7 @@ class Client:
         endpoint, key = os.environ.get(ENDPOINT_VAR), os.environ.get(KEY_VAR)
         if not endpoint or not key:
             raise RemoteError(f"set {ENDPOINT_VAR} and {KEY_VAR}")
-        return cls(endpoint, key, verify=os.environ.get(CA_VAR) or True, cert=os.environ.get(CERT_VAR) or None)
+        return cls(endpoint, key, ca=os.environ.get(CA_VAR) or None, cert=os.environ.get(CERT_VAR) or None)
 
     def close(self) -> None:
         self._http.close()
