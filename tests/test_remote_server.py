@@ -22,8 +22,7 @@ import pytest
 import torch
 import trustme
 
-import apt_hal
-from apt_hal import cli, mxfp4, ops, registry
+from apt_hal import cli, mxfp4, ops
 from apt_hal.backends.huawei_cloud import wire
 from apt_hal.backends.huawei_cloud.client import Client, RemoteError
 
@@ -148,27 +147,40 @@ def test_conformance_quick_passes_against_a_loopback_server(server, token, tmp_p
     assert statuses == {"PASS"} and len(report["cases"]) > 100
 
 
-def test_backend_forwards_ops_in_place_effects_and_contract_errors(server, token, monkeypatch):
-    monkeypatch.setenv("APT_HAL_HUAWEI_CLOUD_ENDPOINT", endpoint(server))
-    monkeypatch.setenv("APT_HAL_HUAWEI_CLOUD_KEY", token)
-    registry.probe("huawei-cloud", refresh=True)
-    q, k, pos, cache, style = rotary_args(0, tokens=4)
-    fused = torch.randn(1, 4, 3, 2, 8)  # q and k as strided views of one buffer, as a fused QKV projection gives
-    q_view, k_view = fused[:, :, 0], fused[:, :, 1, :1]
-    expected = fused.clone()
-    ops.rotary_.reference(expected[:, :, 0], expected[:, :, 1, :1], pos, cache, style)
-    w_packed, w_scales = mxfp4.quantize(torch.randn(64, 64))
-    x = torch.randn(2, 64)
-    with apt_hal.use("huawei-cloud", strict=True):
-        ops.rotary_(q_view, k_view, pos, cache, style)
-        y = ops.fp4_matmul(x, w_packed, w_scales)
-        with pytest.raises(apt_hal.ContractError, match="positions") as e:
-            ops.rotary(q, k, pos + 100, cache, style)  # a value check: only the server's reference finds it
-    assert torch.equal(fused, expected)  # the views were written, nothing else
-    assert torch.equal(y, ops.fp4_matmul.reference(x, w_packed, w_scales))
-    assert "apt_hal.rotary: argument 'positions'" in str(e.value)
-    assert "loopback server, cpu executor" in registry.probe("huawei-cloud").detail
-    assert [i.name for i in registry.implementations("rotary_", "huawei-cloud")] == ["huawei-cloud.remote"]
+# Runs in its own process: activating a backend lasts for the process (the registry does not
+# re-check it), and other tests expect huawei-cloud to be unavailable without its variables.
+BACKEND_SCRIPT = """
+import torch, apt_hal
+from apt_hal import mxfp4, ops, registry
+q, k = torch.randn(1, 4, 2, 8), torch.randn(1, 4, 1, 8)
+pos, cache = torch.arange(4).reshape(1, 4), torch.randn(4, 8)
+fused = torch.randn(1, 4, 3, 2, 8)  # q and k as strided views of one buffer, as a fused QKV projection gives
+expected = fused.clone()
+ops.rotary_.reference(expected[:, :, 0], expected[:, :, 1, :1], pos, cache, "neox")
+w_packed, w_scales = mxfp4.quantize(torch.randn(64, 64))
+x = torch.randn(2, 64)
+with apt_hal.use("huawei-cloud", strict=True):
+    ops.rotary_(fused[:, :, 0], fused[:, :, 1, :1], pos, cache, "neox")
+    y = ops.fp4_matmul(x, w_packed, w_scales)
+    try:
+        ops.rotary(q, k, pos + 100, cache, "neox")  # a value check: only the server's reference finds it
+    except apt_hal.ContractError as e:
+        print("ContractError:", e)
+assert torch.equal(fused, expected), "the views were not written exactly"
+assert torch.equal(y, ops.fp4_matmul.reference(x, w_packed, w_scales))
+print("detail:", registry.probe("huawei-cloud").detail)
+print("implementations:", [i.name for i in registry.implementations("rotary_", "huawei-cloud")])
+"""
+
+
+def test_backend_forwards_ops_in_place_effects_and_contract_errors(server, token):
+    env = dict(os.environ, APT_HAL_HUAWEI_CLOUD_ENDPOINT=endpoint(server), APT_HAL_HUAWEI_CLOUD_KEY=token)
+    run = subprocess.run([sys.executable, "-c", BACKEND_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.splitlines()
+    assert lines[0].startswith("ContractError: apt_hal.rotary: argument 'positions'")
+    assert lines[1] == f"detail: endpoint {endpoint(server)}: loopback server, cpu executor"
+    assert lines[2] == "implementations: ['huawei-cloud.remote']"
 
 
 def test_a_server_that_is_down_makes_the_backend_unavailable_with_the_reason():
