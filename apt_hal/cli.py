@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "generate": "apt_hal.models.cli",
     "chat": "apt_hal.models.chat",
     "conformance": "apt_hal.conformance.cli",
+    "serve": "apt_hal.backends.huawei_cloud.serve",
 }
 
 EPILOG = """Choose the backend in code with apt_hal.use("cuda-triton") (default "auto": the best available
