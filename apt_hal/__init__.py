@@ -21,6 +21,7 @@ from apt_hal.device import (
 )
 from apt_hal.errors import (
     AptHalError,
+    BackendCallError,
     BackendError,
     BackendUnavailableError,
     ContractError,
@@ -38,7 +39,8 @@ from apt_hal.registry import Backend, Probe, impl, register_impl, use
 __version__ = "0.1.0"
 
 __all__ = [
-    "AptHalError", "Backend", "BackendError", "BackendUnavailableError", "ContractError", "CorruptBlockError",
+    "AptHalError", "Backend", "BackendCallError", "BackendError", "BackendUnavailableError", "ContractError",
+    "CorruptBlockError",
     "OpNotImplementedError", "PagedStoreFullError", "PluginError", "Probe", "UnknownBackendError", "device_count",
     "device_type", "empty_cache", "explain", "get_device", "impl", "max_memory_allocated",
     "graphs", "memory_allocated", "mxfp4", "nn", "ops", "register_impl", "rope", "set_checks", "synchronize", "use",

@@ -27,6 +27,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from apt_hal import registry
+from apt_hal.errors import BackendCallError
 
 LIBRARY = torch.library.Library("apt_hal", "DEF")
 
@@ -160,7 +161,11 @@ class Op:
             self.check(*args)
             if _check_level == "values" and self.check_values is not None and value_checks_enabled():
                 self.check_values(*args)
-        return registry.select(self, self._device_type(args), args)(*args)
+        device_type = self._device_type(args)
+        try:
+            return registry.select(self, device_type, args)(*args)
+        except BackendCallError as e:
+            return registry.after_failed_call(self, device_type, e)(*args)
 
     def _kernel(self, *args, **kwargs):
         # The dispatcher may drop trailing arguments that equal their defaults.

@@ -28,6 +28,13 @@ class UnknownBackendError(BackendError, KeyError):
         return str(self.args[0])
 
 
+class BackendCallError(AptHalError, RuntimeError):
+    """A backend took a call but could not complete it for a reason outside the contract (a remote
+    server that went down mid-call, say), having changed none of the caller's tensors. The
+    contract's reference then serves the call, with a warning once per reason, or under
+    ``strict=True`` the error is raised."""
+
+
 class OpNotImplementedError(AptHalError, NotImplementedError):
     """Under ``strict=True``: the active backend has no implementation for an op (no silent fallback)."""
 

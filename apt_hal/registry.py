@@ -623,7 +623,7 @@ def _resolve(op_name: str, device_type: str, pol: Policy) -> _Resolution:
         return _Resolution((), why, names[0] if names else "auto")
     b = pol.backend
     bdev = device_type_of(b)
-    if bdev != device_type:
+    if bdev != device_type and not get_backend(b).remote:  # a remote executor takes host copies of any device's tensors
         return _Resolution((), f"inputs are on {device_type} but backend {b!r} runs on {bdev}", b)
     cands = implementations(op_name, b)
     if not cands:
@@ -653,6 +653,18 @@ def select(op, device_type: str, args: tuple) -> Callable[..., Any]:
     if pol.strict:
         raise OpNotImplementedError(f"apt_hal (strict): {op.name} cannot run on backend {res.backend!r}: {reason}")
     _warn_once((op.name, device_type, pol.backend, reason),
+               f"apt_hal: {op.name} falls back to the reference implementation on {device_type}: {reason}")
+    return op.reference
+
+
+def after_failed_call(op, device_type: str, error: BaseException) -> Callable[..., Any]:
+    """What serves a call whose implementation raised :class:`BackendCallError`: the reference,
+    with a warning once per reason, or under ``strict=True`` the error itself."""
+    pol = current_policy()
+    if pol.strict:
+        raise error
+    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    _warn_once((op.name, device_type, pol.backend, "failed", reason),
                f"apt_hal: {op.name} falls back to the reference implementation on {device_type}: {reason}")
     return op.reference
 

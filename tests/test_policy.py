@@ -152,3 +152,39 @@ def test_a_bad_backend_in_the_environment_is_one_line_naming_the_variable(monkey
         ops.rotary(*_rotary_args())
     assert str(e.value).startswith(start)
     assert "\n" not in str(e.value)
+
+
+@pytest.fixture
+def failing_remote():
+    """A remote backend whose rotary raises BackendCallError (a server gone mid-call)."""
+    name = "failing-remote"
+    registry.register_backend(registry.Backend(name=name, device_type="cpu", implementations="builtins",
+                                               probe=lambda: registry.Probe(True, "test double"), remote=True))
+    registry.activate(name)
+
+    def rotary(q, k, positions, cos_sin_cache, style="neox"):
+        raise apt_hal.BackendCallError("huawei-cloud server http://127.0.0.1:9: connection refused")
+
+    registry.register_impl(ops.rotary, name, rotary)
+    yield name
+    registry.unregister_backend(name)
+
+
+def test_a_failed_backend_call_falls_back_to_the_reference_with_one_warning(failing_remote):
+    args = _rotary_args()
+    with apt_hal.use(failing_remote):
+        with pytest.warns(RuntimeWarning, match="rotary falls back to the reference .*connection refused"):
+            q, k = ops.rotary(*args)
+        expected = ops.rotary.reference(*args)
+        assert torch.equal(q, expected[0]) and torch.equal(k, expected[1])
+
+
+def test_a_failed_backend_call_raises_under_strict(failing_remote):
+    with apt_hal.use(failing_remote, strict=True):
+        with pytest.raises(apt_hal.BackendCallError, match="connection refused"):
+            ops.rotary(*_rotary_args())
+
+
+def test_a_remote_backend_takes_tensors_of_any_device(failing_remote):
+    # Meta tensors stand for an accelerator's: the remote implementation is chosen, not the local reference.
+    assert registry._resolve("rotary", "meta", registry.Policy(failing_remote)).candidates

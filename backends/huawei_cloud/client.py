@@ -24,7 +24,7 @@ import torch
 
 from apt_hal.backends.huawei_cloud import ENDPOINT_VAR, KEY_VAR, wire
 from apt_hal.backends.huawei_cloud.wire import FRAME_TYPE, REQUEST_ID, REQUEST_TIME
-from apt_hal.errors import AptHalError, ContractError
+from apt_hal.errors import BackendCallError, ContractError
 
 CA_VAR = "APT_HAL_HUAWEI_CLOUD_CA"  # CA bundle that signed the server's certificate
 CERT_VAR = "APT_HAL_HUAWEI_CLOUD_CLIENT_CERT"  # client certificate and key (PEM, one file) for mTLS
@@ -38,7 +38,7 @@ CHUNK = 1 << 20  # request bodies go out in pieces of this size: httpcore re-sli
 _TRUSTED = wire.Limits(max_bytes=1 << 62, max_elements=1 << 62, max_dims=64, max_tensors=1 << 16)
 
 
-class RemoteError(AptHalError, ConnectionError):
+class RemoteError(BackendCallError, ConnectionError):
     """The huawei-cloud server could not be reached or could not run the call."""
 
 
