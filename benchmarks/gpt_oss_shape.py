@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+from typing import Optional
 
 import torch
 
@@ -43,9 +44,13 @@ TINY = dict(GPT_OSS_20B, vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv
             rope=dict(GPT_OSS_20B["rope"], original_max_position_embeddings=128, factor=4.0), dtype="float32")
 
 
-def config(tiny: bool) -> ModelConfig:
-    """The gpt-oss-20b shape (or its tiny stand-in) on the apt-oss preset's gpt-oss features."""
-    return ModelConfig.preset("apt-oss-1b", **(TINY if tiny else GPT_OSS_20B))
+def config(tiny: bool, n_layers: Optional[int] = None) -> ModelConfig:
+    """The gpt-oss-20b shape (or its tiny stand-in) on the apt-oss preset's gpt-oss features;
+    ``n_layers`` keeps the first layers only (alternating as published)."""
+    shape = dict(TINY if tiny else GPT_OSS_20B)
+    if n_layers is not None:
+        shape.update(n_layers=n_layers, layer_types=(("sliding", "full") * n_layers)[:n_layers])
+    return ModelConfig.preset("apt-oss-1b", **shape)
 
 
 def write_checkpoint(cfg: ModelConfig, folder: str, device) -> None:
@@ -113,7 +118,7 @@ def _reset_peak(device) -> None:
 
 
 def bench(args, device) -> tuple[list, list[str]]:
-    cfg = config(args.tiny)
+    cfg = config(args.tiny, args.n_layers)
     notes, rows = [], []
     with tempfile.TemporaryDirectory() as folder:
         write_checkpoint(cfg, folder, device)
@@ -172,6 +177,8 @@ def main(argv=None) -> None:
     parser.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (default 512; tiny: 16)")
     parser.add_argument("--decode-len", type=int, default=None, help="decoded tokens timed (default 64; tiny: 4)")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per point, median (default 3; tiny: 1)")
+    parser.add_argument("--n-layers", type=int, default=None,
+                        help="fewer layers than published (24), where a session's time limit needs it")
     parser.add_argument("--markdown", help="also write the table to this file")
     args = parser.parse_args(argv)
     for name, (full, tiny) in dict(prompt_len=(512, 16), decode_len=(64, 4), repeats=(3, 1)).items():
@@ -189,7 +196,10 @@ def main(argv=None) -> None:
     for line in notes:
         print(line, flush=True)
     print()
-    table = print_table(rows, "gpt-oss-20b shape (tiny)" if args.tiny else "gpt-oss-20b shape")
+    label = "gpt-oss-20b shape" + (" (tiny)" if args.tiny else "")
+    if args.n_layers is not None:
+        label += f", {args.n_layers} layers"
+    table = print_table(rows, label)
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write("\n".join(notes) + "\n\n" + table + "\n")

@@ -91,7 +91,6 @@ def test_gpt_oss_logit_check_refuses_different_models(tmp_path):
         gpt_oss_shape.check_logits(ours, theirs, cfg, torch.device("cpu"), strict=True)
 
 
-@pytest.mark.slow
 def test_gpt_oss_shape_tiny_prints_its_table(capsys):
     gpt_oss_shape.main(["--tiny", "--batch", "1", "2"])
     out = capsys.readouterr().out
@@ -118,7 +117,6 @@ def test_harness_table_prints_a_baseline_without_a_time_as_its_reason(capsys):
     assert cells["vs bf16 cuBLAS"] == "3.00x"
 
 
-@pytest.mark.slow
 def test_fp4_matmul_tiny_prints_every_column(capsys):
     rows = fp4_matmul.run(harness.measure_host_ceilings(), tiny=True)
     head, *body = table_rows(harness.print_table(rows))
