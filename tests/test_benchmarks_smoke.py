@@ -123,3 +123,17 @@ def test_fp4_matmul_tiny_prints_every_column(capsys):
     assert head[3:6] == ["bf16 cuBLAS us", "dequant+linear us", "gemlite A16W4_MXFP us"]
     assert [r[1] for r in body] == ["M=1 K=256 N=256 bf16", "M=16 K=256 N=256 bf16"]
     assert all(dict(zip(head, r))["gemlite A16W4_MXFP us"] == "GPU only" for r in body)
+
+
+def test_a_gemlite_failure_fills_its_column_and_leaves_the_run_going(monkeypatch, capsys):
+    def broken(packed, scales):
+        raise RuntimeError("no kernel for this GPU")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(fp4_matmul, "gemlite_layer", broken)
+    gen = torch.Generator().manual_seed(0)
+
+    def make():
+        packed, scales = fp4_matmul.make_weights(32, 64, gen)
+        return torch.randn(1, 64, dtype=torch.bfloat16), packed, scales
+    assert fp4_matmul.time_gemlite(make, "M=1", 1024) == "failed (RuntimeError)"
+    assert "gemlite M=1: FAILED RuntimeError: no kernel for this GPU" in capsys.readouterr().out
