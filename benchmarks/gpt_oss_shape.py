@@ -29,6 +29,7 @@ import torch
 import apt_hal
 from apt_hal.models import ModelConfig, build_model
 from apt_hal.models.hf import load_pretrained, save_pretrained
+from benchmarks import harness
 from benchmarks import models as model_bench
 
 MEMORY_TARGET_GB = 16.0
@@ -161,13 +162,7 @@ def print_table(rows, label: str) -> str:
             "decode x HF"]
     body = [[label, str(b), f"{ours[0]:.0f}", f"{theirs[0]:.0f}", f"{ours[1]:.1f}", f"{theirs[1]:.1f}",
              f"{ours[1] / theirs[1]:.2f}x"] for b, ours, theirs in rows]
-    widths = [max(len(c) for c in col) for col in zip(head, *body)]
-    lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(head, widths)) + " |",
-             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-    lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |" for cells in body]
-    text = "\n".join(lines)
-    print(text, flush=True)
-    return text
+    return harness.markdown_table(head, body)
 
 
 def main(argv=None) -> None:

@@ -140,10 +140,15 @@ def print_table(rows: Sequence[Row]) -> str:
         cells += [f"{r.ceiling_pct:.0f}% {r.ceiling}" if r.ceiling_pct is not None else "", r.target,
                   {None: "", True: "yes", False: "NO"}[r.met]]
         body.append(cells)
-    widths = [max(len(str(c)) for c in col) for col in zip(head, *body)]
+    return markdown_table(head, body)
+
+
+def markdown_table(head: Sequence[str], body: Sequence[Sequence[str]]) -> str:
+    """Print (and return) a markdown table of string cells, columns padded to their widest cell."""
+    widths = [max(len(c) for c in col) for col in zip(head, *body)]
     lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(head, widths)) + " |",
              "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-    lines += ["| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |" for cells in body]
+    lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |" for cells in body]
     text = "\n".join(lines)
     print(text, flush=True)
     return text

@@ -41,6 +41,7 @@ import apt_hal
 from apt_hal.models import GenerationConfig, ModelConfig, build_model, convert_experts, generate
 from apt_hal.models.hf import save_pretrained
 from apt_hal.nn import MXFP4Linear, convert_model_to_mxfp4
+from benchmarks import harness
 from benchmarks.floor import copy_bandwidth, weight_bytes_per_step
 
 FLOOR_TARGET = 0.65  # batch-1 decode, fraction of the weight-bytes floor
@@ -224,13 +225,7 @@ def print_table(rows: list[Row], static: str) -> str:
                       met(share >= FLOOR_TARGET and d["apt"] > d["static"])]
         cells += [f"{p['apt'] / p['static']:.2f}x", met(p["apt"] >= PREFILL_TARGET * p["static"])]
         body.append(cells)
-    widths = [max(len(c) for c in col) for col in zip(head, *body)]
-    lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(head, widths)) + " |",
-             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-    lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |" for cells in body]
-    text = "\n".join(lines)
-    print(text, flush=True)
-    return text
+    return harness.markdown_table(head, body)
 
 
 def main(argv=None) -> None:
