@@ -84,7 +84,7 @@ def load_transformers(folder: str, dtype: torch.dtype, device):
 
     try:
         model = load()
-    except (ValueError, RuntimeError, ImportError):
+    except (ValueError, RuntimeError, ImportError, OSError):  # OSError: its kernels' hub download
         model = load(quantization_config=Mxfp4Config(dequantize=True))
     experts = model.model.layers[0].mlp.experts
     held = "MXFP4" if any(p.dtype == torch.uint8 for p in experts.state_dict().values()) else f"{dtype} (dequantized)"
