@@ -135,7 +135,7 @@ def print_table(rows: Sequence[Row]) -> str:
     for r in rows:
         cells = [r.op, r.shape, f"{r.apt_hal_us:.1f}"]
         cells += [_time_cell(r.baselines.get(n)) for n in names]
-        cells += [f"{r.baselines[n] / r.apt_hal_us:.2f}x" if isinstance(r.baselines.get(n), float) else ""
+        cells += ["" if isinstance(r.baselines.get(n, ""), str) else f"{r.baselines[n] / r.apt_hal_us:.2f}x"
                   for n in names]
         cells += [f"{r.ceiling_pct:.0f}% {r.ceiling}" if r.ceiling_pct is not None else "", r.target,
                   {None: "", True: "yes", False: "NO"}[r.met]]
