@@ -35,7 +35,7 @@ from benchmarks import models as model_bench
 MEMORY_TARGET_GB = 16.0
 GPT_OSS_20B = dict(vocab_size=201088, d_model=2880, n_layers=24, n_heads=64, n_kv_heads=8, head_dim=64,
                    ffn_dim=2880, n_experts=32, top_k=4, max_position=131072, sliding_window=128,
-                   layer_types=("sliding", "full") * 12, norm_eps=1e-5, swiglu_limit=7.0,
+                   layer_types=("sliding", "full") * 12, norm_eps=1e-5, swiglu_limit=7.0, aux_loss_weight=0.001,
                    rope={"variant": "yarn", "base": 150000.0, "factor": 32.0,
                          "original_max_position_embeddings": 4096, "beta_fast": 32.0, "beta_slow": 1.0,
                          "truncate": False},

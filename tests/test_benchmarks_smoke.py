@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from apt_hal.models import ModelConfig, build_model
+from apt_hal.models.hf import config_to_hf, load_pretrained
 from benchmarks import floor, gpt_oss_shape, harness, models
 from benchmarks.ops import fp4_matmul
 
@@ -59,18 +60,20 @@ def test_static_baseline_keeps_the_decode_step_eager_only_when_asked():
 
 
 def test_gpt_oss_shape_is_the_published_20b_config():
-    cfg = gpt_oss_shape.config(tiny=False)
-    assert (cfg.n_layers, cfg.n_experts, cfg.top_k, cfg.d_model, cfg.vocab_size) == (24, 32, 4, 2880, 201088)
-    assert (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim, cfg.sliding_window) == (64, 8, 64, 2880, 128)
-    assert cfg.layer_types == ("sliding", "full") * 12
-    assert cfg.mxfp4_experts and cfg.attention_sinks and cfg.rope["variant"] == "yarn"
+    # transformers' GptOssConfig defaults are the published gpt-oss-120b; 20b has 24 layers, 32 experts.
+    from transformers import GptOssConfig
+    published = GptOssConfig(num_hidden_layers=24, num_local_experts=32).to_dict()
+    ours = config_to_hf(gpt_oss_shape.config(tiny=False))
+    assert ours["quantization_config"]["quant_method"] == "mxfp4"
+    differing = {k: (v, published[k]) for k, v in ours.items() if k in published and v != published[k]}
+    assert differing.keys() <= {"architectures", "dtype"}, differing
+    assert ours["num_local_experts"] == 32 and ours["num_hidden_layers"] == 24 and ours["sliding_window"] == 128
 
 
 def test_gpt_oss_tiny_checkpoint_loads_in_transformers_with_our_logits(tmp_path):
     cfg = gpt_oss_shape.config(tiny=True)
     gpt_oss_shape.write_checkpoint(cfg, str(tmp_path), torch.device("cpu"))
     assert any(p.name == "model.safetensors" for p in tmp_path.iterdir())
-    from apt_hal.models.hf import load_pretrained
     ours = load_pretrained(tmp_path).eval()
     assert ours.layers[0].ffn.w_up.dtype == torch.uint8  # the experts stay MXFP4
     theirs, held = gpt_oss_shape.load_transformers(str(tmp_path), torch.float32, torch.device("cpu"))
@@ -82,7 +85,6 @@ def test_gpt_oss_tiny_checkpoint_loads_in_transformers_with_our_logits(tmp_path)
 def test_gpt_oss_logit_check_refuses_different_models(tmp_path):
     cfg = gpt_oss_shape.config(tiny=True)
     gpt_oss_shape.write_checkpoint(cfg, str(tmp_path), torch.device("cpu"))
-    from apt_hal.models.hf import load_pretrained
     ours = load_pretrained(tmp_path).eval()
     theirs, _ = gpt_oss_shape.load_transformers(str(tmp_path), torch.float32, torch.device("cpu"))
     with torch.no_grad():
