@@ -6,11 +6,17 @@
 #   bash benchmarks/gpu_session.sh env tests:"tests/test_cuda_triton_rotary.py" bench:"rotary paged" overhead
 #
 # Stages run in the order given: env, tests:"FILES", bench:"OPS" (add quick to the list for
-# --quick), overhead, models, conformance.
+# --quick), overhead, models, gpt-oss, issue16 (bench:fp4_matmul, models and gpt-oss in turn),
+# conformance. Wheels under .whl/ (e.g. gemlite for the fp4_matmul table) are installed first.
 set -uo pipefail
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        >"$OUT/wheels.log" 2>&1 && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
 
 if ! python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1; then
     # An image whose setuptools is too old for pyproject metadata: lay the package out by hand.
@@ -19,7 +25,7 @@ if ! python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/instal
     rm -rf "$site" && mkdir -p "$site/apt_hal"
     cp -r apt_hal/. "$site/apt_hal/"
     for d in backends models compile conformance; do ln -s "$PWD/$d" "$site/apt_hal/$d"; done
-    export PYTHONPATH="$site:$PWD"
+    export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 
 for stage in "$@"; do
@@ -43,7 +49,13 @@ for stage in "$@"; do
             python3 benchmarks/overhead.py 2>&1 | tee -a "$OUT/overhead.log"
             ;;
         models)
-            python3 benchmarks/models.py 2>&1 | tee -a "$OUT/models.log"
+            python3 -m benchmarks.models --markdown "$OUT/models.md" 2>&1 | tee -a "$OUT/models.log"
+            ;;
+        gpt-oss)
+            python3 -m benchmarks.gpt_oss_shape --markdown "$OUT/gpt_oss_shape.md" 2>&1 | tee -a "$OUT/gpt_oss_shape.log"
+            ;;
+        issue16)
+            bash "$0" bench:fp4_matmul models gpt-oss
             ;;
         conformance)
             python3 -m apt_hal.cli conformance --backend all --report "$OUT/conformance" 2>&1 | tee -a "$OUT/conformance.log" | tail -40

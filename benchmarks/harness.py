@@ -12,7 +12,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import statistics
-from typing import Callable, Optional, Sequence
+import time
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
@@ -22,7 +23,7 @@ class Row:
     op: str
     shape: str
     apt_hal_us: float
-    baselines: dict  # name -> microseconds
+    baselines: dict  # name -> microseconds, or why the column has no time (e.g. "not installed")
     ceiling_pct: Optional[float] = None  # % of the relevant ceiling reached by apt_hal
     ceiling: str = ""  # which ceiling ("copy", "gemm", "h2d", "hbm-bytes")
     target: str = ""  # the issue's target, e.g. ">= 3.0x bf16"
@@ -31,7 +32,10 @@ class Row:
 
 def time_calls(calls: Sequence[Callable[[], object]], replays: int = 20, warmup: int = 3,
                use_graph: bool = True) -> float:
-    """Median microseconds per call of ``calls`` (each call usually on its own inputs)."""
+    """Median microseconds per call of ``calls`` (each call usually on its own inputs). Without a
+    CUDA GPU (the CPU smoke tests) the host clock times plain calls."""
+    if not torch.cuda.is_available():
+        return _host_time_calls(calls, replays, warmup)
     for _ in range(warmup):
         for c in calls:
             c()
@@ -63,6 +67,19 @@ def time_calls(calls: Sequence[Callable[[], object]], replays: int = 20, warmup:
     return statistics.median(times)
 
 
+def _host_time_calls(calls: Sequence[Callable[[], object]], replays: int, warmup: int) -> float:
+    for _ in range(warmup):
+        for c in calls:
+            c()
+    times = []
+    for _ in range(replays):
+        start = time.perf_counter()
+        for c in calls:
+            c()
+        times.append((time.perf_counter() - start) * 1e6 / len(calls))
+    return statistics.median(times)
+
+
 def rotating(make_inputs: Callable[[], tuple], fn: Callable, bytes_per_set: int,
              l2_bytes: int = 60 << 20, max_sets: int = 16) -> list[Callable[[], object]]:
     """Calls of ``fn`` on enough distinct input sets that together they exceed the L2 cache twice."""
@@ -77,6 +94,16 @@ class Ceilings:
     gemm_tflops: float  # bf16 F.linear, M=N=K=8192
     h2d_gbps: float  # pinned host-to-device, 1 GiB
     device: str
+
+
+def measure_host_ceilings() -> Ceilings:
+    """The CPU smoke tests' stand-ins: a 64 MiB host copy and a float32 1024-cube matmul (no H2D)."""
+    from benchmarks.floor import copy_bandwidth
+
+    x = torch.randn(1024, 1024)
+    gemm_us = _host_time_calls([lambda: x @ x], replays=3, warmup=1)
+    return Ceilings(copy_gbps=copy_bandwidth(torch.device("cpu"), 1 << 26) / 1e9,
+                    gemm_tflops=2 * 1024 ** 3 / gemm_us / 1e6, h2d_gbps=float("nan"), device="cpu")
 
 
 def measure_ceilings() -> Ceilings:
@@ -107,18 +134,30 @@ def print_table(rows: Sequence[Row]) -> str:
     body = []
     for r in rows:
         cells = [r.op, r.shape, f"{r.apt_hal_us:.1f}"]
-        cells += [f"{r.baselines[n]:.1f}" if n in r.baselines else "" for n in names]
-        cells += [f"{r.baselines[n] / r.apt_hal_us:.2f}x" if n in r.baselines else "" for n in names]
+        cells += [_time_cell(r.baselines.get(n)) for n in names]
+        cells += ["" if isinstance(r.baselines.get(n, ""), str) else f"{r.baselines[n] / r.apt_hal_us:.2f}x"
+                  for n in names]
         cells += [f"{r.ceiling_pct:.0f}% {r.ceiling}" if r.ceiling_pct is not None else "", r.target,
                   {None: "", True: "yes", False: "NO"}[r.met]]
         body.append(cells)
-    widths = [max(len(str(c)) for c in col) for col in zip(head, *body)]
+    return markdown_table(head, body)
+
+
+def markdown_table(head: Sequence[str], body: Sequence[Sequence[str]]) -> str:
+    """Print (and return) a markdown table of string cells, columns padded to their widest cell."""
+    widths = [max(len(c) for c in col) for col in zip(head, *body)]
     lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(head, widths)) + " |",
              "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-    lines += ["| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |" for cells in body]
+    lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |" for cells in body]
     text = "\n".join(lines)
     print(text, flush=True)
     return text
+
+
+def _time_cell(value: Union[float, str, None]) -> str:
+    if value is None:
+        return ""
+    return value if isinstance(value, str) else f"{value:.1f}"
 
 
 # ---- steady-state timing ------------------------------------------------------------------

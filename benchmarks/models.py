@@ -1,19 +1,28 @@
-"""Prefill and decode throughput of the APT models against transformers' eager implementation.
+"""Prefill and decode throughput of the APT models against transformers, eager and static-cache compiled.
 
 For apt-dense-1b (Llama-shaped) and apt-moe-1b (Mixtral-shaped): random bf16 weights are built,
 saved with apt_hal.models.hf.save_pretrained and loaded into transformers' LlamaForCausalLM /
-MixtralForCausalLM (attn_implementation="eager"), so both hold the same weights in the same run.
-Their logits are compared before anything is timed. Each model then generates greedily from
-random prompts: prefill tokens/s = B * prompt_len / time(1 new token); decode tokens/s =
+MixtralForCausalLM twice: with attn_implementation="eager" (generated eagerly) and with the default
+attention (sdpa) generated with ``cache_implementation="static"``, for which transformers'
+``generate`` compiles the decode step with torch.compile (its CompileConfig: mode
+"reduce-overhead") on a GPU. All three hold the same weights in the same run; the logits are
+compared before anything is timed. Each model then generates greedily from the same random
+prompts: prefill tokens/s = B * prompt_len / time(1 new token); decode tokens/s =
 B * decode_len / (time(1 + decode_len new tokens) - time(1 new token)). Medians of --repeats
-runs after one warm-up. The MXFP4 rows convert the experts and every linear layer but lm_head and
-the routers to MXFP4 and time the same; the weight-memory ratio is their MXFP4 bytes over the bf16
-bytes of the same weights.
+runs after warm-ups. The MXFP4 rows convert the experts and every linear layer but lm_head and
+the routers to MXFP4 and time the same (transformers' columns are its bf16 models: it has no MXFP4
+Llama/Mixtral path); the weight-memory ratio is their MXFP4 bytes over the bf16 bytes of the same
+weights.
 
-    python benchmarks/models.py            # GPU: 1B models, bf16, batch 1 and 16, 512-token prompts
-    python benchmarks/models.py --tiny     # CPU smoke test: tiny presets, float32, a minute or less
+The floor (batch 1): the weight bytes one decode step must read (benchmarks/floor.py: for MoE
+only the top_k experts per layer it touches) over the device-to-device copy bandwidth measured in
+the same run; "% of floor" is apt_hal's decode tokens/s over the floor's.
 
-Targets (issue 5): decode >= 1.5x transformers' eager; MXFP4 weights <= 0.28x of bf16.
+    python -m benchmarks.models            # GPU: 1B models, bf16 + MXFP4, batch 1 and 16, 512-token prompts
+    python -m benchmarks.models --tiny     # CPU smoke test: tiny presets, float32, static cache not compiled
+
+Targets (issue 16): batch-1 decode >= 65% of the floor and faster than transformers static-cache
+compiled; prefill >= 1.0x transformers static-cache compiled. MXFP4 weights <= 0.28x of bf16 (issue 5).
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ import dataclasses
 import statistics
 import tempfile
 import time
+from typing import Optional
 
 import torch
 
@@ -31,9 +41,13 @@ import apt_hal
 from apt_hal.models import GenerationConfig, ModelConfig, build_model, convert_experts, generate
 from apt_hal.models.hf import save_pretrained
 from apt_hal.nn import MXFP4Linear, convert_model_to_mxfp4
+from benchmarks import harness
+from benchmarks.floor import copy_bandwidth, weight_bytes_per_step
 
-DECODE_TARGET = 1.5
+FLOOR_TARGET = 0.65  # batch-1 decode, fraction of the weight-bytes floor
+PREFILL_TARGET = 1.0  # over transformers static-cache compiled
 MEMORY_TARGET = 0.28
+ENGINES = ("apt", "eager", "static")  # apt_hal; transformers eager; transformers static cache (compiled on a GPU)
 
 
 @dataclasses.dataclass
@@ -41,8 +55,9 @@ class Row:
     model: str
     weights: str
     batch: int
-    prefill: tuple  # (apt tokens/s, transformers tokens/s)
-    decode: tuple
+    prefill: dict  # engine -> tokens/s
+    decode: dict
+    floor: Optional[float] = None  # decode tokens/s at the weight-bytes floor (batch 1 only)
 
 
 def _seconds(fn, repeats: int) -> float:
@@ -59,6 +74,7 @@ def _seconds(fn, repeats: int) -> float:
 
 def _throughput(run, batch: int, prompt_len: int, decode_len: int, repeats: int) -> tuple:
     """(prefill tokens/s, decode tokens/s) of ``run(new_tokens)``."""
+    run(1 + decode_len)  # warm-up at full length first: a static cache is sized (and compiled) for the longest run
     first = _seconds(lambda: run(1), repeats)
     full = _seconds(lambda: run(1 + decode_len), repeats)
     return batch * prompt_len / first, batch * decode_len / max(full - first, 1e-9)
@@ -73,12 +89,14 @@ def _ours(model, prompts: torch.Tensor):
     return run
 
 
-def _theirs(model, prompts: torch.Tensor):
+def _theirs(model, prompts: torch.Tensor, **generate_options):
+    """Greedy generation with transformers; ``generate_options`` as ``generate`` spells them, e.g.
+    ``cache_implementation="static"`` (and ``disable_compile=True`` to keep its decode step eager)."""
     mask = torch.ones_like(prompts)
 
     def run(n):
         out = model.generate(prompts, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                             pad_token_id=0, eos_token_id=None)
+                             pad_token_id=0, eos_token_id=None, **generate_options)
         assert out.shape[1] == prompts.shape[1] + n
     return run
 
@@ -124,7 +142,18 @@ def _mxfp4_copy(model):
     return quantized, fp4_bytes / bf16_bytes
 
 
-def bench_family(family: str, args, device) -> tuple:
+def static_options(compile_decode: bool) -> dict:
+    """transformers 5.x ``generate`` options of the static-cache baseline: on a GPU, ``generate``
+    compiles the decode step by itself when the cache is static (CompileConfig's defaults);
+    ``disable_compile`` keeps it eager (the CPU smoke test, where compiling would take minutes)."""
+    return {"cache_implementation": "static", **({} if compile_decode else {"disable_compile": True})}
+
+
+def static_label(args) -> str:
+    return "HF static compiled" if args.compile else "HF static NOT compiled"
+
+
+def bench_family(family: str, args, device, bandwidth: float) -> tuple:
     from transformers import AutoModelForCausalLM
 
     size = "tiny" if args.tiny else "1b"
@@ -134,6 +163,7 @@ def bench_family(family: str, args, device) -> tuple:
     with tempfile.TemporaryDirectory() as folder:
         save_pretrained(ours, folder)
         theirs = AutoModelForCausalLM.from_pretrained(folder, dtype=cfg.torch_dtype, attn_implementation="eager")
+        static = AutoModelForCausalLM.from_pretrained(folder, dtype=cfg.torch_dtype).to(device).eval()
         exact = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager")
     theirs = theirs.to(device).eval()
     notes = [f"apt-{family}-{size}: {_check_logits(ours, theirs, exact.to(device).eval(), cfg, device)}"]
@@ -149,30 +179,53 @@ def bench_family(family: str, args, device) -> tuple:
     for batch in args.batch:
         torch.manual_seed(2)
         prompts = torch.randint(0, cfg.vocab_size, (batch, args.prompt_len), device=device)
-        reference = _throughput(_theirs(theirs, prompts), batch, args.prompt_len, args.decode_len, args.repeats)
+        baselines = {"eager": _throughput(_theirs(theirs, prompts), batch, args.prompt_len, args.decode_len,
+                                          args.repeats),
+                     "static": _throughput(_theirs(static, prompts, **static_options(args.compile)), batch,
+                                           args.prompt_len, args.decode_len, args.repeats)}
         for weights, model in variants:
             ours_tp = _throughput(_ours(model, prompts), batch, args.prompt_len, args.decode_len, args.repeats)
-            rows.append(Row(f"apt-{family}-{size}", weights, batch, (ours_tp[0], reference[0]),
-                            (ours_tp[1], reference[1])))
-    del theirs, variants
+            measured = {"apt": ours_tp, **baselines}
+            floor = bandwidth / weight_bytes_per_step(model) if batch == 1 else None
+            rows.append(Row(f"apt-{family}-{size}", weights, batch, {k: v[0] for k, v in measured.items()},
+                            {k: v[1] for k, v in measured.items()}, floor))
+    compiled = hasattr(static, "_compiled_call")  # where transformers keeps the torch.compile'd forward
+    notes.append(f"apt-{family}-{size}: transformers static cache: decode step compiled by torch.compile: "
+                 f"{'yes' if compiled else 'no'}")
+    if compiled != args.compile:
+        raise SystemExit(f"{notes[-1]}, expected {'yes' if args.compile else 'no'}: the static-cache column "
+                         "would not be what its header says")
+    del theirs, static, variants
     apt_hal.empty_cache()
     return rows, notes
 
 
-def print_table(rows: list[Row]) -> None:
-    head = ["model", "weights", "batch", "prefill tok/s apt", "prefill tok/s HF eager", "prefill x",
-            "decode tok/s apt", "decode tok/s HF eager", "decode x", f"target >= {DECODE_TARGET}x decode"]
+def met(ok: bool) -> str:
+    return "yes" if ok else "NO"
+
+
+def print_table(rows: list[Row], static: str) -> str:
+    """Print (and return) the table; ``static`` names the static-cache column."""
+    head = ["model", "weights", "batch", "prefill tok/s apt", "prefill tok/s HF eager", f"prefill tok/s {static}",
+            f"prefill x {static}", "decode tok/s apt", "decode tok/s HF eager", f"decode tok/s {static}",
+            "decode x HF eager", f"decode x {static}", "floor tok/s", "% of floor",
+            f"target: decode >= {FLOOR_TARGET:.0%} floor and > {static} (batch 1)", "met",
+            f"target: prefill >= {PREFILL_TARGET:g}x {static}", "met"]
     body = []
     for r in rows:
-        ratio = r.decode[0] / r.decode[1]
-        body.append([r.model, r.weights, str(r.batch), f"{r.prefill[0]:.0f}", f"{r.prefill[1]:.0f}",
-                     f"{r.prefill[0] / r.prefill[1]:.2f}x", f"{r.decode[0]:.1f}", f"{r.decode[1]:.1f}", f"{ratio:.2f}x",
-                     "met" if ratio >= DECODE_TARGET else "NOT met"])
-    widths = [max(len(c) for c in col) for col in zip(head, *body)]
-    print("| " + " | ".join(h.ljust(w) for h, w in zip(head, widths)) + " |")
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for cells in body:
-        print("| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |", flush=True)
+        p, d = r.prefill, r.decode
+        cells = [r.model, r.weights, str(r.batch), f"{p['apt']:.0f}", f"{p['eager']:.0f}", f"{p['static']:.0f}",
+                 f"{p['apt'] / p['static']:.2f}x", f"{d['apt']:.1f}", f"{d['eager']:.1f}", f"{d['static']:.1f}",
+                 f"{d['apt'] / d['eager']:.2f}x", f"{d['apt'] / d['static']:.2f}x"]
+        if r.floor is None:
+            cells += ["", "", "(batch 1 only)", ""]
+        else:
+            share = d["apt"] / r.floor
+            cells += [f"{r.floor:.1f}", f"{share:.0%}", f"{share:.0%} of floor, {d['apt'] / d['static']:.2f}x",
+                      met(share >= FLOOR_TARGET and d["apt"] > d["static"])]
+        cells += [f"{p['apt'] / p['static']:.2f}x", met(p["apt"] >= PREFILL_TARGET * p["static"])]
+        body.append(cells)
+    return harness.markdown_table(head, body)
 
 
 def main(argv=None) -> None:
@@ -184,26 +237,38 @@ def main(argv=None) -> None:
     parser.add_argument("--decode-len", type=int, default=None, help="decoded tokens timed (default 64; tiny: 8)")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per point, median (default 3; tiny: 1)")
     parser.add_argument("--no-mxfp4", action="store_true", help="skip the MXFP4 rows")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="let transformers compile its static-cache decode step (default: on a GPU; "
+                             "--tiny: off, and the column says NOT compiled)")
+    parser.add_argument("--markdown", help="also write the table to this file")
     args = parser.parse_args(argv)
-    defaults = dict(batch=[1, 4], prompt_len=32, decode_len=8, repeats=1) if args.tiny else \
-        dict(batch=[1, 16], prompt_len=512, decode_len=64, repeats=3)
+    defaults = dict(batch=[1, 4], prompt_len=32, decode_len=8, repeats=1, compile=False) if args.tiny else \
+        dict(batch=[1, 16], prompt_len=512, decode_len=64, repeats=3, compile=True)
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     device = torch.device("cpu") if args.tiny else apt_hal.get_device()
     if device.type == "cpu" and not args.tiny:
         raise SystemExit("no accelerator found: the 1B benchmark needs one (use --tiny for a CPU smoke test)")
-    print(f"device: {device}; backend policy: {apt_hal.registry.current_policy().backend}; "
-          f"prompt {args.prompt_len} tokens, decode {args.decode_len} tokens, median of {args.repeats}", flush=True)
+    import transformers
+
+    bandwidth = copy_bandwidth(device, nbytes=(1 << 26) if args.tiny else (1 << 30))
+    print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else device}; torch {torch.__version__}; "
+          f"transformers {transformers.__version__}; backend policy: {apt_hal.registry.current_policy().backend}; "
+          f"copy bandwidth {bandwidth / 1e9:.0f} GB/s (read + written); prompt {args.prompt_len} tokens, "
+          f"decode {args.decode_len} tokens, median of {args.repeats}", flush=True)
     rows, notes = [], []
     for family in args.families:
-        r, n = bench_family(family, args, device)
+        r, n = bench_family(family, args, device, bandwidth)
         rows += r
         notes += n
         for line in n:
             print(line, flush=True)
     print()
-    print_table(rows)
+    table = print_table(rows, static_label(args))
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(table + "\n")
 
 
 if __name__ == "__main__":

@@ -11,8 +11,8 @@ generation of the 1B presets with random bf16 weights (and their MXFP4 copies) o
   intervals) and the gaps between kernels, and, from a second trace without device graphs, the
   kernel time per step grouped by kind.
 
-    python benchmarks/profile_decode.py                    # apt-dense-1b and apt-moe-1b, bf16 and MXFP4
-    python benchmarks/profile_decode.py --models dense --decode-len 32
+    python -m benchmarks.profile_decode                    # apt-dense-1b and apt-moe-1b, bf16 and MXFP4
+    python -m benchmarks.profile_decode --models dense --decode-len 32
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import torch
 import apt_hal
 from apt_hal.models import GenerationConfig, ModelConfig, build_model, convert_experts, generate
 from apt_hal.nn import convert_model_to_mxfp4
+from benchmarks.floor import copy_bandwidth, weight_bytes_per_step
 
 # Kernel name fragments -> kind (first match wins); what matches none is "other".
 KINDS = (("fp4", "fp4_matmul"), ("split_k", "fp4_matmul"), ("moe", "moe"), ("route", "moe"),
@@ -41,36 +42,6 @@ KINDS = (("fp4", "fp4_matmul"), ("split_k", "fp4_matmul"), ("moe", "moe"), ("rou
 def kind_of(name: str) -> str:
     low = name.lower()
     return next((k for frag, k in KINDS if frag.lower() in low), "other")
-
-
-def copy_bandwidth(device) -> float:
-    """Bytes read + written per second by a 1 GiB device-to-device copy (median of 10)."""
-    src = torch.empty(1 << 30, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    times = []
-    for _ in range(12):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    del src, dst
-    return 2 * (1 << 30) / sorted(times[2:])[len(times[2:]) // 2]
-
-
-def weight_bytes_per_step(model) -> int:
-    """Bytes of the weights one batch-1 decode step must read (MoE: the top_k experts per layer)."""
-    cfg = model.config
-    total = 0
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if "embed" in name and "lm_head" not in name and cfg.tie_embeddings is False:
-            continue  # an embedding lookup reads one row, not the table
-        n = t.numel() * t.element_size()
-        if cfg.n_experts and any(k in name for k in ("w_up", "w_down", "experts")):
-            n = n * cfg.top_k // cfg.n_experts
-        total += n
-    return total
 
 
 def wall_per_token(model, prompt, decode_len: int, graphs: bool) -> float:

@@ -1,6 +1,9 @@
 """Benchmark: cuda-triton ``fp4_matmul`` (MXFP4 weights, bf16 activations) against bf16
-``F.linear`` on the dequantized weight (cuBLAS) and against "dequantize, then ``F.linear``" as users
-write it today, timed in the same run with the harness (CUDA graphs, rotating inputs).
+``F.linear`` on the dequantized weight (cuBLAS), against "dequantize, then ``F.linear``" as users
+write it today, and against gemlite's ``A16W4_MXFP`` Triton kernel (pip ``gemlite``) on the same
+packed weights and scales, all timed in the same run the same way with the harness (CUDA graphs,
+rotating inputs: enough weight copies to exceed the L2 cache twice). Where gemlite is not
+installed its column says so; a gemlite result is held to the norm bound below before it is timed.
 
 Shapes (the issue): (K, N) in {(8192, 8192), (4096, 14336), (14336, 4096)}, M in {1, 16, 128, 4096}.
 Targets, as speed-ups over bf16 cuBLAS: M = 1 and 16 >= 3.0x, M = 128 >= 1.8x, M = 4096 >= 0.95x.
@@ -18,7 +21,8 @@ every schedule -- x permuted or not, materialize -- with scales up to 1 and up t
 kernel computes in one and two passes) and torch.compile of the triton_op (decode, materialize).
 
 Run from the repository root on a GPU:
-``python -m benchmarks.ops.fp4_matmul [--quick] [--sweep]``. ``--sweep`` also times other tile
+``python -m benchmarks.ops.fp4_matmul [--quick] [--sweep]``; ``--tiny`` is a CPU smoke test
+(K = N = 256, M = 1 and 16, host clock, no GPU checks). ``--sweep`` also times other tile
 schedules on the shapes of SWEEP_SHAPES (tuning data for hw.fp4_matmul_tiles), and what decode
 spends outside its main kernel.
 """
@@ -47,10 +51,11 @@ REL_NORM = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-4}
 
 
 def make_weights(n: int, k: int, gen: torch.Generator, top_code: int = 127):
-    """MXFP4 weights on the GPU: every E2M1 code, scales over 2^-10 .. 2^(top_code - 127) (the
-    default: typical LLM weights)."""
-    packed = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device="cuda", generator=gen)
-    scales = torch.randint(117, top_code + 1, (n, k // mxfp4.BLOCK), dtype=torch.uint8, device="cuda", generator=gen)
+    """MXFP4 weights on ``gen``'s device: every E2M1 code, scales over 2^-10 .. 2^(top_code - 127)
+    (the default: typical LLM weights)."""
+    packed = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device=gen.device, generator=gen)
+    scales = torch.randint(117, top_code + 1, (n, k // mxfp4.BLOCK), dtype=torch.uint8, device=gen.device,
+                           generator=gen)
     return packed, scales
 
 
@@ -79,8 +84,50 @@ def check(name, out, x, packed, scales, bias=None, elementwise=True):
 
 
 def fp4_linear(x, packed, scales, bias=None):
+    if not x.is_cuda:  # the CPU smoke test: whichever backend the registry picks there
+        return ops.fp4_matmul(x, packed, scales, bias)
     with apt_hal.use("cuda-triton", strict=True):
         return ops.fp4_matmul(x, packed, scales, bias)
+
+
+GEMLITE = "gemlite A16W4_MXFP"
+
+
+def gemlite_layer(packed, scales):
+    """gemlite's A16W4_MXFP layer on apt_hal's MXFP4 weights, or why there is none (a string).
+
+    gemlite takes pre-packed weights as they are here (uint8 [N, K/2], two E2M1 codes a byte, low
+    nibble first, its code order) and the E8M0 scales [N, K/32] as ``torch.float8_e8m0fnu``: it
+    converts whatever dtype it is given to that one, so uint8 codes would be read as numbers."""
+    try:
+        from gemlite.helper import A16W4_MXFP
+    except ImportError:
+        return "not installed"
+    return A16W4_MXFP(device=str(packed.device), dtype=torch.bfloat16).from_packed_weights(
+        packed, scales.view(torch.float8_e8m0fnu))
+
+
+def time_gemlite(make, label: str, set_bytes: int):
+    """gemlite's microseconds per call on rotating weight sets, checked first; or why not (a string).
+    A gemlite failure (its import, its kernels, a wrong result) fills its column and the log, and
+    leaves the other columns to be timed."""
+    if not torch.cuda.is_available():
+        return "GPU only"  # gemlite imports and runs only with CUDA
+    try:
+        x, packed, scales = make()
+        layer = gemlite_layer(packed, scales)
+        if isinstance(layer, str):
+            return layer
+        check(f"gemlite {label}", layer(x), x, packed, scales, elementwise=False)
+
+        def make_layer():
+            x_, packed_, scales_ = make()
+            return x_, gemlite_layer(packed_, scales_)
+        return harness.time_calls(harness.rotating(make_layer, lambda x_, layer_: layer_(x_), set_bytes))
+    except Exception as e:  # a baseline's failure is reported, not fatal
+        print(f"gemlite {label}: FAILED {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}",
+              flush=True)
+        return f"failed ({type(e).__name__})"
 
 
 def dequantize_then_linear(x, packed, scales):
@@ -136,12 +183,12 @@ def gpu_checks() -> None:
 # ---- timing -------------------------------------------------------------------------------------
 
 
-def _row(ceilings: harness.Ceilings, m: int, k: int, n: int) -> harness.Row:
-    gen = torch.Generator(device="cuda").manual_seed(m * 7 + k + n)
+def _row(ceilings: harness.Ceilings, m: int, k: int, n: int, device: str = "cuda") -> harness.Row:
+    gen = torch.Generator(device=device).manual_seed(m * 7 + k + n)
 
     def make():
         packed, scales = make_weights(n, k, gen)
-        return torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=gen), packed, scales
+        return torch.randn(m, k, device=device, dtype=torch.bfloat16, generator=gen), packed, scales
 
     x, packed, scales = make()
     label = f"M={m} K={k} N={n}"
@@ -160,6 +207,7 @@ def _row(ceilings: harness.Ceilings, m: int, k: int, n: int) -> harness.Row:
     baselines = {
         "bf16 cuBLAS": harness.time_calls(harness.rotating(make_bf16, F.linear, 2 * (n * k + m * (k + n)))),
         "dequant+linear": harness.time_calls(harness.rotating(make, dequantize_then_linear, set_bytes)),
+        GEMLITE: time_gemlite(make, label, set_bytes),
     }
     speedup = baselines["bf16 cuBLAS"] / ours
     if m <= 16:
@@ -171,7 +219,12 @@ def _row(ceilings: harness.Ceilings, m: int, k: int, n: int) -> harness.Row:
                        f">= {target:g}x bf16 cuBLAS", speedup >= target)
 
 
-def run(ceilings: harness.Ceilings, quick: bool = False) -> list[harness.Row]:
+TINY_SHAPES, TINY_ROWS = [(256, 256)], [1, 16]
+
+
+def run(ceilings: harness.Ceilings, quick: bool = False, tiny: bool = False) -> list[harness.Row]:
+    if tiny:  # CPU smoke test: the table's columns on tiny shapes, host clock
+        return [_row(ceilings, m, k, n, device="cpu") for k, n in TINY_SHAPES for m in TINY_ROWS]
     gpu_checks()
     shapes = SHAPES[:1] if quick else SHAPES
     return [_row(ceilings, m, k, n) for k, n in shapes for m in ROWS]
@@ -288,10 +341,11 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="only K = N = 8192")
     parser.add_argument("--sweep", action="store_true", help="also time other tile schedules")
+    parser.add_argument("--tiny", action="store_true", help="CPU smoke test: K = N = 256, M = 1 and 16")
     args = parser.parse_args()
-    measured = harness.measure_ceilings()
+    measured = harness.measure_host_ceilings() if args.tiny else harness.measure_ceilings()
     print(f"{measured.device}: copy {measured.copy_gbps:.0f} GB/s, bf16 GEMM {measured.gemm_tflops:.0f} TFLOP/s",
           flush=True)
-    harness.print_table(run(measured, quick=args.quick))
+    harness.print_table(run(measured, quick=args.quick, tiny=args.tiny))
     if args.sweep:
         sweep(measured, quick=args.quick)
