@@ -42,7 +42,7 @@ def _to_device(value, device):
 
 def forwarder(op):
     """The implementation of ``op`` that runs it on the server."""
-    signature = inspect.signature(op.reference)
+    signature = inspect.signature(op.reference, eval_str=True)  # types, not strings: the schema check reads them
     names = list(signature.parameters)
     resident = frozenset(i for i, n in enumerate(names) if n in RESIDENT_ARGS)
 

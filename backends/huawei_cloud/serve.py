@@ -13,11 +13,16 @@ EPILOG = """security: every request needs the token (Authorization: Bearer, comp
 fresh request id; the server listens on loopback unless told otherwise, and refuses any other
 address without --tls-cert/--tls-key (add --tls-client-ca to require client certificates).
 
+exit codes:
+  0  the server stopped cleanly (Ctrl-C or SIGTERM)
+  2  usage error: a bad argument, an unreadable token file or certificate, a public address
+     without TLS, a port already in use, or a missing optional package (pip install 'apt-hal[remote]')
+
 examples:
   python -c 'import secrets; print(secrets.token_hex(32))' > token && chmod 600 token
   apt-hal serve --backend cpu --port 8470 --token-file token
   APT_HAL_HUAWEI_CLOUD_ENDPOINT=http://127.0.0.1:8470 APT_HAL_HUAWEI_CLOUD_KEY=$(cat token) \\
-      APT_HAL_BACKEND=huawei-cloud apt-hal conformance --quick
+      apt-hal conformance --backend huawei-cloud --quick --require huawei-cloud
   apt-hal serve --backend npu --host 0.0.0.0 --port 8470 --token-file token \\
       --tls-cert server.pem --tls-key server.key --tls-client-ca clients.pem
 """
