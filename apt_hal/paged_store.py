@@ -163,6 +163,8 @@ class _DiskFile:
         try:
             fd = os.open(self.path, flags, 0o600)
         except FileExistsError as e:
+            if self._locked_by_another():
+                raise self._in_use() from e
             raise PagedStoreDiskError(
                 f"apt_hal.{_STORE}: argument 'disk_path' names an existing file, {self.path}; a store never reuses "
                 f"a file unless asked: pass overwrite=True to discard its contents, or choose another path",
@@ -181,10 +183,26 @@ class _DiskFile:
             raise
         if not locked_name_is_ours:
             os.close(fd)
-            raise PagedStoreDiskError(f"apt_hal.{_STORE}: the disk tier's file {self.path} is in use by another "
-                                      f"PagedTensor (it holds the file's lock); give each store its own disk_path",
-                                      errno.EBUSY, self.path)
+            raise self._in_use()
         return fd
+
+    def _locked_by_another(self) -> bool:
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+
+    def _in_use(self) -> PagedStoreDiskError:
+        return PagedStoreDiskError(f"apt_hal.{_STORE}: the disk tier's file {self.path} is in use by another "
+                                   f"PagedTensor (it holds the file's lock); give each store its own disk_path",
+                                   errno.EBUSY, self.path)
 
     def write(self, block_ids: list[int], records: list[int], rows) -> None:
         """Write one record per block: a header binding it to its block and a new generation, then its bytes."""
