@@ -108,3 +108,18 @@ def test_budget_errors_name_the_argument():
     assert parse_memory("800MB", 0) == 800_000_000
     assert parse_memory("25%", 1000) == 250
     assert parse_memory(4096, 0) == 4096
+
+
+def test_generate_with_gpu_memory_prints_what_it_prints_without(tmp_path):
+    from test_cli_models import DATA, _run
+
+    run = tmp_path / "run"
+    code, _, stderr = _run("train", "--data", DATA, "--model", "apt-dense-tiny", "--seq-len", "32", "--batch-size", "4",
+                           "--vocab-size", "300", "--precision", "fp32", "--steps", "3", "--out", str(run))
+    assert code == 0, stderr
+    prompt = ["generate", "--checkpoint", str(run), "--prompt", "The river", "--greedy", "--max-new-tokens", "8"]
+    code, expected, _ = _run(*prompt)
+    assert code == 0
+    assert _run(*prompt, "--gpu-memory", "70%") == (0, expected, "")  # one of the two layers on the device
+    code, _, stderr = _run(*prompt, "--gpu-memory", "1KB")
+    assert code == 2 and "gpu_memory='1KB' (1000 bytes) is too small" in stderr
