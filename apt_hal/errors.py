@@ -50,3 +50,16 @@ class CorruptBlockError(AptHalError, IOError):
 class PagedStoreFullError(AptHalError, MemoryError):
     """A :class:`~apt_hal.paged_store.PagedTensor` has no room: every tier is full, or
     too many blocks are pinned."""
+
+
+class PagedStoreDiskError(AptHalError, OSError):
+    """The disk tier's file of a :class:`~apt_hal.paged_store.PagedTensor` cannot be used: it already
+    exists, another store holds it, or reserving, writing or reading it failed. ``errno`` and
+    ``filename`` are set; the message names the file and the reason."""
+
+    def __init__(self, message: str, errno: int = None, filename: str = None):
+        super().__init__(message)
+        self.errno, self.filename = errno, filename
+
+    def __str__(self) -> str:  # OSError would print "[Errno N] None: 'filename'" once errno is set
+        return str(self.args[0])

@@ -2,10 +2,9 @@
 
 :class:`PagedTensor` keeps fixed-shape blocks behind stable logical ids on up to three tiers:
 device memory (``store.pool``, the pool the ops take), host memory (pinned when the device is an
-accelerator, so copies can be asynchronous) and a ``numpy.memmap`` file on disk. Its promise:
-nothing is lost. A block moved to any tier and back has the same bytes, and the disk tier stores a
-CRC-32 with every block it writes and raises :class:`~apt_hal.errors.CorruptBlockError` when a
-read does not match.
+accelerator, so copies can be asynchronous) and a file on disk. Its promise: nothing is lost. A
+block moved to any tier and back has the same bytes; an operation either does what it says or
+raises a documented error and changes no block's bytes.
 
 * ``allocate(n)`` takes ids from a free list; a new block is all zeros, on the fastest tier with a
   free slot (allocating moves no other block). ``free(ids)`` gives them back.
@@ -19,6 +18,36 @@ read does not match.
   waits for them; ``handle.wait()`` waits explicitly and raises a failed read's error.
 * Every move between tiers goes through ``paged_copy_blocks`` (so a backend can accelerate it) or,
   for the disk, through the store's own file I/O.
+
+The disk tier
+-------------
+``disk_path`` is the store's private scratch file. The store creates it, holds it locked
+(``fcntl.flock``, exclusive) while open, and deletes it on :meth:`~PagedTensor.close`, at garbage
+collection, or at the end of a ``with PagedTensor(...) as store:`` block. Its records are only
+meaningful to the store that wrote them (their generations live in that store's memory), so:
+
+* a path another store holds raises :class:`~apt_hal.errors.PagedStoreDiskError` ("in use");
+* an existing file is never truncated or reused unless the caller passes ``overwrite=True`` (say,
+  one left by a killed process); otherwise the constructor raises ``PagedStoreDiskError``.
+
+The constructor reserves the whole file (``posix_fallocate``): a disk without room fails there,
+naming the file and the errno reason, not later in an ``evict``. Writes and reads are explicit
+(``pwritev``/``preadv`` of whole records, short writes finished or reported). A write that fails
+raises ``PagedStoreDiskError`` (file, record, errno reason) and leaves every block where it was with
+its bytes: a block is written into a free record, never over its current one (the file keeps one
+spare record for rewriting blocks already on disk), and the store's books change only after the
+write succeeded. One case keeps a block off its tiers: when every tier is full,
+``device_slots``/``pin``/``prefetch`` park the blocks leaving the device in a device buffer while
+the requested ones come up; if writing them down fails, they stay there (``tier_of`` says
+"parked", ``stats()["parked"]`` counts them), readable, writable and movable as usual.
+
+Each record is a 32-byte header, then the block's bytes: CRC-32 (of the rest of the header and the
+bytes), block id, write generation (a store-wide counter; the store remembers the generation of each
+record's last write), payload length. A read checks all of it and raises
+:class:`~apt_hal.errors.CorruptBlockError` naming the block, the file, the record and what did not
+match: a record cut short (the file was truncated), a CRC mismatch (changed bytes), another block's
+id (records swapped or misplaced), an older generation (a stale record: a write was lost). A failed
+read changes nothing: the block stays on disk.
 
 Why CRC-32 (``zlib.crc32``) rather than a cryptographic hash such as BLAKE2b: the threat is
 accidental corruption, not an adversary. CRC-32 detects every error burst of up to 32 bits (so any
@@ -35,20 +64,24 @@ from __future__ import annotations
 import collections
 import contextvars
 import dataclasses
+import errno
+import fcntl
 import itertools
 import math
+import os
+import struct
+import weakref
 import zlib
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Optional, Union
 
-import numpy as np
 import torch
 
 from apt_hal import checks
 from apt_hal.contracts.paged_tensor import paged_copy_blocks
 from apt_hal.device import synchronize
-from apt_hal.errors import CorruptBlockError, PagedStoreFullError
+from apt_hal.errors import CorruptBlockError, PagedStoreDiskError, PagedStoreFullError
 
 _STORE = "PagedTensor"
 
@@ -88,6 +121,152 @@ class _Transfer:
         return event is None or event.query()
 
 
+def _reason(e: OSError) -> str:
+    return f"{e.strerror or e} ({errno.errorcode.get(e.errno, e.errno)})"
+
+
+def _release_file(fd: int, path: str, identity: tuple) -> None:
+    """Delete the store's file (unless something else now has its name) and close it, which drops the lock."""
+    try:
+        here = os.stat(path)
+        if (here.st_dev, here.st_ino) == identity:
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+    os.close(fd)
+
+
+class _DiskFile:
+    """The disk tier: fixed-size records in one file that this store holds locked; see the module docstring."""
+
+    HEADER = struct.Struct("<I4xQQQ")  # CRC-32, block id, write generation, payload bytes
+
+    def __init__(self, path: str, num_records: int, payload_bytes: int, overwrite: bool):
+        self.path, self.payload_bytes = path, payload_bytes
+        self.record_bytes = self.HEADER.size + payload_bytes
+        self.fd = self._open_locked(overwrite)
+        stat = os.fstat(self.fd)
+        self._release = weakref.finalize(self, _release_file, self.fd, path, (stat.st_dev, stat.st_ino))
+        size = num_records * self.record_bytes
+        try:
+            os.ftruncate(self.fd, 0)  # an overwritten file's old records must not survive
+            os.posix_fallocate(self.fd, 0, size)  # a full disk fails here, not in the middle of an evict
+        except OSError as e:
+            self.close()
+            raise PagedStoreDiskError(f"apt_hal.{_STORE}: cannot reserve {size} bytes for the disk tier "
+                                      f"({num_records} records) in {path}: {_reason(e)}", e.errno, path) from e
+        self.generation = [0] * num_records  # per record, the generation its last write got; 0: never written
+        self._writes = 0
+
+    def _open_locked(self, overwrite: bool) -> int:
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | (0 if overwrite else os.O_EXCL)
+        try:
+            fd = os.open(self.path, flags, 0o600)
+        except FileExistsError as e:
+            if self._locked_by_another():
+                raise self._in_use() from e
+            raise PagedStoreDiskError(
+                f"apt_hal.{_STORE}: argument 'disk_path' names an existing file, {self.path}; a store never reuses "
+                f"a file unless asked: pass overwrite=True to discard its contents, or choose another path",
+                e.errno, self.path) from e
+        except OSError as e:
+            raise PagedStoreDiskError(f"apt_hal.{_STORE}: cannot open the disk tier's file {self.path}: "
+                                      f"{_reason(e)}", e.errno, self.path) from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # The name may have been deleted and made again between our open and our lock.
+            locked_name_is_ours = os.path.samestat(os.fstat(fd), os.stat(self.path))
+        except (BlockingIOError, FileNotFoundError):
+            locked_name_is_ours = False
+        except BaseException:
+            os.close(fd)
+            raise
+        if not locked_name_is_ours:
+            os.close(fd)
+            raise self._in_use()
+        return fd
+
+    def _locked_by_another(self) -> bool:
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+
+    def _in_use(self) -> PagedStoreDiskError:
+        return PagedStoreDiskError(f"apt_hal.{_STORE}: the disk tier's file {self.path} is in use by another "
+                                   f"PagedTensor (it holds the file's lock); give each store its own disk_path",
+                                   errno.EBUSY, self.path)
+
+    def write(self, block_ids: list[int], records: list[int], rows) -> None:
+        """Write one record per block: a header binding it to its block and a new generation, then its bytes."""
+        for block_id, record, row in zip(block_ids, records, rows):
+            self._writes += 1
+            fields = self.HEADER.pack(0, block_id, self._writes, self.payload_bytes)[4:]
+            header = struct.pack("<I", zlib.crc32(row, zlib.crc32(fields))) + fields
+            self._write_all(header, row, block_id, record)
+            self.generation[record] = self._writes
+
+    def _write_all(self, header: bytes, row, block_id: int, record: int) -> None:
+        offset, done = record * self.record_bytes, 0
+        try:
+            done = os.pwritev(self.fd, [header, row], offset)
+            if done < self.record_bytes:  # a short write: finish it, or learn why it cannot be finished
+                rest = memoryview(header + row.tobytes())
+                while done < self.record_bytes:
+                    written = os.pwrite(self.fd, rest[done:], offset + done)
+                    if written == 0:
+                        raise OSError(errno.EIO, "the file accepted no more bytes")
+                    done += written
+        except OSError as e:
+            raise PagedStoreDiskError(
+                f"apt_hal.{_STORE}: writing block {block_id} to {self.path} (record {record}) failed after {done} "
+                f"of {self.record_bytes} bytes: {_reason(e)}; the block keeps its previous place and bytes",
+                e.errno, self.path) from e
+
+    def read(self, block_ids: list[int], records: list[int]) -> torch.Tensor:
+        """The blocks' bytes, [len(records), payload_bytes] uint8, each record checked whole."""
+        out = torch.empty((len(records), self.payload_bytes), dtype=torch.uint8)
+        header = bytearray(self.HEADER.size)
+        for block_id, record, row in zip(block_ids, records, out.numpy()):
+            try:
+                got = os.preadv(self.fd, [header, row], record * self.record_bytes)
+            except OSError as e:
+                raise PagedStoreDiskError(f"apt_hal.{_STORE}: reading block {block_id} from {self.path} "
+                                          f"(record {record}) failed: {_reason(e)}", e.errno, self.path) from e
+            problem = self._mismatch(got, header, row, block_id, record)
+            if problem:
+                raise CorruptBlockError(f"apt_hal.{_STORE}: block {block_id} read from {self.path} "
+                                        f"(record {record}) {problem}")
+        return out
+
+    def _mismatch(self, got: int, header: bytearray, row, block_id: int, record: int) -> Optional[str]:
+        """What is wrong with a record read for ``block_id``, or None."""
+        if got < self.record_bytes:  # pread of a regular file is short only at its end
+            return f"is cut short: the file holds {got} of its {self.record_bytes} bytes (it was truncated)"
+        crc, stored_id, generation, length = self.HEADER.unpack(header)
+        if zlib.crc32(row, zlib.crc32(memoryview(header)[4:])) != crc:
+            return "does not match its CRC-32: the file was changed or the disk is failing"
+        if stored_id != block_id:
+            return f"holds the record of block {stored_id}: records were swapped or misplaced"
+        if generation != self.generation[record]:
+            return (f"holds write generation {generation}, expected {self.generation[record]}: a stale record "
+                    f"(a write to the file was lost)")
+        if length != self.payload_bytes:
+            return f"holds {length} payload bytes, expected {self.payload_bytes}"
+        return None
+
+    def close(self) -> None:
+        """Delete the file and release its lock (idempotent; also runs when the store is garbage collected)."""
+        self._release()
+
+
 class PrefetchHandle:
     """What :meth:`PagedTensor.prefetch` returns: ``done()`` polls, ``wait()`` blocks."""
 
@@ -111,7 +290,7 @@ class PagedTensor:
 
     def __init__(self, block_shape: Iterable[int], dtype: torch.dtype, device: Union[str, torch.device],
                  num_device_blocks: int, num_host_blocks: int = 0, disk_path: Optional[str] = None,
-                 num_disk_blocks: int = 0):
+                 num_disk_blocks: int = 0, *, overwrite: bool = False):
         block_shape = tuple(block_shape)
         if not block_shape or not all(isinstance(d, int) and d > 0 for d in block_shape):
             checks.fail(_STORE, f"argument 'block_shape' must be a non-empty tuple of positive ints, got {block_shape}")
@@ -124,7 +303,10 @@ class PagedTensor:
         if (disk_path is None) != (num_disk_blocks == 0):
             checks.fail(_STORE, "arguments 'disk_path' and 'num_disk_blocks' go together: give both or neither, "
                                 f"got disk_path={disk_path!r}, num_disk_blocks={num_disk_blocks}")
-        self.block_shape, self.dtype, self.disk_path = block_shape, dtype, disk_path
+        if not isinstance(overwrite, bool):
+            checks.fail(_STORE, f"argument 'overwrite' must be a bool, got {overwrite!r}")
+        self.block_shape, self.dtype = block_shape, dtype
+        self.disk_path = os.fspath(disk_path) if disk_path is not None else None
         self.pool = torch.empty((num_device_blocks, *block_shape), dtype=dtype, device=device)
         self.device = self.pool.device
         accelerator = self.device.type != "cpu"
@@ -133,12 +315,15 @@ class PagedTensor:
         if num_host_blocks:
             host_pool = torch.empty((num_host_blocks, *block_shape), dtype=dtype, pin_memory=accelerator)
             self._tiers.append(_Tier("host", host_pool, num_host_blocks))
-        self._records = None
+        self._disk: Optional[_DiskFile] = None
         if num_disk_blocks:
-            nbytes = math.prod(block_shape) * dtype.itemsize
-            record = np.dtype([("crc", "<u4"), ("data", np.uint8, (nbytes,))])
-            self._records = np.memmap(disk_path, dtype=record, mode="w+", shape=(num_disk_blocks,))
+            # One record more than the tier holds: a block on disk is rewritten into a free record, so a
+            # failed write leaves its old record whole.
+            self._disk = _DiskFile(self.disk_path, num_disk_blocks + 1, math.prod(block_shape) * dtype.itemsize,
+                                   overwrite)
+            self._spare_record = num_disk_blocks
             self._tiers.append(_Tier("disk", None, num_disk_blocks))
+        self._stranded: list[_Tier] = []  # parked buffers whose blocks a failed disk write left on the device
         self._free_ids = list(range(sum(t.capacity for t in self._tiers)))[::-1]
         self._where: dict[int, _Tier] = {}  # allocated block id -> its tier
         self._pins: collections.Counter = collections.Counter()
@@ -167,10 +352,14 @@ class PagedTensor:
         for i in ids:
             tier = next(t for t in self._tiers if t.free)
             self._place([i], tier, [tier.free.pop()])
-        for tier, group in self._by_tier(ids).items():
-            zeros = torch.zeros((len(group), *self.block_shape), dtype=self.dtype,
-                                device=tier.pool.device if tier.pool is not None else "cpu")
-            self._store(tier, [tier.blocks[i] for i in group], zeros)
+        try:
+            for tier, group in self._by_tier(ids).items():
+                zeros = torch.zeros((len(group), *self.block_shape), dtype=self.dtype,
+                                    device=tier.pool.device if tier.pool is not None else "cpu")
+                self._store(tier, group, [tier.blocks[i] for i in group], zeros)
+        except PagedStoreDiskError:
+            self.free(ids)
+            raise
         return ids
 
     def free(self, ids: Iterable[int]) -> None:
@@ -194,11 +383,15 @@ class PagedTensor:
                                                  f"got {list(value.shape)}")
         self._settle_ids([id])
         tier = self._where[id]
-        self._store(tier, [tier.blocks[id]], value.contiguous().unsqueeze(0))
+        if tier.pool is None:  # into the spare record, then swap: a failed write leaves the old record whole
+            self._store(tier, [id], [self._spare_record], value.unsqueeze(0))
+            tier.blocks[id], self._spare_record = self._spare_record, tier.blocks[id]
+        else:
+            self._store(tier, [id], [tier.blocks[id]], value.contiguous().unsqueeze(0))
         self._touch([id])
 
     def read_block(self, id: int) -> torch.Tensor:
-        """A copy of block ``id`` on the CPU, read where the block is (a disk read checks its CRC)."""
+        """A copy of block ``id`` on the CPU, read where the block is (a disk read checks its record)."""
         self._ids("read_block", [id])
         self._settle_ids([id])
         tier = self._where[id]
@@ -250,7 +443,7 @@ class PagedTensor:
             checks.fail(f"{_STORE}.evict", f"argument 'ids' names pinned block {pinned[0]}, which cannot be evicted")
         self._settle_ids(ids)
         dst = self._tiers[1 + names.index(tier)]
-        self._move([i for i in ids if self._tiers.index(self._where[i]) < self._tiers.index(dst)], dst)
+        self._move([i for i in ids if self._rank(self._where[i]) < self._rank(dst)], dst)
 
     def prefetch(self, ids: Iterable[int]) -> PrefetchHandle:
         """Start bringing blocks to the device and return at once.
@@ -266,26 +459,39 @@ class PagedTensor:
         return PrefetchHandle(self, transfers)
 
     def tier_of(self, id: int) -> str:
-        """The tier block ``id`` is on: "device", "host" or "disk" (waits for a prefetch of it)."""
+        """The tier block ``id`` is on: "device", "host", "disk" or, after a failed disk write,
+        "parked" (see the module docstring); waits for a prefetch of it."""
         self._ids("tier_of", [id])
         self._settle_ids([id])
         return self._where[id].name
 
     def stats(self) -> dict:
-        """Blocks per tier (capacity, used, free), pinned and in-flight counts, blocks moved per route."""
+        """Blocks per tier (capacity, used, free), parked, pinned and in-flight counts, blocks moved per route."""
         out: dict = {t.name: {"capacity": t.capacity, "used": len(t.blocks), "free": len(t.free)}
                      for t in self._tiers}
-        out.update(allocated=len(self._where), pinned=sum(1 for n in self._pins.values() if n > 0),
+        out.update(allocated=len(self._where), parked=sum(len(t.blocks) for t in self._stranded),
+                   pinned=sum(1 for n in self._pins.values() if n > 0),
                    in_flight=len(self._pending), moved={f"{a}->{b}": n for (a, b), n in self._moved.items()})
         return out
 
     def close(self) -> None:
-        """Wait for prefetches, stop the background thread and release the disk file."""
+        """Wait for prefetches, stop the background thread, delete the disk file and release its lock.
+
+        Idempotent. Garbage collection releases the file too; ``with PagedTensor(...) as store:``
+        closes the store at the end of the block.
+        """
         self._settle(list(self._pending.values()))
         if self._worker is not None:
             self._worker.shutdown()
             self._worker = None
-        self._records = None
+        if self._disk is not None:
+            self._disk.close()
+
+    def __enter__(self) -> "PagedTensor":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # ---- placement ------------------------------------------------------------------------
 
@@ -306,6 +512,10 @@ class PagedTensor:
         for i, s in zip(ids, slots):
             tier.blocks[i] = s
             self._where[i] = tier
+
+    def _rank(self, tier: _Tier) -> int:
+        """How far down ``tier`` is; a parked buffer is device memory."""
+        return self._tiers.index(tier) if tier in self._tiers else 0
 
     def _touch(self, ids: Iterable[int]) -> None:
         for i in ids:
@@ -370,12 +580,12 @@ class PagedTensor:
                     transfers.append(self._start(group, src, src_slots, dst_slots))
                 elif src.pool is None:
                     loaded.update(self._read_from_disk([i for i in group if i not in loaded]))
-                    self._store(dst, dst_slots, torch.stack([loaded[i] for i in group]))
+                    self._store(dst, group, dst_slots, torch.stack([loaded[i] for i in group]))
                 elif dst.pool is not None:
                     paged_copy_blocks(src.pool, self._index(src_slots, src.pool), dst.pool,
                                       self._index(dst_slots, dst.pool))
                 else:
-                    self._store(dst, dst_slots, self._load(src, src_slots))
+                    self._store(dst, group, dst_slots, self._load(src, src_slots))
                 for i in group:
                     del src.blocks[i]
                 self._place(group, dst, dst_slots)
@@ -413,7 +623,11 @@ class PagedTensor:
             parked = _Tier("parked", self.pool.new_empty((short, *self.block_shape)), short)
             self._move(victims, parked)
             self._move(missing, dev, loaded=loaded)
-            self._move(list(parked.blocks), self._tiers[1])
+            try:
+                self._move(list(parked.blocks), self._tiers[1])
+            finally:
+                if parked.blocks:  # a disk write failed: those blocks wait here, readable, until moved
+                    self._stranded = [t for t in self._stranded if t.blocks] + [parked]
             return []
         return self._move(missing, dev, set(ids), background)
 
@@ -488,9 +702,11 @@ class PagedTensor:
         paged_copy_blocks(tier.pool, self._index(slots, tier.pool), out, self._index(range(len(slots)), out))
         return out
 
-    def _store(self, tier: _Tier, slots: list[int], blocks: torch.Tensor) -> None:
+    def _store(self, tier: _Tier, ids: list[int], slots: list[int], blocks: torch.Tensor) -> None:
+        """Write ``blocks`` (those of ``ids``) into ``slots`` of ``tier``."""
         if tier.pool is None:
-            return self._disk_write(slots, self._to_cpu(blocks))
+            rows = self._to_cpu(blocks).contiguous().reshape(len(slots), -1).view(torch.uint8).numpy()
+            return self._disk.write(ids, slots, rows)
         if tier.pool.device != self.device and blocks.device.type == "cpu":
             synchronize(self.device)  # the CPU overwrites host memory that queued copies may still read
         paged_copy_blocks(blocks, self._index(range(len(slots)), blocks), tier.pool, self._index(slots, tier.pool))
@@ -504,16 +720,5 @@ class PagedTensor:
         synchronize(self.device)
         return out
 
-    def _disk_write(self, slots: list[int], blocks: torch.Tensor) -> None:
-        rows = blocks.contiguous().reshape(len(slots), -1).view(torch.uint8).numpy()
-        for slot, row in zip(slots, rows):
-            self._records[slot] = (zlib.crc32(row), row)
-
     def _disk_read(self, ids: list[int], slots: list[int]) -> torch.Tensor:
-        records = self._records[list(slots)]  # a copy
-        rows = records["data"].copy()  # dense rows (ascontiguousarray keeps the record stride of a single row)
-        for i, slot, row, crc in zip(ids, slots, rows, records["crc"]):
-            if zlib.crc32(row) != crc:
-                raise CorruptBlockError(f"apt_hal.{_STORE}: block {i} read from {self.disk_path} (record {slot}) "
-                                        f"does not match its CRC-32: the file was changed or the disk is failing")
-        return torch.from_numpy(rows).view(self.dtype).reshape(len(slots), *self.block_shape)
+        return self._disk.read(ids, slots).view(self.dtype).reshape(len(slots), *self.block_shape)

@@ -44,16 +44,27 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", help="torch device, e.g. cpu or cuda:1 (default: apt_hal.get_device())")
     g.add_argument("--backend",
                    help="apt_hal backend policy, e.g. cpu or cuda-triton (default: APT_HAL_BACKEND or auto)")
+    g.add_argument("--gpu-memory", metavar="BUDGET",
+                   help="device memory for the weights, e.g. 2GiB, 800MB or 25%% of the weights; the layers that "
+                        "do not fit stream from pinned host memory (apt_hal.models.streaming)")
 
 
 def load(args: argparse.Namespace):
     """``(model, tokenizer)`` from ``--checkpoint``, on ``--device`` under ``--backend``."""
+    import torch
+
     import apt_hal
     from apt_hal.models.checkpoint import load_trained_model
 
     if args.backend:
         apt_hal.use(args.backend)
-    model, tokenizer, _ = load_trained_model(args.checkpoint, parse_device(args.device) if args.device else None)
+    device = parse_device(args.device) if args.device else apt_hal.get_device()
+    if not args.gpu_memory:
+        return load_trained_model(args.checkpoint, device)[:2]
+    from apt_hal.models.streaming import stream_weights
+
+    model, tokenizer, _ = load_trained_model(args.checkpoint, torch.device("cpu"))  # streamed to the device
+    stream_weights(model, args.gpu_memory, device=device)
     return model, tokenizer
 
 

@@ -29,6 +29,7 @@ import apt_hal.graphs
 from apt_hal.paged_store import PagedTensor
 from apt_hal.models.config import ModelConfig
 from apt_hal.models.layers import KVStep
+from apt_hal.models.streaming import is_streamed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,7 +224,8 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]],
         def decode(tokens):  # one new token per sequence: fixed shapes, so one graph serves every step
             positions = cache.lengths[:, None].clone()  # step() advances the lengths in place
             return forward(tokens, None, cache.step(positions), None)
-        decode_step = apt_hal.graphs.StepGraph(decode, enabled=config.graphs)
+        # Streamed weights move between steps (hooks), which a replayed graph would not do.
+        decode_step = apt_hal.graphs.StepGraph(decode, enabled=config.graphs and not is_streamed(model))
         for _ in range(config.max_new_tokens):
             if config.greedy:
                 tokens = penalize_repetition(logits.float(), seen, config.repetition_penalty).argmax(-1)

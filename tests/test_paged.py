@@ -398,22 +398,25 @@ def test_prefetch_reads_disk_in_a_background_thread(dev, tmp_path, monkeypatch, 
 
 
 @pytest.mark.parametrize("full", [False, True], ids=["room on device", "every tier full"])
-@pytest.mark.parametrize("where", ["checksum", "first data byte", "last data byte"])
+@pytest.mark.parametrize("where", ["checksum", "block id", "generation", "first data byte", "last data byte"])
 def test_disk_corruption_is_detected(dev, tmp_path, where, full):
     gen = torch.Generator().manual_seed(10)
     store = _store(dev, tmp_path, device=1 if full else 2, host=0, disk=1)
     a, b = store.allocate(2)
     blocks = _fill(store, [a, b], gen)
-    store.evict([b], "disk")  # b is the disk's only record
+    store.evict([b], "disk")  # b is the disk's only block
     path = tmp_path / "blocks.bin"
-    offset = {"checksum": 0, "first data byte": 4, "last data byte": path.stat().st_size - 1}[where]
+    record = 32 + 2 * 3 * 4  # header, then the block's bytes
+    assert path.stat().st_size % record == 0
+    offset = {"checksum": 0, "block id": 8, "generation": 16, "first data byte": 32, "last data byte": record - 1}[where]
 
-    def flip():
+    def flip():  # the same byte of every record, so b's record whichever it is
         with open(path, "r+b") as f:
-            f.seek(offset)
-            byte = f.read(1)[0]
-            f.seek(offset)
-            f.write(bytes([byte ^ 0x10]))
+            for start in range(0, path.stat().st_size, record):
+                f.seek(start + offset)
+                byte = f.read(1)[0]
+                f.seek(start + offset)
+                f.write(bytes([byte ^ 0x10]))
 
     flip()
     message = f"block {b} read from {re.escape(str(path))} .* does not match its CRC-32"

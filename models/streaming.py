@@ -1,0 +1,255 @@
+"""Weight streaming: run a model whose layers do not all fit the device, through the paged store.
+
+    from apt_hal.models.streaming import stream_weights
+    stream = stream_weights(model, "25%", device="cuda")   # or bytes: 2 * 2**30, "1.5GiB", "800MB"
+    new_tokens = generate(model, prompts, config)          # unchanged
+    print(stream.stats())                                  # accesses, hits, bytes streamed, store counters
+
+Every decoder layer's weights (its parameters and buffers: bf16, or MXFP4 codes and scales) are
+packed into one block of a :class:`apt_hal.paged_store.PagedTensor` whose device tier holds as
+many layers as the budget allows, its host tier (pinned on an accelerator) the rest, or, with
+``host_memory``, as many as that allows and a file at ``disk_path`` the others. Everything else
+(embeddings, final norm, LM head) and the KV cache stay on the device and count against the
+budget first.
+
+Before layer ``i`` runs (a forward pre-hook), its block is brought to the device and the layer's
+tensors become views of its device slot; then layer ``i+1`` (wrapping to the next step's first
+layer) is prefetched, the store copying it on a side stream while layer ``i`` computes, and layers
+``i+2, ...`` too while free slots remain. Room for ``i+1`` is made by evicting the resident layer
+whose next use is furthest away (``(j - i) mod n_layers``), never one needed sooner than the layer
+coming in (Belady's rule): on a cyclic sweep that keeps a fixed set of layers resident and
+streams the others through the remaining slots, ``n_layers - slots + 1`` layers per step, where
+LRU would evict exactly the layer needed next and stream every layer. Bytes are moved only by
+the store, so a layer read back from any tier is bit-identical (the disk tier checks records).
+
+Decode steps do not replay as device graphs while weights stream (the hooks move data between
+steps); :func:`apt_hal.models.generate` checks :func:`is_streamed`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from apt_hal.paged_store import PagedTensor
+
+_ALIGN = 64  # bytes: every tensor in a layer block, and the block itself, start at a multiple of this
+
+Budget = Union[int, str]
+
+
+def parse_memory(budget: Budget, total_bytes: int, name: str = "gpu_memory") -> int:
+    """Bytes of a budget: an int, "<number>[KB|MB|GB|KiB|MiB|GiB]" or "<number>%" of ``total_bytes``."""
+    if isinstance(budget, int) and not isinstance(budget, bool):
+        value = budget
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(%|[KMG]i?B|B)?\s*", str(budget), flags=re.IGNORECASE)
+        if not match:
+            raise ValueError(f"{name} must be bytes (an int), a size such as '1.5GiB' or '800MB', or a percentage "
+                             f"of the weight bytes such as '25%', got {budget!r}")
+        number, unit = float(match.group(1)), (match.group(2) or "B").upper()
+        scale = total_bytes / 100 if unit == "%" else {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "KIB": 2**10,
+                                                       "MIB": 2**20, "GIB": 2**30}[unit]
+        value = int(number * scale)
+    if value <= 0:
+        raise ValueError(f"{name} must be positive, got {budget!r}")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class _Slice:
+    """One tensor of a layer and where its bytes sit in the layer's block."""
+
+    module: str  # qualified name inside the layer
+    attr: str
+    parameter: bool
+    shape: tuple
+    dtype: torch.dtype
+    offset: int
+    nbytes: int
+
+
+def _layout(layer: nn.Module) -> tuple[list[_Slice], int]:
+    slices, offset = [], 0
+    for module_name, module in layer.named_modules():
+        for attr, tensor, parameter in [*((a, t, True) for a, t in module.named_parameters(recurse=False)),
+                                        *((a, t, False) for a, t in module.named_buffers(recurse=False))]:
+            if tensor is None:
+                continue
+            nbytes = tensor.numel() * tensor.element_size()
+            slices.append(_Slice(module_name, attr, parameter, tuple(tensor.shape), tensor.dtype, offset, nbytes))
+            offset += math.ceil(nbytes / _ALIGN) * _ALIGN
+    return slices, max(offset, _ALIGN)
+
+
+def _tensors(layer: nn.Module, slices: list[_Slice]) -> list[torch.Tensor]:
+    return [getattr(layer.get_submodule(s.module), s.attr) for s in slices]
+
+
+class WeightStream:
+    """The layers of a model in a PagedTensor (see the module docstring); made by :func:`stream_weights`."""
+
+    def __init__(self, model: nn.Module, gpu_memory: Budget, *, device=None, host_memory: Optional[Budget] = None,
+                 disk_path: Optional[str] = None, prefetch_depth: Optional[int] = None):
+        layers = getattr(model, "layers", None)
+        if not isinstance(layers, nn.ModuleList) or not len(layers):
+            raise TypeError(f"stream_weights needs a model with a non-empty 'layers' ModuleList, "
+                            f"got {type(model).__name__}")
+        self.layers = list(layers)
+        self.slices, self.layer_bytes = _layout(self.layers[0])
+        for i, layer in enumerate(self.layers[1:], 1):
+            if _layout(layer) != (self.slices, self.layer_bytes):
+                raise ValueError(f"stream_weights: layer {i} holds other tensors than layer 0 (names, shapes or "
+                                 f"dtypes differ); every layer must have the same layout")
+        in_layers = {id(t) for layer in self.layers for t in _tensors(layer, self.slices)}
+        others = {id(t): t for t in [*model.parameters(), *model.buffers()] if id(t) not in in_layers}
+        self.resident_bytes = sum(t.numel() * t.element_size() for t in others.values())
+        n = len(self.layers)
+        self.weight_bytes = self.resident_bytes + n * self.layer_bytes
+        budget = parse_memory(gpu_memory, self.weight_bytes)
+        slots = min(n, (budget - self.resident_bytes) // self.layer_bytes)
+        if slots < 1:
+            raise ValueError(f"gpu_memory={gpu_memory!r} ({budget} bytes) is too small: the weights outside the "
+                             f"layers take {self.resident_bytes} bytes and one layer {self.layer_bytes}")
+        rest = n - slots
+        host = rest if host_memory is None else min(rest, parse_memory(host_memory, self.weight_bytes,
+                                                                       "host_memory") // self.layer_bytes)
+        disk = rest - host
+        if disk and disk_path is None:
+            raise ValueError(f"host_memory={host_memory!r} holds {host} of the {rest} layers the device does not: "
+                             f"give disk_path for the other {disk}")
+        self.device = torch.device(device) if device is not None else next(iter(others.values())).device
+        # One slot more on the lowest tier: a layer is evicted before the one replacing it comes up.
+        host_slots, disk_slots = (host, disk + 1) if disk else (host + 1, 0)
+        self.store = PagedTensor((self.layer_bytes,), torch.uint8, self.device, slots, host_slots,
+                                 disk_path if disk else None, disk_slots)
+        self._lower_tier = "host" if host_slots else "disk"
+        self.ids = self.store.allocate(n)
+        for layer, block_id in zip(self.layers, self.ids):
+            self.store.write_block(block_id, self._pack(layer))
+            for s in self.slices:  # the bytes now live in the store; each run binds the views it needs
+                self._set(layer, s, torch.empty(0, dtype=s.dtype))
+        model.to(self.device)  # what stays outside the store; the layers are empty by now
+        self.on_device = {i for i, block_id in enumerate(self.ids) if self.store.tier_of(block_id) == "device"}
+        self.capacity = slots
+        self.prefetch_depth = max(slots - 1, 1) if prefetch_depth is None else prefetch_depth
+        self.accesses = self.misses = 0
+        self._hooks = [layer.register_forward_pre_hook(self._hook(i)) for i, layer in enumerate(self.layers)]
+
+    # ---- packing --------------------------------------------------------------------------
+
+    def _pack(self, layer: nn.Module) -> torch.Tensor:
+        block = torch.zeros(self.layer_bytes, dtype=torch.uint8)
+        for s, t in zip(self.slices, _tensors(layer, self.slices)):
+            block[s.offset:s.offset + s.nbytes] = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+        return block
+
+    def unpack(self, block: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{"module.attr": tensor} of one layer's block (views of ``block``)."""
+        return {f"{s.module}.{s.attr}".lstrip("."): block[s.offset:s.offset + s.nbytes].view(s.dtype).view(s.shape)
+                for s in self.slices}
+
+    @staticmethod
+    def _set(layer: nn.Module, s: _Slice, tensor: torch.Tensor) -> None:
+        module = layer.get_submodule(s.module)
+        if s.parameter:
+            getattr(module, s.attr).data = tensor
+        else:
+            module._buffers[s.attr] = tensor
+
+    # ---- running --------------------------------------------------------------------------
+
+    def _hook(self, i: int):
+        def before_layer(module, args):
+            self._bring(i)
+        return before_layer
+
+    def _distance(self, j: int, i: int) -> int:
+        """How many layer runs after layer ``i`` layer ``j`` runs next."""
+        return (j - i) % len(self.layers)
+
+    def _make_room(self, i: int, incoming: int, evict: bool = True) -> bool:
+        """A free device slot for layer ``incoming`` while layer ``i`` runs: with ``evict``, evict the
+        resident layer needed furthest ahead, unless even it is needed before ``incoming``. Whether
+        there is one."""
+        if len(self.on_device) < self.capacity:
+            return True
+        if not evict:
+            return False
+        victim = max((j for j in self.on_device if j != i), key=lambda j: self._distance(j, i), default=None)
+        if victim is None or self._distance(victim, i) <= self._distance(incoming, i):
+            return False
+        self.store.evict([self.ids[victim]], self._lower_tier)
+        self.on_device.discard(victim)
+        return True
+
+    def _bring(self, i: int) -> None:
+        self.accesses += 1
+        if i not in self.on_device:
+            self.misses += 1
+            self._make_room(i, i)
+            self.on_device.add(i)
+        slot = int(self.store.device_slots([self.ids[i]])[0])
+        block = self.store.pool[slot]
+        for s in self.slices:
+            self._set(self.layers[i], s, block[s.offset:s.offset + s.nbytes].view(s.dtype).view(s.shape))
+        for k in range(1, self.prefetch_depth + 1):
+            j = (i + k) % len(self.layers)
+            if j == i:
+                break
+            if j in self.on_device:
+                continue
+            # Only the next layer may evict one: fetching further ahead would evict layers needed again
+            # before it and stream more bytes per step; further layers take free slots only.
+            if not self._make_room(i, j, evict=k == 1):
+                break
+            self.store.prefetch([self.ids[j]])
+            self.on_device.add(j)
+
+    # ---- reporting ------------------------------------------------------------------------
+
+    def read_layer(self, i: int) -> torch.Tensor:
+        """Layer ``i``'s block (uint8, on the CPU), read from whichever tier holds it."""
+        return self.store.read_block(self.ids[i])
+
+    def stats(self) -> dict:
+        """Layer runs, those whose layer was resident (hits), bytes moved to the device, and the store's stats."""
+        store = self.store.stats()
+        moved_in = sum(n for route, n in store["moved"].items() if route.endswith("->device"))
+        return {"layer_runs": self.accesses, "hits": self.accesses - self.misses,
+                "hit_rate": (self.accesses - self.misses) / self.accesses if self.accesses else 1.0,
+                "bytes_streamed": moved_in * self.layer_bytes, "device_layers": self.capacity,
+                "layer_bytes": self.layer_bytes, "resident_bytes": self.resident_bytes, "store": store}
+
+    def close(self) -> None:
+        """Remove the hooks and release the store (the model cannot run afterwards)."""
+        for hook in self._hooks:
+            hook.remove()
+        self.store.close()
+
+
+def stream_weights(model: nn.Module, gpu_memory: Budget, *, device=None, host_memory: Optional[Budget] = None,
+                   disk_path: Optional[str] = None, prefetch_depth: Optional[int] = None) -> WeightStream:
+    """Keep ``model``'s layers in a PagedTensor within ``gpu_memory`` of the device (see the module
+    docstring) and run them through it; returns the :class:`WeightStream` (also ``model.weight_stream``).
+
+    ``gpu_memory``: bytes, a size ("1.5GiB", "800MB") or a percentage of the weight bytes ("25%");
+    it must hold the weights outside the layers and one layer. ``device``: where the model runs
+    (default: where its weights are). ``host_memory`` (default: every layer the device does not
+    hold) and ``disk_path`` (the store's file for the rest). ``prefetch_depth``: layers fetched
+    ahead (default: as many as free slots allow).
+    """
+    stream = WeightStream(model, gpu_memory, device=device, host_memory=host_memory, disk_path=disk_path,
+                          prefetch_depth=prefetch_depth)
+    model.weight_stream = stream
+    return stream
+
+
+def is_streamed(model: nn.Module) -> bool:
+    """Whether :func:`stream_weights` placed ``model``'s layers in a store."""
+    return isinstance(getattr(model, "weight_stream", None), WeightStream)
