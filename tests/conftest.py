@@ -4,6 +4,7 @@
   set before anything imports triton, so it is set here, first.
 * One intra-op thread per test process (see below).
 * Each test starts from the default policy ("auto", not strict) and leaves no policy behind.
+* Tests marked ``slow`` run only with ``--slow`` (CI passes it; README.md says how long each run takes).
 """
 
 import os
@@ -20,6 +21,19 @@ torch.set_num_threads(1)
 import pytest  # noqa: E402
 
 from apt_hal import registry  # noqa: E402
+
+
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true", help="also run the tests marked slow (CI does)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --slow (CI does)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)
