@@ -698,3 +698,12 @@ def test_meta_src_into_a_cpu_pool_is_an_error_not_a_silent_no_op():
     with pytest.raises(ContractError, match="paged_copy_blocks: argument 'dst' is on cpu but other arguments are on meta"):
         ops.paged_copy_blocks(torch.empty(3, 2, 4, device="meta"), torch.zeros(1, **meta), torch.zeros(3, 2, 4),
                               torch.zeros(1, dtype=torch.int64))
+
+
+def test_gather_from_an_empty_pool_gives_zero_blocks():
+    # Before: the reference indexed block 0 of a pool without blocks (IndexError).
+    empty = torch.zeros(0, 2, 4, dtype=torch.bfloat16)
+    out = ops.paged_gather(empty, _I([[-1, -1], [-1, -1]]))
+    assert out.shape == (2, 2, 2, 4) and out.dtype == torch.bfloat16 and not out.any()
+    with pytest.raises(ContractError, match=r"'block_table' must hold values in \[0, 0\) or negative, found 0"):
+        ops.paged_gather(empty, _I([0]))

@@ -125,6 +125,8 @@ def paged_gather(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor
     if value_checks_enabled():
         _check_gather_values(cache, block_table)
     ids = block_table.reshape(-1).long()
+    if cache.shape[0] == 0:  # an empty pool: every entry is negative (checked), so every block is zero
+        return cache.new_zeros((*block_table.shape, *cache.shape[1:]))
     valid = ids >= 0
     out = cache[ids.clamp(min=0)]
     out = torch.where(valid.reshape(-1, *([1] * (cache.dim() - 1))), out, torch.zeros((), dtype=cache.dtype,

@@ -128,7 +128,7 @@ def _check_inplace(q, k, positions, cos_sin_cache, style):
     _check(q, k, positions, cos_sin_cache, style)
     checks.writable("rotary_", "q", q)
     checks.writable("rotary_", "k", k)
-    if q.numel() and not q.is_meta and q.data_ptr() == k.data_ptr():
+    if q is k or (q.numel() and not q.is_meta and q.data_ptr() == k.data_ptr()):
         checks.fail("rotary_", "arguments 'q' and 'k' are one tensor; rotating it in place twice is not this op")
 
 
