@@ -47,7 +47,7 @@ from typing import Tuple
 import torch
 
 from apt_hal import checks
-from apt_hal.contract import contract, value_checks_enabled
+from apt_hal.contract import contract, tracing, value_checks_enabled
 
 _OP = "rotary"
 STYLES = ("neox", "gptj")
@@ -128,7 +128,8 @@ def _check_inplace(q, k, positions, cos_sin_cache, style):
     _check(q, k, positions, cos_sin_cache, style)
     checks.writable("rotary_", "q", q)
     checks.writable("rotary_", "k", k)
-    if q is k or (q.numel() and not q.is_meta and q.data_ptr() == k.data_ptr()):
+    # Fake and meta tensors (tracing) have no data pointer: there only identity tells.
+    if q is k or (q.numel() and not q.is_meta and not tracing() and q.data_ptr() == k.data_ptr()):
         checks.fail("rotary_", "arguments 'q' and 'k' are one tensor; rotating it in place twice is not this op")
 
 
