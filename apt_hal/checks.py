@@ -72,20 +72,40 @@ def inner_contiguous(op: str, name: str, t: torch.Tensor, from_dim: int = -1) ->
         expected *= shape[d]
 
 
+def integer(op: str, name: str, value) -> None:
+    """``value`` is a Python (or symbolic) int; a float or bool would silently change the result's dtype."""
+    if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
+        fail(op, f"argument '{name}' must be an int, got {type(value).__name__} {value!r}")
+
+
+def writable(op: str, name: str, t: torch.Tensor) -> None:
+    """``t`` (a mutated argument) has no two elements sharing memory, such as a stride-0
+    (``expand``-ed) dimension: writes to it would race or overwrite one another."""
+    # 1 means "overlaps for sure"; 2 ("too hard to tell", some strided views) is let through.
+    if not t.is_contiguous() and torch._debug_has_internal_overlap(t) == 1:
+        fail(op, f"argument '{name}' is written in place, so its elements must not share memory; got strides "
+                 f"{t.stride()} for shape {tuple(t.shape)} (an expanded tensor?); pass a .clone()")
+
+
+def holds_values(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether value checks can read these tensors: meta tensors have a shape but no data."""
+    return not any(t is not None and t.is_meta for t in tensors)
+
+
 def choice(op: str, name: str, value, allowed: Sequence) -> None:
     if value not in allowed:
         fail(op, f"argument '{name}' must be one of {', '.join(map(repr, allowed))}, got {value!r}")
 
 
 def no_nan(op: str, name: str, t: torch.Tensor) -> None:
-    if t.numel() and torch.isnan(t).any():
+    if t.numel() and holds_values(t) and torch.isnan(t).any():
         fail(op, f"argument '{name}' contains NaN ({int(torch.isnan(t).sum())} of {t.numel()} values), "
                  "which this contract does not accept")
 
 
 def index_range(op: str, name: str, t: torch.Tensor, low: int, high: int, negative_ok: bool = False) -> None:
     """Every value of ``t`` is in ``[low, high)``, or negative when ``negative_ok`` (a skip marker)."""
-    if not t.numel():
+    if not t.numel() or not holds_values(t):
         return
     # Compare against inclusive bounds clamped to the dtype: a bound outside it would wrap.
     info = torch.iinfo(t.dtype)
@@ -97,3 +117,14 @@ def index_range(op: str, name: str, t: torch.Tensor, low: int, high: int, negati
         extra = " or negative" if negative_ok else ""
         fail(op, f"argument '{name}' must hold values in [{low}, {high}){extra}, found {v} "
                  f"({int(bad.sum())} value(s) out of range)")
+
+
+def permutation(op: str, name: str, t: torch.Tensor) -> None:
+    """``t`` holds every value of ``[0, len(t))`` once."""
+    n = t.shape[0]
+    index_range(op, name, t, 0, n)
+    if n and holds_values(t):
+        repeated = torch.bincount(t.long(), minlength=n) != 1
+        if repeated.any():
+            fail(op, f"argument '{name}' must be a permutation of [0, {n}), but {int(repeated.sum())} value(s) "
+                     f"occur zero or several times (the first such value: {int(repeated.nonzero()[0])})")

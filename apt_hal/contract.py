@@ -27,7 +27,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from apt_hal import registry
-from apt_hal.errors import BackendCallError
+from apt_hal.errors import BackendCallError, ContractError
 
 LIBRARY = torch.library.Library("apt_hal", "DEF")
 
@@ -95,6 +95,7 @@ class Op:
         self.reference = reference
         self.check = check
         self.check_values = check_values
+        self.fake = fake
         self.mutates_args = tuple(mutates_args)
         self.__doc__ = reference.__doc__
         self.__wrapped__ = reference
@@ -159,13 +160,26 @@ class Op:
     def _run(self, args: tuple):
         if _check_level != "none":
             self.check(*args)
-            if _check_level == "values" and self.check_values is not None and value_checks_enabled():
-                self.check_values(*args)
         device_type = self._device_type(args)
+        if (_check_level == "values" and self.check_values is not None and device_type != "meta"
+                and value_checks_enabled()):
+            self.check_values(*args)
+        if device_type == "meta":
+            return self._meta_call(args)
         try:
             return registry.select(self, device_type, args)(*args)
         except BackendCallError as e:
             return registry.after_failed_call(self, device_type, e)(*args)
+
+    def _meta_call(self, args: tuple):
+        # Meta tensors have shapes but no data: the result is the op's shape function, as for
+        # torch's own ops; no backend runs and no value is checked.
+        for i in self._tensor_idx:
+            a = args[i]
+            if isinstance(a, torch.Tensor) and not a.is_meta:
+                raise ContractError(f"apt_hal.{self.name}: argument '{self._names[i]}' is on {a.device} but other "
+                                    "arguments are on meta; all tensors must be on meta or none")
+        return self.fake(*args)
 
     def _kernel(self, *args, **kwargs):
         # The dispatcher may drop trailing arguments that equal their defaults.

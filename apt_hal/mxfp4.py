@@ -46,6 +46,7 @@ apt_hal function accepts either view.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Literal, Tuple
 
 import torch
@@ -58,6 +59,7 @@ E2M1_MAX = 6.0
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 
 HAS_TORCH_FP4 = hasattr(torch, "float4_e2m1fn_x2") and hasattr(torch, "float8_e8m0fnu")
+DEQUANTIZE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 def e2m1_table(dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
@@ -144,10 +146,10 @@ def quantize(w: torch.Tensor, nonfinite: Literal["nan", "raise"] = "nan") -> Tup
     if nonfinite not in ("nan", "raise"):
         raise ValueError(f"apt_hal.mxfp4.quantize: nonfinite must be 'nan' or 'raise', got {nonfinite!r}")
     lead, k = w.shape[:-1], w.shape[-1]
-    x = w.detach().to(torch.float32).reshape(-1, k // BLOCK, BLOCK)
+    x = w.detach().to(torch.float32).reshape(math.prod(lead), k // BLOCK, BLOCK)  # not -1: K may be 0
     finite = torch.isfinite(x)
     bad_block = ~finite.all(dim=-1)
-    if nonfinite == "raise" and bad_block.any():
+    if nonfinite == "raise" and not x.is_meta and bad_block.any():
         raise ValueError(f"apt_hal.mxfp4.quantize: 'w' holds {int((~finite).sum())} NaN/Inf value(s)")
     x = torch.where(finite, x, torch.zeros((), dtype=x.dtype, device=x.device))
     amax = x.abs().amax(dim=-1)
@@ -176,8 +178,22 @@ def unpack_codes(packed: torch.Tensor) -> torch.Tensor:
 def dequantize(packed: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Decode MXFP4 ``(packed [..., K/2], scales [..., K/32])`` to ``dtype [..., K]`` exactly.
 
-    A NaN scale (0xFF) makes its 32 values NaN. Computed in float32 (exact), then cast.
+    A NaN scale (0xFF) makes its 32 values NaN. Computed in float32 (exact), then cast to
+    ``dtype``, a floating dtype (float32, float64, bfloat16 or float16: an integer one has no NaN).
     """
+    for name, t in (("packed", packed), ("scales", scales)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"apt_hal.mxfp4.dequantize: '{name}' must be a tensor, got {type(t).__name__}")
+        if t.dim() == 0:
+            raise ValueError(f"apt_hal.mxfp4.dequantize: '{name}' must have at least 1 dimension, got a 0-dim tensor")
+        if not (t.dtype == torch.uint8 or (HAS_TORCH_FP4 and t.dtype in (torch.float4_e2m1fn_x2, torch.float8_e8m0fnu))):
+            raise TypeError(f"apt_hal.mxfp4.dequantize: '{name}' must be uint8 (or torch's float4_e2m1fn_x2 / "
+                            f"float8_e8m0fnu storage), got {t.dtype}")
+    if dtype not in DEQUANTIZE_DTYPES:
+        raise TypeError(f"apt_hal.mxfp4.dequantize: 'dtype' must be one of "
+                        f"{', '.join(str(d) for d in DEQUANTIZE_DTYPES)}, got {dtype!r}")
+    if packed.device != scales.device:
+        raise ValueError(f"apt_hal.mxfp4.dequantize: 'scales' is on {scales.device} but 'packed' is on {packed.device}")
     p, s = as_uint8(packed), as_uint8(scales)
     if p.shape[:-1] != s.shape[:-1] or p.shape[-1] * 2 != s.shape[-1] * BLOCK:
         raise ValueError(f"apt_hal.mxfp4.dequantize: 'packed' {tuple(p.shape)} and 'scales' {tuple(s.shape)} "

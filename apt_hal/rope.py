@@ -115,6 +115,8 @@ class RopeConfig:
                 object.__setattr__(self, name, tuple(value))  # lists from JSON; tuples keep the config hashable
         if self.variant not in VARIANTS:
             _fail(f"variant must be one of {', '.join(map(repr, VARIANTS))}, got {self.variant!r}")
+        for name in _REAL_FIELDS:
+            _real(name, getattr(self, name))
         _positive_int("rotary_dim", self.rotary_dim)
         if self.rotary_dim % 2:
             _fail(f"rotary_dim must be even (dimensions rotate in pairs), got {self.rotary_dim}")
@@ -255,6 +257,17 @@ class RopeConfig:
 
 def _fail(message: str) -> None:
     raise ValueError(f"RopeConfig: {message}")
+
+
+_REAL_FIELDS = ("base", "factor", "attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
+                "low_freq_factor", "high_freq_factor", "floor_scale", "attn_scale")
+
+
+def _real(name: str, value) -> None:
+    """``value`` is None or a finite real number (comparing a string with a number would raise a
+    TypeError naming no field; NaN would pass every range check)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
+        _fail(f"{name} must be a finite number, got {value!r}")
 
 
 def _positive_int(name: str, value) -> None:

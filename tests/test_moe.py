@@ -522,3 +522,91 @@ def test_torch_export_keeps_the_four_ops():
     assert FOUR_OPS <= _targets(ep.graph)
     for a, b in zip(ep.module()(*args), model(*args)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+# ---- invalid values (issue 10) -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("assignments", [[0, 0, 1, 2], [0, 1, 2, 9], [0, 1, 2, -1]],
+                         ids=["repeated", "too large", "negative"])
+@pytest.mark.parametrize("checks", ["metadata", "values"])
+def test_combine_rejects_assignments_that_are_not_a_permutation(assignments, checks):
+    # Before: the reference read uninitialised memory (wrong output, or an IndexError at a huge index).
+    apt_hal.set_checks(checks)
+    try:
+        with pytest.raises(apt_hal.ContractError, match=r"moe_combine: argument 'sorted_assignments' must"):
+            ops.moe_combine.reference(torch.randn(4, 3), torch.tensor(assignments), torch.tensor([0, 4]),
+                                      torch.rand(2, 2))
+    finally:
+        apt_hal.set_checks("metadata")
+
+
+def test_combine_rejects_bad_offsets_and_no_offsets():
+    y, order, weights = torch.randn(4, 3), torch.arange(4), torch.rand(2, 2)
+    with pytest.raises(apt_hal.ContractError, match=r"argument 'expert_offsets' must start at 0, not decrease"):
+        ops.moe_combine(y, order, torch.tensor([0, 5]), weights)
+    with pytest.raises(apt_hal.ContractError, match=r"argument 'expert_offsets' must have E\+1 >= 1 elements"):
+        ops.moe_combine(y, order, torch.zeros(0, dtype=torch.int64), weights)
+
+
+@pytest.mark.parametrize("bad,message", [(math.inf, r"contains \+inf"), (math.nan, "contains NaN")])
+def test_route_rejects_nan_and_plus_inf(bad, message):
+    logits = torch.randn(3, 4)
+    logits[1, 2] = bad
+    with pytest.raises(apt_hal.ContractError, match=rf"moe_route: argument 'router_logits' {message}"):
+        ops.moe_route.reference(logits, 2)
+
+
+def test_route_rejects_a_row_of_all_minus_inf():
+    logits = torch.randn(3, 4)
+    logits[2] = -math.inf
+    with pytest.raises(apt_hal.ContractError, match=r"'router_logits' has 1 row\(s\) of all -inf \(first: token 2\)"):
+        ops.moe_route.reference(logits, 2)
+
+
+@pytest.mark.parametrize("scoring,renormalize", [("softmax_topk", False), ("softmax_topk", True),
+                                                 ("topk_softmax", False)])
+def test_minus_inf_experts_get_weight_exactly_zero(scoring, renormalize):
+    logits = torch.tensor([[-math.inf, 0.5, -math.inf, 0.25], [1.0, -math.inf, -math.inf, -math.inf]])
+    weights, ids = ops.moe_route.reference(logits, 3, scoring, renormalize)
+    assert not weights.isnan().any()
+    assert ids.tolist() == [[1, 3, 0], [0, 1, 2]]  # the -inf ones last, ties to the lower index
+    assert weights[0, 2] == 0 and weights[1, 1:].tolist() == [0.0, 0.0]
+    assert weights[1, 0] == 1.0
+
+
+@pytest.mark.parametrize("capacity", [1.5, 2.0, True, "2"])
+def test_permute_rejects_a_capacity_that_is_not_an_int(capacity):
+    # Before: capacity=1.5 returned float32 offsets although the spec says int64.
+    with pytest.raises(apt_hal.ContractError, match=r"moe_permute: argument 'capacity' must be an int"):
+        ops.moe_permute(torch.tensor([[0], [1]]), 2, capacity)
+
+
+def test_top_k_and_num_experts_must_be_ints():
+    with pytest.raises(apt_hal.ContractError, match=r"moe_route: argument 'top_k' must be an int, got float"):
+        ops.moe_route(torch.randn(3, 4), 1.5)
+    with pytest.raises(apt_hal.ContractError, match=r"moe_permute: argument 'num_experts' must be an int"):
+        ops.moe_permute(torch.tensor([[0]]), 2.0)
+
+
+def test_meta_tensors_give_shapes_not_item_errors():
+    # Before: "Tensor.item() cannot be called on meta tensors" from the reference's value checks.
+    meta = dict(device="meta")
+    previous = apt_hal.set_checks("values")
+    try:
+        weights, ids = ops.moe_route(torch.empty(5, 4, **meta), 2)
+        assert (weights.shape, weights.dtype, ids.dtype, ids.device.type) == ((5, 2), torch.float32, torch.int32, "meta")
+        order, offsets = ops.moe_permute(torch.empty(5, 2, dtype=torch.int32, **meta), 4, 3)
+        assert order.shape == (10,) and offsets.shape == (5,) and offsets.dtype == torch.int64
+        w_up, w_down = torch.empty(4, 12, 8, **meta), torch.empty(4, 8, 6, **meta)
+        y = ops.moe_experts(torch.empty(5, 8, **meta), order, offsets, w_up, w_down, top_k=2)
+        assert y.shape == (10, 8) and y.is_meta
+        assert ops.moe_combine(y, order, offsets, weights).shape == (5, 8)
+    finally:
+        apt_hal.set_checks(previous)
+
+
+def test_meta_mixed_with_cpu_names_the_argument():
+    with pytest.raises(apt_hal.ContractError, match=r"argument 'topk_weights' is on cpu"):
+        ops.moe_combine(torch.empty(4, 3, device="meta"), torch.empty(4, dtype=torch.int32, device="meta"),
+                        torch.empty(3, dtype=torch.int64, device="meta"), torch.rand(2, 2))

@@ -356,3 +356,41 @@ def test_errors():
         mxfp4.dequantize(packed, scales[:, :1])
     with pytest.raises(ValueError, match="do not describe one"):
         mxfp4.dequantize(packed[:3], scales)
+
+
+def test_dequantize_checks_its_arguments():
+    packed, scales = mxfp4.quantize(torch.randn(4, 64))
+    with pytest.raises(ValueError, match="'packed' must have at least 1 dimension, got a 0-dim tensor"):
+        mxfp4.dequantize(packed[0, 0], scales)
+    with pytest.raises(ValueError, match="'scales' must have at least 1 dimension"):
+        mxfp4.dequantize(packed, scales[0, 0])
+    with pytest.raises(TypeError, match="'packed' must be a tensor, got list"):
+        mxfp4.dequantize(packed.tolist(), scales)
+    with pytest.raises(TypeError, match="'scales' must be uint8 .*, got torch.float32"):
+        mxfp4.dequantize(packed, scales.float())
+    with pytest.raises(TypeError, match="'dtype' must be one of .*, got 'float32'"):
+        mxfp4.dequantize(packed, scales, "float32")
+    with pytest.raises(ValueError, match="'scales' is on meta but 'packed' is on cpu"):
+        mxfp4.dequantize(packed, scales.to("meta"))
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.uint8, torch.bool])
+def test_dequantize_refuses_integer_dtypes_that_cannot_hold_nan(dtype):
+    # Before: a NaN block (scale 0xFF) became -2147483648 in int32.
+    packed = torch.zeros(1, 16, dtype=torch.uint8)
+    with pytest.raises(TypeError, match=rf"'dtype' must be one of .*, got {dtype}"):
+        mxfp4.dequantize(packed, torch.full((1, 1), 0xFF, dtype=torch.uint8), dtype)
+
+
+def test_quantize_and_dequantize_k_zero():
+    # Before: quantize of [N, 0] failed with a reshape error, though K = 0 is a multiple of 32.
+    packed, scales = mxfp4.quantize(torch.zeros(3, 0))
+    assert packed.shape == (3, 0) and scales.shape == (3, 0) and packed.dtype == scales.dtype == torch.uint8
+    assert mxfp4.dequantize(packed, scales).shape == (3, 0)
+
+
+def test_quantize_and_dequantize_meta_tensors_give_shapes():
+    packed, scales = mxfp4.quantize(torch.empty(2, 3, 64, device="meta"), nonfinite="raise")
+    assert packed.is_meta and packed.shape == (2, 3, 32) and scales.shape == (2, 3, 2)
+    out = mxfp4.dequantize(packed, scales, torch.bfloat16)
+    assert out.is_meta and out.shape == (2, 3, 64) and out.dtype == torch.bfloat16

@@ -14,6 +14,7 @@ import time
 import pytest
 import torch
 
+import apt_hal
 from apt_hal import ops
 from apt_hal.errors import PagedStoreFullError
 from apt_hal.paged_store import PagedTensor
@@ -656,3 +657,56 @@ def test_store_with_two_tiers_matches_a_dict_model(dev, tmp_path, tiers):
     path = str(tmp_path / "blocks.bin") if disk else None
     store = PagedTensor((2, 2, 3), torch.int64, dev, device, host, path, disk)
     _random_store_ops(store, 10_000, seed=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The ops: mutated pools, meta tensors (issue 10)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["cpu", "cuda-triton"])
+def test_write_rejects_an_expanded_cache(backend):
+    # Before: paged_write wrote into a stride-0 cache, every block aliasing one.
+    cache = torch.zeros(1, 2, 4).expand(3, 2, 4)
+    with apt_hal.use(backend), pytest.raises(ContractError, match="paged_write: argument 'cache' is written in place"):
+        ops.paged_write(cache, torch.ones(1, 4), torch.tensor([0]))
+    assert not cache.any()
+
+
+@pytest.mark.parametrize("backend", ["cpu", "cuda-triton"])
+def test_copy_blocks_rejects_an_expanded_dst(backend):
+    dst = torch.zeros(1, 2, 4).expand(3, 2, 4)
+    with apt_hal.use(backend), pytest.raises(ContractError, match="paged_copy_blocks: argument 'dst' is written in place"):
+        ops.paged_copy_blocks(torch.ones(3, 2, 4), torch.tensor([0]), dst, torch.tensor([1]))
+    assert not dst.any()
+
+
+def test_meta_pools_give_meta_results_at_every_check_level():
+    # Before: "Tensor.item() cannot be called on meta tensors" from the value checks.
+    pool = torch.empty(4, 2, 3, device="meta")
+    for level in ("none", "metadata", "values"):
+        previous = apt_hal.set_checks(level)
+        try:
+            out = ops.paged_gather(pool, torch.empty(2, 3, dtype=torch.int64, device="meta"))
+            ops.paged_write(pool, torch.empty(5, 3, device="meta"), torch.empty(5, dtype=torch.int32, device="meta"))
+            ops.paged_copy_blocks(pool, torch.empty(2, dtype=torch.int64, device="meta"), pool,
+                                  torch.empty(2, dtype=torch.int64, device="meta"))
+        finally:
+            apt_hal.set_checks(previous)
+        assert out.is_meta and out.shape == (2, 3, 2, 3)
+
+
+def test_meta_src_into_a_cpu_pool_is_an_error_not_a_silent_no_op():
+    meta = dict(device="meta", dtype=torch.int64)
+    with pytest.raises(ContractError, match="paged_copy_blocks: argument 'dst' is on cpu but other arguments are on meta"):
+        ops.paged_copy_blocks(torch.empty(3, 2, 4, device="meta"), torch.zeros(1, **meta), torch.zeros(3, 2, 4),
+                              torch.zeros(1, dtype=torch.int64))
+
+
+def test_gather_from_an_empty_pool_gives_zero_blocks():
+    # Before: the reference indexed block 0 of a pool without blocks (IndexError).
+    empty = torch.zeros(0, 2, 4, dtype=torch.bfloat16)
+    out = ops.paged_gather(empty, _I([[-1, -1], [-1, -1]]))
+    assert out.shape == (2, 2, 2, 4) and out.dtype == torch.bfloat16 and not out.any()
+    with pytest.raises(ContractError, match=r"'block_table' must hold values in \[0, 0\) or negative, found 0"):
+        ops.paged_gather(empty, _I([0]))

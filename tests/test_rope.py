@@ -407,3 +407,11 @@ def test_config_is_hashable_and_lists_become_tuples():
     cfg = RopeConfig(variant="longrope", rotary_dim=4, max_position=8, factor=2.0,
                      short_factor=[1.0, 1.0], long_factor=[2.0, 3.0])
     assert cfg.short_factor == (1.0, 1.0) and hash(cfg) == hash(RopeConfig(**vars(cfg)))
+
+
+@pytest.mark.parametrize("field,value", [("base", "big"), ("factor", "x"), ("attention_factor", math.nan),
+                                         ("beta_fast", math.inf), ("low_freq_factor", True), ("mscale", [1.0])])
+def test_number_fields_must_be_finite_numbers(field, value):
+    # Before: a string raised "'>' not supported between instances of 'str' and 'int'", naming no field.
+    with pytest.raises(ValueError, match=rf"RopeConfig: {field} must be a finite number, got"):
+        RopeConfig(variant="default", rotary_dim=8, max_position=16, **{field: value})

@@ -15,6 +15,7 @@ from transformers.models.gptj.modeling_gptj import apply_rotary_pos_emb as gptj_
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as llama_apply_rotary_pos_emb
 from transformers.models.llama4.modeling_llama4 import apply_rotary_emb as llama4_apply_rotary_emb
 
+import apt_hal
 from apt_hal import ContractError, ops, rope
 from apt_hal.rope import RopeConfig
 
@@ -310,3 +311,43 @@ def test_torch_export_keeps_the_op():
     got = exported.module()(q, k, positions, cache)
     for g, w in zip(got, ops.rotary(q, k, positions, cache, "neox")):
         torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+# ---- in place: validate every argument before writing (issue 10) ------------------------------------
+
+@pytest.mark.parametrize("backend", ["cpu", "cuda-triton"])
+@pytest.mark.parametrize("overlapping", ["k", "q"])
+def test_in_place_rejects_an_expanded_argument_before_writing_either(backend, overlapping):
+    # Before: rotary_ rotated q, then failed on a stride-0 k, leaving q half-done.
+    q, k, positions = _inputs()
+    args = {"q": q, "k": k}
+    args[overlapping] = args[overlapping][:, :, :1].expand_as(args[overlapping])
+    before = {name: t.clone() for name, t in args.items()}
+    with apt_hal.use(backend), pytest.raises(ContractError, match=rf"rotary_: argument '{overlapping}' is written "
+                                                                   "in place, so its elements must not share memory"):
+        ops.rotary_(args["q"], args["k"], positions, _cache())
+    assert all(torch.equal(args[n], before[n]) for n in args)
+
+
+def test_in_place_rejects_q_and_k_being_one_tensor():
+    q, _, positions = _inputs(hk=HQ)
+    with pytest.raises(ContractError, match="arguments 'q' and 'k' are one tensor"):
+        ops.rotary_(q, q, positions, _cache())
+
+
+def test_out_of_place_accepts_an_expanded_k():
+    q, k, positions = _inputs()
+    expanded = k[:, :, :1].expand_as(k)
+    q_out, k_out = ops.rotary(q, expanded, positions, _cache())
+    torch.testing.assert_close(k_out, ops.rotary(q, expanded.contiguous(), positions, _cache())[1], rtol=0, atol=0)
+
+
+def test_meta_inputs_give_meta_results():
+    q, k, positions = (t.to("meta") for t in _inputs())
+    previous = apt_hal.set_checks("values")
+    try:
+        q_out, k_out = ops.rotary(q, k, positions, _cache().to("meta"))
+        ops.rotary_(q, k, positions, _cache().to("meta"))
+    finally:
+        apt_hal.set_checks(previous)
+    assert q_out.is_meta and q_out.shape == q.shape and k_out.shape == k.shape

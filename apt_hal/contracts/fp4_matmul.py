@@ -8,7 +8,7 @@ w_packed : ``[N, K/2]`` uint8 (or ``torch.float4_e2m1fn_x2``), contiguous: E2M1 
     ``2i`` of a row in the low nibble of byte ``i`` (see :mod:`apt_hal.mxfp4`).
 w_scales : ``[N, K/32]`` uint8 (or ``torch.float8_e8m0fnu``), contiguous: one E8M0 scale per 32
     consecutive elements of a row along K; 0xFF is NaN.
-bias : ``[N]`` in ``x``'s dtype, or None.
+bias : ``[N]`` in ``x``'s dtype, any stride (a column of a table, ``t[::2]``), or None.
 
 Result
 ------

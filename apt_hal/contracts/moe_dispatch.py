@@ -8,25 +8,34 @@ Notation: ``T`` tokens, ``E`` experts, ``k`` experts per token, ``d`` model widt
 hidden width, ``S = T*k`` assignments. Assignment ``a = t*k + j`` is token ``t``'s ``j``-th choice.
 
 1. ``moe_route(router_logits [T, E], top_k, scoring, renormalize) -> (topk_weights, topk_ids)``
-   ``router_logits`` float32/bfloat16/float16 (NaN is an error: routing would be undefined).
+   ``router_logits`` float32/bfloat16/float16. ``-inf`` means "never route to this expert": if
+   it is still among a token's top ``k`` its weight is exactly 0. NaN, ``+inf`` and a row of all
+   ``-inf`` are errors (value check: routing would be undefined); at check level ``"none"`` or
+   ``"metadata"`` a backend gives an all ``-inf`` row ``k`` weights of 0 (never NaN) and ids in
+   ``[0, E)``.
    ``scoring="softmax_topk"`` (Mixtral, Qwen-MoE, Switch): ``p = softmax(logits)`` in float32,
    the ``k`` largest ``p`` in descending order; with ``renormalize`` they are divided by their sum.
    ``scoring="topk_softmax"`` (gpt-oss): the ``k`` largest logits, then a softmax over those ``k``
    (``renormalize`` changes nothing). Ties go to the lower expert index, so every backend routes
    alike. Returns ``topk_weights`` float32 ``[T, k]`` and ``topk_ids`` int32 ``[T, k]``.
 2. ``moe_permute(topk_ids [T, k], num_experts, capacity) -> (sorted_assignments, expert_offsets)``
-   Orders the ``S`` assignments by expert. ``capacity = -1`` is dropless. Otherwise each expert
+   Orders the ``S`` assignments by expert. ``num_experts`` and ``capacity`` are ints (a float
+   capacity is an error). ``capacity = -1`` is dropless. Otherwise each expert
    keeps at most ``capacity`` assignments, chosen deterministically in priority order: every
    token's first choice before any second choice, and within one choice by token index (the
    Switch/GShard rule). ``sorted_assignments`` int32 ``[S]`` lists the kept assignments grouped
    by expert (expert 0 first; inside an expert in priority order), then the dropped ones in
    (expert, priority) order. ``expert_offsets`` int64 ``[E+1]``: expert ``e`` owns rows
    ``[offsets[e], offsets[e+1])``; ``offsets[E]`` is the number kept. Ids outside ``[0, E)`` are
-   an error.
+   an error (value check); below that check level an assignment with such an id belongs to no
+   expert: it is listed among the dropped ones and counts in no offset.
 3. ``moe_experts(x [T, d], sorted_assignments, expert_offsets, w_up, w_down, w_up_scales,
    w_down_scales, b_up, b_down, top_k, activation, alpha, limit) -> y [S, d]``
    Row ``r < offsets[E]`` of ``y`` is expert ``e``'s FFN (``offsets[e] <= r < offsets[e+1]``) of
    token ``sorted_assignments[r] // top_k``; rows ``>= offsets[E]`` (dropped) are 0.
+   ``sorted_assignments`` must hold values in ``[0, S)`` and ``expert_offsets`` start at 0, not
+   decrease and end ``<= S`` (value checks); below that check level a row whose assignment is
+   out of range is 0.
    Weights are stacked per expert in ``nn.Linear`` layout ``[E, out, in]``: ``w_up [E, U, d]``,
    ``w_down [E, d, F]``, in ``x``'s dtype; or MXFP4 (see :mod:`apt_hal.mxfp4`) when the scales
    are given: ``w_up`` uint8 ``[E, U, d/2]`` with ``w_up_scales [E, U, d/32]``, likewise
@@ -42,7 +51,10 @@ hidden width, ``S = T*k`` assignments. Assignment ``a = t*k + j`` is token ``t``
 4. ``moe_combine(y [S, d], sorted_assignments, expert_offsets, topk_weights [T, k]) -> out [T, d]``
    ``out[t] = sum_j topk_weights[t, j] * y[row of assignment t*k+j]`` over kept assignments, in
    float32, in ``j`` order, rounded once to ``y``'s dtype. A token whose assignments were all
-   dropped gets 0 (the caller's residual connection carries it).
+   dropped gets 0 (the caller's residual connection carries it). ``sorted_assignments`` must be
+   a permutation of ``[0, S)`` and ``expert_offsets`` as in step 3 (value checks); below that
+   check level a kept row whose assignment is out of range contributes nothing, and an
+   assignment named by several kept rows gets their sum.
 
 ``moe_dispatch`` also returns the router statistics and the auxiliary losses (:class:`MoEOutput`):
 ``tokens_per_expert`` (kept, int64 ``[E]``), ``dropped`` (int64 scalar), the Switch load-balance
@@ -55,7 +67,13 @@ Gradients flow through ``moe_route`` (weights w.r.t. logits), ``moe_experts`` (w
 unquantized weights and biases) and ``moe_combine`` (w.r.t. ``y`` and the weights).
 
 All tensors must share one device. ``x`` may have leading dimensions; ``moe_dispatch`` flattens
-them to ``T`` and restores them.
+them to ``T`` and restores them. Index and offset tensors, logits, ``x``, ``y`` and the weights
+of step 4 may have any strides; the expert weights and their scales must be contiguous.
+
+Invalid values: the references always run the value checks above and raise
+:class:`~apt_hal.errors.ContractError`; backends run them under ``apt_hal.set_checks("values")``.
+At ``"none"`` and ``"metadata"`` a backend never reads or writes out of bounds whatever the
+indices hold, and gives the defined results stated in each step.
 """
 
 from __future__ import annotations
@@ -81,6 +99,7 @@ ACTIVATIONS = ("swiglu", "gelu", "gpt_oss_swiglu")
 
 def _check_route(router_logits, top_k, scoring, renormalize):
     checks.tensor("moe_route", "router_logits", router_logits, dtypes=checks.FLOAT_DTYPES, ndim=2)
+    checks.integer("moe_route", "top_k", top_k)
     e = router_logits.shape[1]
     if not 1 <= top_k <= e:
         checks.fail("moe_route", f"argument 'top_k' must be in [1, E={e}], got {top_k}")
@@ -89,6 +108,15 @@ def _check_route(router_logits, top_k, scoring, renormalize):
 
 def _check_route_values(router_logits, top_k, scoring, renormalize):
     checks.no_nan("moe_route", "router_logits", router_logits)
+    if not router_logits.numel() or not checks.holds_values(router_logits):
+        return
+    if (router_logits == float("inf")).any():
+        checks.fail("moe_route", "argument 'router_logits' contains +inf, which this contract does not accept "
+                                 "(-inf is allowed: never route to that expert)")
+    unroutable = (router_logits == float("-inf")).all(dim=1)
+    if unroutable.any():
+        checks.fail("moe_route", f"argument 'router_logits' has {int(unroutable.sum())} row(s) of all -inf "
+                                 f"(first: token {int(unroutable.nonzero()[0])}): such a token has no expert to route to")
 
 
 def _fake_route(router_logits, top_k, scoring, renormalize):
@@ -130,6 +158,8 @@ def moe_route(router_logits: torch.Tensor, top_k: int, scoring: str = "softmax_t
 
 def _check_permute(topk_ids, num_experts, capacity):
     checks.tensor("moe_permute", "topk_ids", topk_ids, dtypes=checks.INDEX_DTYPES, ndim=2)
+    checks.integer("moe_permute", "num_experts", num_experts)
+    checks.integer("moe_permute", "capacity", capacity)
     if num_experts < 1:
         checks.fail("moe_permute", f"argument 'num_experts' must be positive, got {num_experts}")
     if capacity < -1:
@@ -180,6 +210,7 @@ def _check_experts(x, sorted_assignments, expert_offsets, w_up, w_down, w_up_sca
     checks.tensor(op, "expert_offsets", expert_offsets, dtypes=(torch.int64,), ndim=1)
     checks.choice(op, "activation", activation, ACTIVATIONS)
     t, d = x.shape
+    checks.integer(op, "top_k", top_k)
     if top_k < 1:
         checks.fail(op, f"argument 'top_k' must be positive, got {top_k}")
     checks.size(op, "sorted_assignments", sorted_assignments, 0, t * top_k, f"T*top_k = {t}*{top_k}")
@@ -227,12 +258,17 @@ def _check_experts(x, sorted_assignments, expert_offsets, w_up, w_down, w_up_sca
                        (x, sorted_assignments, expert_offsets, w_up, w_down, w_up_scales, w_down_scales, b_up, b_down))
 
 
-def _check_experts_values(x, sorted_assignments, expert_offsets, *rest):
-    s = sorted_assignments.shape[0]
-    checks.index_range("moe_experts", "sorted_assignments", sorted_assignments, 0, s)
+def _check_offsets(op, expert_offsets, s):
+    if not checks.holds_values(expert_offsets):
+        return
     if expert_offsets[0] != 0 or (expert_offsets[1:] < expert_offsets[:-1]).any() or expert_offsets[-1] > s:
-        checks.fail("moe_experts", f"argument 'expert_offsets' must start at 0, not decrease and end <= {s}, "
-                                   f"got {expert_offsets.tolist()}")
+        checks.fail(op, f"argument 'expert_offsets' must start at 0, not decrease and end <= {s}, "
+                        f"got {expert_offsets.tolist()}")
+
+
+def _check_experts_values(x, sorted_assignments, expert_offsets, *rest):
+    checks.index_range("moe_experts", "sorted_assignments", sorted_assignments, 0, sorted_assignments.shape[0])
+    _check_offsets("moe_experts", expert_offsets, sorted_assignments.shape[0])
 
 
 def _fake_experts(x, sorted_assignments, *rest):
@@ -315,18 +351,28 @@ def _check_combine(y, sorted_assignments, expert_offsets, topk_weights):
     s = topk_weights.numel()
     checks.size(op, "y", y, 0, s, "T*k from 'topk_weights'")
     checks.size(op, "sorted_assignments", sorted_assignments, 0, s, "T*k from 'topk_weights'")
+    if expert_offsets.shape[0] < 1:
+        checks.fail(op, "argument 'expert_offsets' must have E+1 >= 1 elements, got none")
     checks.same_device(op, ("y", "sorted_assignments", "expert_offsets", "topk_weights"),
                        (y, sorted_assignments, expert_offsets, topk_weights))
+
+
+def _check_combine_values(y, sorted_assignments, expert_offsets, topk_weights):
+    checks.permutation("moe_combine", "sorted_assignments", sorted_assignments)
+    _check_offsets("moe_combine", expert_offsets, sorted_assignments.shape[0])
 
 
 def _fake_combine(y, sorted_assignments, expert_offsets, topk_weights):
     return y.new_empty((topk_weights.shape[0], y.shape[1]))
 
 
-@contract(fake=_fake_combine, check=_check_combine, differentiable=("y", "topk_weights"))
+@contract(fake=_fake_combine, check=_check_combine, check_values=_check_combine_values,
+          differentiable=("y", "topk_weights"))
 def moe_combine(y: torch.Tensor, sorted_assignments: torch.Tensor, expert_offsets: torch.Tensor,
                 topk_weights: torch.Tensor) -> torch.Tensor:
     """Weighted sum of each token's expert outputs; step 4 of the moe_dispatch spec."""
+    if value_checks_enabled():
+        _check_combine_values(y, sorted_assignments, expert_offsets, topk_weights)
     t, k = topk_weights.shape
     s = t * k
     row_of = torch.empty(s, dtype=torch.long, device=y.device)

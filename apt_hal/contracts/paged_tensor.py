@@ -10,21 +10,33 @@ Ops
 ---
 ``paged_write(cache, values [T, *item], slot_mapping [T])``: ``cache[slot] = values[t]``; a
 negative slot skips its token (padding). Mutates ``cache``. Two tokens writing one slot is an
-error (value check): the result would depend on the backend.
+error (value check): the result would depend on the backend. A slot at or beyond
+``num_blocks*block_size`` is an error (value check); below that check level it is skipped like
+a negative one.
 
 ``paged_gather(cache, block_table [*batch, M]) -> [*batch, M, block_size, *item]``: the blocks
-a table names, in order; a negative entry gives a zero block (an unused table slot).
+a table names, in order; a negative entry gives a zero block (an unused table slot). An entry at
+or beyond ``num_blocks`` is an error (value check); below that check level it gives a zero block
+too (so gathering from an empty pool gives zeros).
 
 ``paged_copy_blocks(src, src_ids [n], dst, dst_ids [n])``: ``dst[dst_ids[i]] = src[src_ids[i]]``,
 whole blocks, between pools of one block shape and dtype, possibly on different devices (the
 tier moves: device <-> pinned host). Mutates ``dst``. Ids are int32/int64 on their pool's device;
-repeated ``dst_ids`` are an error (value check). In stream order like any torch op: copies to or
+repeated ``dst_ids`` and ids outside ``[0, num_blocks)`` of their pool are errors (value checks);
+below that check level a pair whose ``src`` or ``dst`` id is out of range is skipped. In stream order like any torch op: copies to or
 from pinned host memory may be asynchronous; the store (:class:`apt_hal.paged_store.PagedTensor`) waits for them before
 it reads or reuses a block (events for its side-stream prefetches, a device synchronisation before
 the CPU touches host blocks).
 
+Layout: ``values`` is dense after its first dimension; index tensors (``slot_mapping``,
+``block_table``, ``src_ids``, ``dst_ids``) may have any strides. A mutated pool (``cache`` of
+``paged_write``, ``dst`` of ``paged_copy_blocks``) must not have elements sharing memory (a
+stride-0, ``expand``-ed dimension): a ContractError names it.
+
 Index checks (values in range) are value checks: references always run them, backends under
-``APT_HAL_CHECKS=values``.
+``APT_HAL_CHECKS=values`` (:func:`apt_hal.set_checks`); at ``"none"`` and ``"metadata"`` a backend
+never reads or writes outside a pool and gives the defined results above. The in-place ops run
+every check on every argument before they write anything.
 
 The tiered store that keeps pools on device, host and disk is :class:`apt_hal.paged_store.PagedTensor`.
 """
@@ -51,6 +63,7 @@ def _check_pool(op: str, name: str, pool: torch.Tensor) -> None:
 def _check_write(cache, values, slot_mapping):
     op = "paged_write"
     _check_pool(op, "cache", cache)
+    checks.writable(op, "cache", cache)
     item = tuple(cache.shape[2:])
     checks.tensor(op, "values", values, dtypes=(cache.dtype,), ndim=1 + len(item))
     if tuple(values.shape[1:]) != item:
@@ -112,6 +125,8 @@ def paged_gather(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor
     if value_checks_enabled():
         _check_gather_values(cache, block_table)
     ids = block_table.reshape(-1).long()
+    if cache.shape[0] == 0:  # an empty pool: every entry is negative (checked), so every block is zero
+        return cache.new_zeros((*block_table.shape, *cache.shape[1:]))
     valid = ids >= 0
     out = cache[ids.clamp(min=0)]
     out = torch.where(valid.reshape(-1, *([1] * (cache.dim() - 1))), out, torch.zeros((), dtype=cache.dtype,
@@ -128,6 +143,7 @@ def _check_copy(src, src_ids, dst, dst_ids):
     op = "paged_copy_blocks"
     _check_pool(op, "src", src)
     _check_pool(op, "dst", dst)
+    checks.writable(op, "dst", dst)
     if src.dtype != dst.dtype or tuple(src.shape[1:]) != tuple(dst.shape[1:]):
         checks.fail(op, f"'src' blocks {list(src.shape[1:])} {src.dtype} and 'dst' blocks {list(dst.shape[1:])} "
                         f"{dst.dtype} must have one shape and dtype")

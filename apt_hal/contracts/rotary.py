@@ -12,8 +12,8 @@ q : ``[B, S, Hq, D]`` float32, bfloat16 or float16 (token-major, as a projection
     produces; the flash-attention and vLLM convention). The last dimension must be contiguous;
     the others may be strided.
 k : ``[B, S, Hk, D]``, same dtype, ``B``, ``S`` and ``D`` as ``q`` (``Hk`` may differ: GQA).
-positions : ``[B, S]`` int32 or int64, each in ``[0, P)``.
-cos_sin_cache : ``[P, R]`` float32, ``R`` even, ``0 < R <= D``. Row ``p`` is
+positions : ``[B, S]`` int32 or int64, each in ``[0, P)``, any strides.
+cos_sin_cache : ``[P, R]`` float32, contiguous, ``R`` even, ``0 < R <= D``. Row ``p`` is
     ``[cos(p*f_0) .. cos(p*f_{R/2-1}), sin(p*f_0) .. sin(p*f_{R/2-1})]``, already multiplied by
     the variant's attention factor (YaRN, LongRoPE). ``R < D`` is partial rotary: dimensions
     ``R..D-1`` pass through unchanged.
@@ -26,10 +26,16 @@ computed in float32 and rounded once to the input dtype.
 
 Result: ``(q_out, k_out)``, new tensors shaped and typed like ``q`` and ``k``. ``rotary_`` does
 the same in place and returns nothing. Empty inputs (``B*S == 0``) give empty results.
+``rotary_`` writes ``q`` and ``k``, so neither may have elements sharing memory (a stride-0,
+``expand``-ed dimension) and they may not be one tensor; it checks every argument before it
+writes either.
 
 Errors (:class:`~apt_hal.errors.ContractError`): shapes, dtypes or devices that disagree, a
-non-contiguous last dimension, ``R`` odd or larger than ``D``, an unknown ``style``, and (value
-check) a position outside ``[0, P)``.
+non-contiguous last dimension, ``R`` odd or larger than ``D``, an unknown ``style``, for
+``rotary_`` a self-overlapping ``q`` or ``k``, and (value check) a position outside ``[0, P)``.
+The reference always runs the value check; backends under ``apt_hal.set_checks("values")``. At
+``"none"`` and ``"metadata"`` a backend reads no row outside the cache: a position outside
+``[0, P)`` rotates by the identity (``cos = 1``, ``sin = 0``), leaving its token unchanged.
 
 Gradient: with respect to ``q`` and ``k`` (a rotation by ``-angle``); the cache is a constant.
 """
@@ -41,7 +47,7 @@ from typing import Tuple
 import torch
 
 from apt_hal import checks
-from apt_hal.contract import contract, value_checks_enabled
+from apt_hal.contract import contract, tracing, value_checks_enabled
 
 _OP = "rotary"
 STYLES = ("neox", "gptj")
@@ -118,7 +124,16 @@ def _fake_inplace(q, k, positions, cos_sin_cache, style):
     return None
 
 
-@contract(fake=_fake_inplace, check=_check, check_values=_check_values, mutates_args=("q", "k"))
+def _check_inplace(q, k, positions, cos_sin_cache, style):
+    _check(q, k, positions, cos_sin_cache, style)
+    checks.writable("rotary_", "q", q)
+    checks.writable("rotary_", "k", k)
+    # Fake and meta tensors (tracing) have no data pointer: there only identity tells.
+    if q is k or (q.numel() and not q.is_meta and not tracing() and q.data_ptr() == k.data_ptr()):
+        checks.fail("rotary_", "arguments 'q' and 'k' are one tensor; rotating it in place twice is not this op")
+
+
+@contract(fake=_fake_inplace, check=_check_inplace, check_values=_check_values, mutates_args=("q", "k"))
 def rotary_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
             style: str = "neox") -> None:
     """Rotary embedding in place on ``q`` and ``k``; same semantics as :func:`rotary`."""
