@@ -46,7 +46,6 @@ OPS = list(fuzz_cases.BUILDERS)
 # Kernel-side properties: on a branch without the kernel fixes (strides honoured, indices masked)
 # they fail or crash the process (a segfault cannot be an xfail), so they do not run; the merge of
 # the kernels branch removes this mark. Run them anyway with pytest --runxfail.
-NEEDS_KERNELS = pytest.mark.xfail(strict=False, run=False, reason="needs kernels branch (strides and index masking)")
 
 FLOAT_INPUTS = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -223,7 +222,6 @@ def test_cuda_triton_matches_the_reference_or_names_the_argument(op_name):
     prop()
 
 
-@NEEDS_KERNELS
 @pytest.mark.parametrize("op_name", OPS)
 def test_cuda_triton_honours_the_strides_of_every_operand(op_name):
     @examples(_examples_for(op_name, "cuda-triton"))
@@ -325,7 +323,6 @@ def check_route_of_unroutable_rows(call, got, where):
 INDEXED_OPS = [n for n in OPS if n != "fp4_matmul"]
 
 
-@NEEDS_KERNELS
 @pytest.mark.parametrize("op_name", INDEXED_OPS)
 def test_cuda_triton_gives_the_defined_result_for_invalid_indices(op_name):
     @examples(_examples_for(op_name, "cuda-triton"))

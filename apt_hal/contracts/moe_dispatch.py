@@ -11,8 +11,7 @@ hidden width, ``S = T*k`` assignments. Assignment ``a = t*k + j`` is token ``t``
    ``router_logits`` float32/bfloat16/float16. ``-inf`` means "never route to this expert": if
    it is still among a token's top ``k`` its weight is exactly 0. NaN, ``+inf`` and a row of all
    ``-inf`` are errors (value check: routing would be undefined); at check level ``"none"`` or
-   ``"metadata"`` a backend gives an all ``-inf`` row ``k`` weights of 0 (never NaN) and ids in
-   ``[0, E)``.
+   ``"metadata"`` a backend gives such a row ``k`` weights of 0 (never NaN) and ids ``0 .. k-1``.
    ``scoring="softmax_topk"`` (Mixtral, Qwen-MoE, Switch): ``p = softmax(logits)`` in float32,
    the ``k`` largest ``p`` in descending order; with ``renormalize`` they are divided by their sum.
    ``scoring="topk_softmax"`` (gpt-oss): the ``k`` largest logits, then a softmax over those ``k``
@@ -35,7 +34,8 @@ hidden width, ``S = T*k`` assignments. Assignment ``a = t*k + j`` is token ``t``
    token ``sorted_assignments[r] // top_k``; rows ``>= offsets[E]`` (dropped) are 0.
    ``sorted_assignments`` must hold values in ``[0, S)`` and ``expert_offsets`` start at 0, not
    decrease and end ``<= S`` (value checks); below that check level a row whose assignment is
-   out of range is 0.
+   out of range is 0, and offsets are read as 0 followed by the running maximum of
+   ``offsets[1:]``, each clamped to ``[0, S]`` (valid offsets are read as they are).
    Weights are stacked per expert in ``nn.Linear`` layout ``[E, out, in]``: ``w_up [E, U, d]``,
    ``w_down [E, d, F]``, in ``x``'s dtype; or MXFP4 (see :mod:`apt_hal.mxfp4`) when the scales
    are given: ``w_up`` uint8 ``[E, U, d/2]`` with ``w_up_scales [E, U, d/32]``, likewise
@@ -54,7 +54,7 @@ hidden width, ``S = T*k`` assignments. Assignment ``a = t*k + j`` is token ``t``
    dropped gets 0 (the caller's residual connection carries it). ``sorted_assignments`` must be
    a permutation of ``[0, S)`` and ``expert_offsets`` as in step 3 (value checks); below that
    check level a kept row whose assignment is out of range contributes nothing, and an
-   assignment named by several kept rows gets their sum.
+   assignment named by several kept rows takes the last of them (the highest row).
 
 ``moe_dispatch`` also returns the router statistics and the auxiliary losses (:class:`MoEOutput`):
 ``tokens_per_expert`` (kept, int64 ``[E]``), ``dropped`` (int64 scalar), the Switch load-balance
