@@ -363,7 +363,7 @@ def build_and_compare(model_path: Path, reference_path: Path, profiles: Sequence
     log(f"  engine written: {engine_path} ({engine_path.stat().st_size} bytes)")
     rows, reference = [], validate.graph_runner(reference_path, "onnxruntime")
     for s in input_sets:
-        tensors = [a for a in s.args if isinstance(a, torch.Tensor)]
+        tensors = validate.graph_inputs(s.args)
         got, ref = run_engine(engine_path, tensors), reference(tensors)
         shapes = ", ".join("x".join(map(str, t.shape)) for t in tensors)
         rows += [validate.check(f"{s.label} [{shapes}]", name, g, r, tolerance(name, r.dtype))

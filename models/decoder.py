@@ -4,7 +4,7 @@ the output type, the loss and the input checks."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -12,7 +12,7 @@ from torch import nn
 
 from apt_hal.contract import value_checks_enabled
 from apt_hal.models.config import ModelConfig
-from apt_hal.models.layers import AttentionBatch, Block, KVStep, RMSNorm, RotaryTable, run_blocks
+from apt_hal.models.layers import AttentionBatch, Block, KVStep, PastKV, RMSNorm, RotaryTable, run_blocks
 
 IGNORE_INDEX = -100  # label value the loss skips
 
@@ -110,7 +110,7 @@ class DecoderLM(nn.Module):
         self.rotary = RotaryTable(config.rope_config())
 
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
-                attention_mask: Optional[torch.Tensor] = None, *, kv: Optional[KVStep] = None,
+                attention_mask: Optional[torch.Tensor] = None, *, kv: Union[KVStep, PastKV, None] = None,
                 logits_at: Optional[torch.Tensor] = None) -> ModelOutput:
         """Logits ``[B, S, vocab]``; with ``labels`` ``[B, S]`` also the shifted cross-entropy (labels
         -100 ignored) and the weighted MoE losses.
