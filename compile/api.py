@@ -20,11 +20,10 @@ from pathlib import Path
 from typing import Optional, Union
 
 import torch
-
 from torch.utils import _pytree
 
 from apt_hal.compile import lowering, past, tensorrt, validate
-from apt_hal.compile.export import DimRange, Exported, ExportError, export_onnx
+from apt_hal.compile.export import DimRange, Exported, ExportError, export_onnx, external_data_path
 
 EXIT_OK = 0
 EXIT_USAGE = 2  # bad arguments or a model that cannot be loaded
@@ -142,17 +141,23 @@ def input_sets(model: torch.nn.Module, exported: Exported, generator: torch.Gene
     return sets
 
 
-def trt_profiles(exported: Exported, args: tuple, vocab_size: int) -> list[tensorrt.InputProfile]:
-    """One optimization profile: each dynamic dimension from 1 to its proved maximum (at most 64x
-    the example), optimized for the example."""
+def trt_profiles(exported: Exported, args: tuple, value_ranges: dict, empty_ok=()) -> list[tensorrt.InputProfile]:
+    """One optimization profile: each dynamic dimension from 1 (0 for those in ``empty_ok``: an
+    empty past) to its proved maximum (at most 64x the example), optimized for the example; a
+    dimension that is a sum of others (``past + seq``) spans the sums. ``value_ranges``: the
+    inclusive value bounds of integer inputs, by name."""
+    def bounds(name: str) -> tuple[int, int, int]:
+        d = exported.dims[name]
+        return (0 if name in empty_ok else 1), d.example, min(d.high or 64 * d.example, 64 * d.example)
+
     profiles = []
     for name, a in zip(exported.input_names, validate.graph_inputs(args)):
         axes = exported.dynamic.get(name, {})
-        dims = {axis: exported.dims[n] for axis, n in axes.items()}
-        shape = tuple(a.shape)
-        low = tuple(1 if i in dims else s for i, s in enumerate(shape))
-        high = tuple(min(dims[i].high or 64 * s, 64 * s) if i in dims else s for i, s in enumerate(shape))
-        profiles.append(tensorrt.InputProfile(name, low, shape, high, (0, vocab_size - 1)))
+        shape = [list(bounds(part) for part in axes[i].split(" + ")) if i in axes else None
+                 for i in range(a.dim())]
+        low, opt, high = (tuple(sum(b[k] for b in parts) if parts else s for parts, s in zip(shape, a.shape))
+                          for k in range(3))
+        profiles.append(tensorrt.InputProfile(name, low, opt, high, value_ranges.get(name)))
     return profiles
 
 
@@ -167,7 +172,8 @@ def compile_model(model: Union[str, torch.nn.Module], output: Union[str, Path], 
     :mod:`apt_hal.compile.past`, dynamic in batch, sequence and past length whatever
     ``dynamic_batch``/``dynamic_seq`` say, and write beside it what runners need to generate from
     the folder (:func:`write_runner_files`). False: the full-sequence ``logits`` graph.
-    ``dtype`` ("float32", "float16", "bfloat16"): cast the weights, and so the computation, first."""
+    ``dtype`` ("float32", "float16", "bfloat16"): cast the weights, and so the computation, first
+    (a module passed in is cast in place)."""
     output = Path(output)
     if require_trt and target != "tensorrt":
         return CompileResult(EXIT_USAGE, "--require-trt needs --target tensorrt")
@@ -205,6 +211,8 @@ def compile_model(model: Union[str, torch.nn.Module], output: Union[str, Path], 
     try:
         exported = export_onnx(wrapper, args, output / MODEL_FILE, fp4=fp4, log=log, **export)
         result.exported, result.files = exported, [exported.path]
+        if external_data_path(exported.path).exists():
+            result.files.append(external_data_path(exported.path))
         for name, d in exported.dims.items():
             narrowed = "seq" in name and (d.high or 0) < cfg.max_position
             log(f"  dynamic {name}: {d}" + (f"; torch.export proved only up to {d.high}: the model branches on the "
@@ -215,6 +223,8 @@ def compile_model(model: Union[str, torch.nn.Module], output: Union[str, Path], 
             reference = export_onnx(wrapper, args, output / DECODE_FILE, fp4="decode", log=lambda *a: None,
                                     **export).path
             result.files.append(reference)
+            if external_data_path(reference).exists():
+                result.files.append(external_data_path(reference))
     except (ExportError, ValueError) as e:
         result.exit_code, result.verdict = EXIT_EXPORT_FAILED, f"export failed: {e}"
         return result
@@ -235,7 +245,11 @@ def compile_model(model: Union[str, torch.nn.Module], output: Union[str, Path], 
     if target == "tensorrt":
         with torch.no_grad():
             logit_scale = float(_pytree.tree_leaves(wrapper(*args))[0].float().abs().max())
-        _tensorrt_stage(result, exported, reference, args, sets, cfg.vocab_size, logit_scale, log)
+        ids = (0, cfg.vocab_size - 1)
+        value_ranges = {"input_ids": ids, "decoder_input_ids": ids, "attention_mask": (1, 1),
+                        "position_ids": (0, cfg.max_position - 1)}
+        _tensorrt_stage(result, exported, reference, args, sets, value_ranges, logit_scale, log,
+                        empty_ok={past.PAST} if with_past else set())
     _write_report(result, output)
     _set_verdict(result, require_trt)
     return result
@@ -298,13 +312,13 @@ def _set_verdict(result: CompileResult, require_trt: bool) -> None:
 
 
 def _tensorrt_stage(result: CompileResult, exported: Exported, reference: Path, args: tuple, sets,
-                    vocab_size: int, logit_scale: float, log) -> None:
+                    value_ranges: dict, logit_scale: float, log, empty_ok: set) -> None:
     output = exported.path.parent
     readiness = tensorrt.readiness(exported.model)
     result.readiness = readiness
     (output / "trt_readiness.md").write_text(readiness.markdown())
     log(f"tensorrt: readiness against TensorRT {readiness.tensorrt_version}'s operator list: {readiness.verdict}")
-    profiles = trt_profiles(exported, args, vocab_size)
+    profiles = trt_profiles(exported, args, value_ranges, empty_ok)
     # polygraphy checks |got - ref| <= atol elementwise: the model's relaxed rel_inf band times the
     # largest logit of the export example is that band in absolute terms.
     _, relaxed = validate.tolerance("model", "logits", torch.float32).bands()

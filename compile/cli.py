@@ -55,8 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--require-trt", action="store_true",
                    help="fail (exit 5) unless a TensorRT engine is built and checked here")
     p.add_argument("--fp4", choices=lowering.FP4_MODES,
-                   help="MXFP4 weights as FP4 DequantizeLinear (qdq; tensorrt at opset 24, Blackwell GPUs) or "
-                        "decoded in the graph (decode); default: qdq for tensorrt, decode for onnx")
+                   help="MXFP4 weights decoded in the graph (decode, the default) or as FP4 DequantizeLinear with "
+                        "E8M0 block-32 scales (qdq; tensorrt at opset 24; TensorRT documents only NVFP4)")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
                    help="cast weights and computation before export (a bfloat16 checkpoint to a float32 or float16 "
                         "graph that ONNX Runtime's CPU provider runs); default: the model's own")

@@ -132,7 +132,7 @@ class Exported:
     input_names: list[str]
     output_names: list[str]
     dims: dict[str, DimRange]  # dynamic dimension name -> its range
-    dynamic: dict[str, dict[int, str]]  # graph input -> {axis: dynamic dimension name}
+    dynamic: dict[str, dict[int, str]]  # graph input -> {axis: dynamic dimension name, or "a + b" of two}
 
 
 class ExportError(RuntimeError):
@@ -201,7 +201,8 @@ def export_onnx(module: torch.nn.Module, args: tuple, path: str | Path, *, targe
         raise ExportError(f"the ONNX checker rejected the graph: {_first_lines(e)}") from e
     graph_dynamic = {}
     for value in model.graph.input:
-        named = {i: d.dim_param for i, d in enumerate(value.type.tensor_type.shape.dim) if d.dim_param in dims}
+        named = {i: d.dim_param for i, d in enumerate(value.type.tensor_type.shape.dim)
+                 if d.dim_param and all(part in dims for part in d.dim_param.split(" + "))}
         if named:
             graph_dynamic[value.name] = named
     return Exported(path, t, model, used, [i.name for i in model.graph.input], [o.name for o in model.graph.output],
@@ -288,11 +289,19 @@ def _keep_packed_weights(node) -> Optional[bool]:
     return None
 
 
+EXTERNAL_DATA_BYTES = 2 ** 31 - 2 ** 26  # past protobuf's 2 GiB limit (with a margin) weights go to a side file
+
+
+def external_data_path(path: Path) -> Path:
+    """Where the weights of the graph at ``path`` go when it is too large for one file."""
+    return path.with_name(path.name + ".data")
+
+
 def _save(model: onnx.ModelProto, path: Path) -> None:
-    # Past protobuf's 2 GiB limit the weights go to a side file next to the graph.
-    large = model.ByteSize() > 2 ** 31 - 2 ** 26
+    large = model.ByteSize() > EXTERNAL_DATA_BYTES
+    external_data_path(path).unlink(missing_ok=True)  # a stale side file from an earlier, larger export
     onnx.save_model(model, str(path), save_as_external_data=large, all_tensors_to_one_file=True,
-                    location=path.name + ".data")
+                    location=external_data_path(path).name)
 
 
 def _first_lines(e: BaseException) -> str:

@@ -61,7 +61,7 @@ class OrtCausalLM:
     @torch.inference_mode()
     def generate(self, prompts: Sequence[Sequence[int]], config=None) -> list[list[int]]:
         """New tokens for each prompt, as :func:`apt_hal.models.generate` chooses them."""
-        from apt_hal.models.generate import GenerationConfig, _check_prompts
+        from apt_hal.models.generate import GenerationConfig, _check_prompts, choose_tokens, record_tokens
 
         config = config or GenerationConfig()
         prompts = _check_prompts(prompts, self.config, config)
@@ -75,16 +75,8 @@ class OrtCausalLM:
         new: list[list[int]] = [[] for _ in range(batch)]
         done = [False] * batch
         for _ in range(config.max_new_tokens):
-            tokens = _next_tokens(logits[:, -1], seen, config, generator)
-            for b, t in enumerate(tokens.tolist()):
-                if done[b]:
-                    continue
-                if t in config.stop_tokens:
-                    done[b] = True
-                else:
-                    new[b].append(t)
-                    done[b] = len(new[b]) == config.max_new_tokens
-            if all(done):
+            tokens = choose_tokens(logits[:, -1], seen, config, generator)
+            if record_tokens(tokens, new, done, config):
                 break
             seen[torch.arange(batch), tokens] = True
             mask = torch.cat([mask, torch.ones(batch, 1, dtype=torch.int64)], dim=1)
@@ -94,12 +86,3 @@ class OrtCausalLM:
 
 _TORCH_DTYPES = {onnx.TensorProto.FLOAT: torch.float32, onnx.TensorProto.FLOAT16: torch.float16,
                  onnx.TensorProto.BFLOAT16: torch.bfloat16}
-
-
-def _next_tokens(logits: torch.Tensor, seen: torch.Tensor, config, generator) -> torch.Tensor:
-    """One token per row of ``logits [B, vocab]``, chosen as apt_hal.models.generate chooses."""
-    from apt_hal.models.generate import penalize_repetition, sampling_probs
-
-    if config.greedy:
-        return penalize_repetition(logits.float(), seen, config.repetition_penalty).argmax(-1)
-    return torch.multinomial(sampling_probs(logits, seen, config), 1, generator=generator).squeeze(1)

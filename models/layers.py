@@ -145,8 +145,11 @@ class PastKV:
         return key.transpose(1, 2), value.transpose(1, 2)
 
     def key_positions(self) -> tuple:
-        """Positions and validity ``[B, P+S]`` of the keys attended to."""
-        return default_positions(self.valid, tuple(self.valid.shape), self.valid.device), self.valid
+        """Positions and validity ``[B, P+S]`` of the keys attended to: the count of real tokens
+        before each key (padding keys, never attended to, may get -1)."""
+        # Counted in float32, exact below 2^24 tokens: an exported graph then needs no integer
+        # CumSum or Clip, which some runtimes lack (TensorRT's CumSum is float-only).
+        return self.valid.float().cumsum(1).long() - 1, self.valid
 
 
 def default_positions(valid: Optional[torch.Tensor], shape: tuple, device: torch.device) -> torch.Tensor:

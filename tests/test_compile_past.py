@@ -24,8 +24,15 @@ CLOSE = dict(rtol=1e-4, atol=1e-4)
 
 
 def _model(preset, **overrides):
+    """A preset with random weights; ``+MXFP4Linear``: every Linear layer but lm_head through fp4_matmul."""
+    from apt_hal.nn import convert_model_to_mxfp4
+
     torch.manual_seed(0)
-    return build_model(ModelConfig.preset(preset, init_std=INIT_STD, **overrides)).eval()
+    name, _, variant = preset.partition("+")
+    if variant:
+        overrides["tie_embeddings"] = False
+    model = build_model(ModelConfig.preset(name, init_std=INIT_STD, **overrides)).eval()
+    return convert_model_to_mxfp4(model) if variant == "MXFP4Linear" else model
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +56,7 @@ def _prompts(seed, lengths, vocab=512):
 
 
 PRESETS = ["apt-dense-tiny", "apt-moe-tiny", pytest.param("apt-oss-tiny", marks=pytest.mark.slow)]
+MXFP4_LINEAR = pytest.param("apt-dense-tiny+MXFP4Linear", marks=pytest.mark.slow)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -80,7 +88,7 @@ def test_prefill_then_decode_over_the_past_equals_one_full_forward(preset):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("preset", PRESETS + [MXFP4_LINEAR])
 def test_past_graph_has_optimums_interface_and_validates_on_unseen_shapes(exported, preset):
     model, folder, result = exported(preset)
     assert result.exit_code == api.EXIT_OK, result.verdict
@@ -141,7 +149,7 @@ def test_left_and_right_padding_give_every_row_the_logits_it_gets_alone(exported
             torch.testing.assert_close(step[row], alone_step[0], **CLOSE)
 
 
-@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("preset", PRESETS + [MXFP4_LINEAR])
 def test_greedy_tokens_on_onnxruntime_equal_apt_hal_generate(exported, preset):
     model, folder, _ = exported(preset)
     prompts = _prompts(3, [5, 12, 1])  # never seen by the export
