@@ -214,7 +214,7 @@ def compile_model(model: Union[str, torch.nn.Module], output: Union[str, Path], 
         if external_data_path(exported.path).exists():
             result.files.append(external_data_path(exported.path))
         for name, d in exported.dims.items():
-            narrowed = "seq" in name and (d.high or 0) < cfg.max_position
+            narrowed = "seq" in name and d.high is not None and d.high < cfg.max_position
             log(f"  dynamic {name}: {d}" + (f"; torch.export proved only up to {d.high}: the model branches on the "
                                              "length" if narrowed else ""))
         reference = exported.path  # the graph ONNX Runtime runs: this one, or its MXFP4-decoded twin

@@ -97,10 +97,10 @@ def example_inputs(config, batch: int, seq: int, past: int, dtype: torch.dtype, 
 
 def input_sets(config, dtype: torch.dtype, generator: torch.Generator) -> list[validate.InputSet]:
     """The export's shape, then shapes it never saw: a prefill (empty past, left padding), a
-    one-token decode step over a longer past, batch 1."""
+    one-token decode step over a past longer than a small sliding window, batch 1."""
     cases = [("export shape", EXAMPLE_BATCH, EXAMPLE_SEQ, EXAMPLE_PAST, 0),
              ("unseen prefill, left padded", 3, 7, 0, 2),
-             ("unseen decode", 3, 1, 9, 1),
+             ("unseen decode", 3, 1, 20, 1),
              ("unseen, size 1", 1, 1, 1, 0)]
     return [validate.InputSet(label, example_inputs(config, b, s, p, dtype, generator, padded))
             for label, b, s, p, padded in cases]
