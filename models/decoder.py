@@ -117,7 +117,9 @@ class DecoderLM(nn.Module):
 
         ``attention_mask`` ``[B, S]``: True (1) = real token, False (0) = padding, which no token
         attends to; positions count real tokens only, so left padding changes no logit.
-        ``kv`` (generation): the paged KV cache step; ``logits_at`` ``[B]``: compute logits only at
+        ``kv`` (generation): the paged KV cache step, or a :class:`PastKV` (keys and values passed in
+        and returned whole, the exported past/present graph's form; its mask covers the padding, so
+        ``attention_mask`` stays None); ``logits_at`` ``[B]``: compute logits only at
         that index of each row (shape ``[B, 1, vocab]``).
         """
         cfg = self.config
