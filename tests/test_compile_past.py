@@ -250,3 +250,19 @@ def test_apt_hal_generate_with_onnx_runs_the_exported_folder(exported, tmp_path)
     with contextlib.redirect_stderr(io.StringIO()) as err:
         assert apt_hal_main(["generate", "--onnx", str(tmp_path), "--prompt", "x"]) == 2
     assert "apt_model.json" in err.getvalue()
+
+
+def test_apt_compile_passes_dtype_and_no_kv_cache_through(monkeypatch, tmp_path, capsys):
+    from apt_hal.compile import cli
+
+    seen = {}
+
+    def fake_compile(model, output, **kwargs):
+        seen.update(kwargs)
+        return api.CompileResult(api.EXIT_OK, "not run")
+
+    monkeypatch.setattr(api, "compile_model", fake_compile)
+    base = ["--target", "onnx", "--model", "apt-dense-tiny", "--output", str(tmp_path)]
+    assert cli.main(base) == api.EXIT_OK and (seen["kv_cache"], seen["dtype"]) == (None, None)
+    assert cli.main(base + ["--no-kv-cache", "--dtype", "float16"]) == api.EXIT_OK
+    assert (seen["kv_cache"], seen["dtype"]) == (False, "float16")
