@@ -21,11 +21,12 @@ from pathlib import Path
 from typing import Optional, Union
 
 import torch
+from torch.utils import _pytree
 
 from apt_hal.atomic import atomic_write_text
 from apt_hal.cli_errors import check_writable_folder
-from apt_hal.compile import lowering, tensorrt, validate
-from apt_hal.compile.export import DimRange, Exported, ExportError, export_onnx
+from apt_hal.compile import lowering, past, tensorrt, validate
+from apt_hal.compile.export import DimRange, Exported, ExportError, export_onnx, external_data_path
 
 EXIT_OK = 0
 EXIT_USAGE = 2  # bad arguments or a model that cannot be loaded
@@ -190,50 +191,81 @@ def input_sets(model: torch.nn.Module, exported: Exported, generator: torch.Gene
     return sets
 
 
-def trt_profiles(exported: Exported, args: tuple, vocab_size: int) -> list[tensorrt.InputProfile]:
-    """One optimization profile: each dynamic dimension from 1 to its proved maximum (at most 64x
-    the example), optimized for the example."""
+def trt_profiles(exported: Exported, args: tuple, value_ranges: dict, empty_ok=()) -> list[tensorrt.InputProfile]:
+    """One optimization profile: each dynamic dimension from 1 (0 for those in ``empty_ok``: an
+    empty past) to its proved maximum (at most 64x the example), optimized for the example; a
+    dimension that is a sum of others (``past + seq``) spans the sums. ``value_ranges``: the
+    inclusive value bounds of integer inputs, by name."""
+    def bounds(name: str) -> tuple[int, int, int]:
+        d = exported.dims[name]
+        return (0 if name in empty_ok else 1), d.example, min(d.high or 64 * d.example, 64 * d.example)
+
     profiles = []
-    for name, a in zip(exported.input_names, args):
+    for name, a in zip(exported.input_names, validate.graph_inputs(args)):
         axes = exported.dynamic.get(name, {})
-        dims = {axis: exported.dims[n] for axis, n in axes.items()}
-        shape = tuple(a.shape)
-        low = tuple(1 if i in dims else s for i, s in enumerate(shape))
-        high = tuple(min(dims[i].high or 64 * s, 64 * s) if i in dims else s for i, s in enumerate(shape))
-        profiles.append(tensorrt.InputProfile(name, low, shape, high, (0, vocab_size - 1)))
+        shape = [list(bounds(part) for part in axes[i].split(" + ")) if i in axes else None
+                 for i in range(a.dim())]
+        low, opt, high = (tuple(sum(b[k] for b in parts) if parts else s for parts, s in zip(shape, a.shape))
+                          for k in range(3))
+        profiles.append(tensorrt.InputProfile(name, low, opt, high, value_ranges.get(name)))
     return profiles
 
 
 def compile_model(model: Union[str, torch.nn.Module], output: Union[str, Path], *, target: str = "onnx",
                   opset: Optional[int] = None, fp4: Optional[str] = None, dynamic_batch: bool = False,
                   dynamic_seq: bool = False, validate_graph: bool = True, require_trt: bool = False,
-                  log=print) -> CompileResult:
+                  kv_cache: Optional[bool] = None, dtype: Optional[str] = None, log=print) -> CompileResult:
     """Everything ``apt-compile`` does; the CLI only parses arguments and prints the result.
-    ``model`` is a spec for :func:`load_model` or an APT model (``.config``, output ``.logits``)."""
+    ``model`` is a spec for :func:`load_model` or an APT model (``.config``, output ``.logits``).
+
+    ``kv_cache`` (default: True for the decoder-only families): export the past/present graph of
+    :mod:`apt_hal.compile.past`, dynamic in batch, sequence and past length whatever
+    ``dynamic_batch``/``dynamic_seq`` say, and write beside it what runners need to generate from
+    the folder (:func:`write_runner_files`). False: the full-sequence ``logits`` graph.
+    ``dtype`` ("float32", "float16", "bfloat16"): cast the weights, and so the computation, first
+    (a module passed in is cast in place)."""
     output = Path(output)
     if require_trt and target != "tensorrt":
         return CompileResult(EXIT_USAGE, "--require-trt needs --target tensorrt")
     try:
         fp4 = lowering.resolve_target(target, opset, fp4).fp4
         check_writable_folder(output, "--output")
+        cast = _dtype(dtype)
         log("load: " + (model if isinstance(model, str) else type(model).__name__))
         module, what = load_model(model) if isinstance(model, str) else (model.eval(), type(model).__name__)
+        with_past = module.config.family in past.FAMILIES if kv_cache is None else kv_cache
+        if with_past and module.config.family not in past.FAMILIES:
+            raise ValueError(f"--kv-cache: a past/present graph is built for the decoder-only families "
+                             f"({', '.join(past.FAMILIES)}), not {module.config.family!r}")
     except (ValueError, OSError) as e:
         return CompileResult(EXIT_USAGE, f"cannot start: {e}")
     log(f"  {what}")
-    wrapper, cfg = LogitsOf(module), module.config
+    if cast is not None:
+        module = module.to(cast)
+        log(f"  weights and computation cast to {dtype}")
+    cfg, weight_dtype = module.config, module.embed.weight.dtype
     generator = torch.Generator().manual_seed(SEED)
-    args = _example_inputs(module, EXAMPLE_BATCH, min(EXAMPLE_SEQ, cfg.max_position), generator)
-    export = dict(target=target, opset=opset, dynamic=_dynamic(module, dynamic_batch, dynamic_seq),
-                  input_names=["input_ids", "decoder_input_ids"][:len(args)], output_names=["logits"])
+    if with_past:
+        wrapper = past.CausalLMWithPast(module)
+        args = past.example_inputs(cfg, past.EXAMPLE_BATCH, past.EXAMPLE_SEQ, past.EXAMPLE_PAST, weight_dtype,
+                                   generator)
+        export = dict(target=target, opset=opset, dynamic=past.dynamic_axes(cfg.n_layers),
+                      input_names=past.input_names(cfg.n_layers), output_names=past.output_names(cfg.n_layers))
+    else:
+        wrapper = LogitsOf(module)
+        args = _example_inputs(module, EXAMPLE_BATCH, min(EXAMPLE_SEQ, cfg.max_position), generator)
+        export = dict(target=target, opset=opset, dynamic=_dynamic(module, dynamic_batch, dynamic_seq),
+                      input_names=["input_ids", "decoder_input_ids"][:len(args)], output_names=["logits"])
     result = CompileResult(EXIT_OK, "")
 
     log(f"export: target {target}")
     try:
         exported = export_onnx(wrapper, args, output / MODEL_FILE, fp4=fp4, log=log, **export)
         result.exported, result.files = exported, [exported.path]
+        if external_data_path(exported.path).exists():
+            result.files.append(external_data_path(exported.path))
         for name, d in exported.dims.items():
-            narrowed = "seq" in name and (d.high or 0) < cfg.max_position
+            narrowed = "seq" in name and d.high is not None and d.high < cfg.max_position
             log(f"  dynamic {name}: {d}" + (f"; torch.export proved only up to {d.high}: the model branches on the "
                                              "length" if narrowed else ""))
         reference = exported.path  # the graph ONNX Runtime runs: this one, or its MXFP4-decoded twin
@@ -242,11 +274,15 @@ def compile_model(model: Union[str, torch.nn.Module], output: Union[str, Path], 
             reference = export_onnx(wrapper, args, output / DECODE_FILE, fp4="decode", log=lambda *a: None,
                                     **export).path
             result.files.append(reference)
+            if external_data_path(reference).exists():
+                result.files.append(external_data_path(reference))
     except (ExportError, ValueError) as e:
         result.exit_code, result.verdict = EXIT_EXPORT_FAILED, f"export failed: {e}"
         return result
 
-    sets = input_sets(module, exported, generator)
+    sets = past.input_sets(cfg, weight_dtype, generator) if with_past else input_sets(module, exported, generator)
+    if with_past:
+        result.files += write_runner_files(output, module, model if isinstance(model, str) else None)
     if validate_graph:
         runs = [("onnxruntime", exported.path)] if reference == exported.path else \
             [("onnx.reference", exported.path), ("onnxruntime", reference)]
@@ -259,11 +295,58 @@ def compile_model(model: Union[str, torch.nn.Module], output: Union[str, Path], 
         log("validate: skipped (--no-validate)")
     if target == "tensorrt":
         with torch.no_grad():
-            logit_scale = float(wrapper(*args).float().abs().max())
-        _tensorrt_stage(result, exported, reference, args, sets, cfg.vocab_size, logit_scale, log)
+            logit_scale = float(_pytree.tree_leaves(wrapper(*args))[0].float().abs().max())
+        ids = (0, cfg.vocab_size - 1)
+        value_ranges = {"input_ids": ids, "decoder_input_ids": ids, "attention_mask": (1, 1),
+                        "position_ids": (0, cfg.max_position - 1)}
+        _tensorrt_stage(result, exported, reference, args, sets, value_ranges, logit_scale, log,
+                        empty_ok={past.PAST} if with_past else set())
     _write_report(result, output)
     _set_verdict(result, require_trt)
     return result
+
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _dtype(name: Optional[str]) -> Optional[torch.dtype]:
+    if name is not None and name not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+    return None if name is None else DTYPES[name]
+
+
+def write_runner_files(output: Path, module: torch.nn.Module, spec: Optional[str]) -> list[Path]:
+    """What generating from the folder needs beside the graph: the ModelConfig
+    (``apt_model.json``, for ``apt-hal generate --onnx``), the tokenizer of an apt-hal checkpoint,
+    Hugging Face's ``config.json`` (optimum's ORTModelForCausalLM) where the config has a Hugging
+    Face form, and onnxruntime-genai's ``genai_config.json``."""
+    from apt_hal.compile import ort_generate, runner_configs
+
+    cfg = dataclasses.replace(module.config, dtype=str(module.embed.weight.dtype).replace("torch.", ""))
+    cfg.to_json(output / ort_generate.MODEL_CONFIG_FILE)
+    written = [output / ort_generate.MODEL_CONFIG_FILE]
+    tokenizer = _checkpoint_tokenizer(spec)
+    if tokenizer is not None:
+        for name, content in tokenizer.to_files().items():
+            (output / name).write_bytes(content)
+            written.append(output / name)
+    written += runner_configs.write(output, cfg, tokenizer)
+    return written
+
+
+def _checkpoint_tokenizer(spec: Optional[str]):
+    """The tokenizer of the checkpoint ``spec`` names (apt-hal or Hugging Face), or None (a preset,
+    a config file, a checkpoint without one)."""
+    if spec is None or not Path(spec).is_dir():
+        return None
+    from apt_hal.models import checkpoint
+    from apt_hal.models.tokenizer import TOKENIZER_FILE, Tokenizer
+
+    try:
+        folder = checkpoint.resolve_checkpoint(spec)
+    except OSError:  # not an apt-hal checkpoint: a Hugging Face folder
+        folder = Path(spec)
+    return Tokenizer.load(folder) if (folder / TOKENIZER_FILE).is_file() else None
 
 
 def _set_verdict(result: CompileResult, require_trt: bool) -> None:
@@ -280,13 +363,13 @@ def _set_verdict(result: CompileResult, require_trt: bool) -> None:
 
 
 def _tensorrt_stage(result: CompileResult, exported: Exported, reference: Path, args: tuple, sets,
-                    vocab_size: int, logit_scale: float, log) -> None:
+                    value_ranges: dict, logit_scale: float, log, empty_ok: set) -> None:
     output = exported.path.parent
     readiness = tensorrt.readiness(exported.model)
     result.readiness = readiness
     atomic_write_text(output / "trt_readiness.md", readiness.markdown())
     log(f"tensorrt: readiness against TensorRT {readiness.tensorrt_version}'s operator list: {readiness.verdict}")
-    profiles = trt_profiles(exported, args, vocab_size)
+    profiles = trt_profiles(exported, args, value_ranges, empty_ok)
     # polygraphy checks |got - ref| <= atol elementwise: the model's relaxed rel_inf band times the
     # largest logit of the export example is that band in absolute terms.
     _, relaxed = validate.tolerance("model", "logits", torch.float32).bands()

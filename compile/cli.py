@@ -17,7 +17,12 @@ EPILOG = """examples:
 
 --model takes a preset (apt-{dense,moe,oss,seq2seq}-{tiny,1b}; random weights, seed 0), a
 ModelConfig .json file, an 'apt-hal train' checkpoint folder, or a Hugging Face checkpoint folder.
-The graph takes input_ids [batch, seq] (and decoder_input_ids for seq2seq) and returns logits.
+A decoder-only model (dense, moe, oss) exports the past/present graph that generation runs:
+input_ids, attention_mask, position_ids, past_key_values.{i}.key/value -> logits, present.{i}.key/value
+(optimum's names and layout; dynamic batch, sequence and past length; empty past = prefill), with
+apt_model.json, config.json and genai_config.json beside it: 'apt-hal generate --onnx DIR' runs it.
+With --no-kv-cache (and for seq2seq) the graph takes input_ids [batch, seq] (and decoder_input_ids
+for seq2seq) and returns logits.
 
 Validation (on by default) runs the graph on ONNX Runtime's CPU provider on several input sets,
 including dynamic sizes the export never saw and size 1, and compares each output with eager
@@ -54,8 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--require-trt", action="store_true",
                    help="fail (exit 5) unless a TensorRT engine is built and checked here")
     p.add_argument("--fp4", choices=lowering.FP4_MODES,
-                   help="MXFP4 weights as FP4 DequantizeLinear (qdq; tensorrt at opset 24, Blackwell GPUs) or "
-                        "decoded in the graph (decode); default: qdq for tensorrt, decode for onnx")
+                   help="MXFP4 weights decoded in the graph (decode, the default) or as FP4 DequantizeLinear with "
+                        "E8M0 block-32 scales (qdq; tensorrt at opset 24; TensorRT documents only NVFP4)")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
+                   help="cast weights and computation before export (a bfloat16 checkpoint to a float32 or float16 "
+                        "graph that ONNX Runtime's CPU provider runs); default: the model's own")
+    p.add_argument("--no-kv-cache", action="store_true",
+                   help="export the full-sequence logits graph instead of the past/present (KV cache) graph of a "
+                        "decoder-only model")
     p.add_argument("--list-lowerings", action="store_true", help="print the lowering table of every target and exit")
     return p
 
@@ -127,6 +138,7 @@ def _compile_command(argv) -> int:
     result = compile_model(args.model, args.output, target=args.target, opset=args.opset, fp4=args.fp4,
                            dynamic_batch=args.dynamic_batch, dynamic_seq=args.dynamic_seq,
                            validate_graph=not args.no_validate, require_trt=args.require_trt,
+                           kv_cache=False if args.no_kv_cache else None, dtype=args.dtype,
                            log=lambda msg: print(msg, flush=True))
     if result.exit_code == EXIT_USAGE:
         raise UsageError(result.verdict)

@@ -28,6 +28,7 @@ import onnx
 import onnx_ir
 import onnxscript.optimizer
 import torch
+from torch.utils import _pytree
 from torch.utils._sympy.numbers import int_oo
 
 from apt_hal import ops
@@ -131,7 +132,7 @@ class Exported:
     input_names: list[str]
     output_names: list[str]
     dims: dict[str, DimRange]  # dynamic dimension name -> its range
-    dynamic: dict[str, dict[int, str]]  # graph input -> {axis: dynamic dimension name}
+    dynamic: dict[str, dict[int, str]]  # graph input -> {axis: dynamic dimension name, or "a + b" of two}
 
 
 class ExportError(RuntimeError):
@@ -145,7 +146,9 @@ def export_onnx(module: torch.nn.Module, args: tuple, path: str | Path, *, targe
     """Export ``module(*args)`` to ONNX at ``path`` for ``target`` (see :data:`lowering.PROFILES`).
 
     ``dynamic`` names the dynamic dimensions per ``forward`` argument, ``{"input_ids": {0: "batch",
-    1: "seq"}}``; one name used in several places is one dimension. ``fp4`` overrides the target's
+    1: "seq"}}``; one name used in several places is one dimension. An argument that is a tuple of
+    tensors (a KV cache) takes a list of such dicts, one per element; a dimension torch.export
+    finds equal to an expression of others (``past + seq``) is named by that expression. ``fp4`` overrides the target's
     choice for MXFP4 weights ("decode" or "qdq"). Raises :class:`ExportError` naming the failing stage.
     """
     t = lowering.resolve_target(target, opset, fp4)
@@ -156,16 +159,16 @@ def export_onnx(module: torch.nn.Module, args: tuple, path: str | Path, *, targe
     if set(dynamic) - set(params):
         raise ValueError(f"dynamic names {sorted(set(dynamic) - set(params))}, which are not arguments of "
                          f"{type(module).__name__}.forward ({', '.join(params)})")
-    shapes = {p: {axis: torch.export.Dim.DYNAMIC(min=1) for axis in dynamic[p]} if p in dynamic else None
-              for p in params} if dynamic else None
+    shapes = {p: _dynamic_shape(dynamic.get(p)) for p in params} if dynamic else None
     log(f"  [1/4] torch.export of {type(module).__name__}; dynamic: "
-        + (", ".join(sorted({n for d in dynamic.values() for n in d.values()})) or "nothing"))
+        + (", ".join(sorted({n for _, axes in _flat_inputs(params, args, dynamic) for n in axes.values()}))
+           or "nothing"))
     try:
         with torch.no_grad(), _quiet():
             # One eager call first (on copies: a forward may write its inputs): state a module builds
             # lazily on its first call (a rotary table) would otherwise be built during tracing, and
             # hold fake tensors from then on.
-            module(*[a.clone() if isinstance(a, torch.Tensor) else a for a in args])
+            module(*_pytree.tree_map_only(torch.Tensor, torch.clone, tuple(args)))
             ep = torch.export.export(module, tuple(args), dynamic_shapes=shapes, strict=False)
     except Exception as e:
         raise ExportError(f"torch.export failed: {_first_lines(e)}") from e
@@ -198,7 +201,8 @@ def export_onnx(module: torch.nn.Module, args: tuple, path: str | Path, *, targe
         raise ExportError(f"the ONNX checker rejected the graph: {_first_lines(e)}") from e
     graph_dynamic = {}
     for value in model.graph.input:
-        named = {i: d.dim_param for i, d in enumerate(value.type.tensor_type.shape.dim) if d.dim_param in dims}
+        named = {i: d.dim_param for i, d in enumerate(value.type.tensor_type.shape.dim)
+                 if d.dim_param and all(part in dims for part in d.dim_param.split(" + "))}
         if named:
             graph_dynamic[value.name] = named
     return Exported(path, t, model, used, [i.name for i in model.graph.input], [o.name for o in model.graph.output],
@@ -221,22 +225,46 @@ def _quiet():
         onnx_logger.setLevel(level)
 
 
+def _dynamic_shape(axes):
+    """torch.export's dynamic_shapes entry for one argument's ``dynamic`` entry (see export_onnx)."""
+    if axes is None:
+        return None
+    if isinstance(axes, (list, tuple)):
+        return tuple(_dynamic_shape(a) for a in axes)
+    return {axis: torch.export.Dim.DYNAMIC(min=1) for axis in axes}
+
+
+def _flat_inputs(params, args, dynamic) -> list[tuple]:
+    """``(example, {axis: name})`` of each graph input in order: a tuple argument gives one input
+    per element."""
+    flat = []
+    for p, a in zip(params, args):
+        axes = dynamic.get(p)
+        if isinstance(a, (list, tuple)):
+            flat += [(t, (axes[i] if axes else None) or {}) for i, t in enumerate(a)]
+        else:
+            flat.append((a, axes or {}))
+    return flat
+
+
 def _dim_ranges(ep, params, args, dynamic) -> tuple[dict[str, DimRange], dict[str, str]]:
     """Each named dynamic dimension's range as torch.export proved it, and the symbol (``s72``)
-    the exporter names it by in the ONNX graph."""
+    the exporter names it by in the ONNX graph. A dimension found equal to an expression of others
+    is left out: the graph names it by that expression."""
     placeholders = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
-    by_param = dict(zip(params, ep.graph_signature.user_inputs))  # non-tensor arguments are listed too
+    flat = _flat_inputs(params, args, dynamic)  # non-tensor arguments are listed in user_inputs too
     dims, symbols = {}, {}
-    for p, axes in dynamic.items():
-        example = args[params.index(p)]
+    for (example, axes), user_input in zip(flat, ep.graph_signature.user_inputs):
         for axis, name in axes.items():
-            size = placeholders[by_param[p]].meta["val"].shape[axis]
+            size = placeholders[user_input].meta["val"].shape[axis]
             if isinstance(size, int):  # specialized: the model fixes this size
                 rng = DimRange(example.shape[axis], size, size)
-            else:
+            elif size.node.expr.is_Symbol:
                 vr = ep.range_constraints[size.node.expr]
                 rng = DimRange(example.shape[axis], int(vr.lower), None if vr.upper is int_oo else int(vr.upper))
                 symbols.setdefault(str(size.node.expr), name)
+            else:
+                continue
             dims.setdefault(name, rng)
     return dims, symbols
 
@@ -261,11 +289,19 @@ def _keep_packed_weights(node) -> Optional[bool]:
     return None
 
 
+EXTERNAL_DATA_BYTES = 2 ** 31 - 2 ** 26  # past protobuf's 2 GiB limit (with a margin) weights go to a side file
+
+
+def external_data_path(path: Path) -> Path:
+    """Where the weights of the graph at ``path`` go when it is too large for one file."""
+    return path.with_name(path.name + ".data")
+
+
 def _save(model: onnx.ModelProto, path: Path) -> None:
-    # Past protobuf's 2 GiB limit the weights go to a side file next to the graph.
-    large = model.ByteSize() > 2 ** 31 - 2 ** 26
+    large = model.ByteSize() > EXTERNAL_DATA_BYTES
+    external_data_path(path).unlink(missing_ok=True)  # a stale side file from an earlier, larger export
     onnx.save_model(model, str(path), save_as_external_data=large, all_tensors_to_one_file=True,
-                    location=path.name + ".data")
+                    location=external_data_path(path).name)
 
 
 def _first_lines(e: BaseException) -> str:

@@ -21,11 +21,13 @@ Choices worth knowing
   values (low nibble first) and one Gather of a 256-entry table turns each E8M0 scale into
   2^(e-127) (NaN for 0xFF); both products are exact in float32, as in :func:`apt_hal.mxfp4.dequantize`.
   The weights stay packed in the file (4.25 bits per weight).
-* ``fp4_matmul`` (``tensorrt``, opset >= 24): ``DequantizeLinear`` with FLOAT4E2M1 elements and
-  FLOAT8E8M0 block-32 scales (TensorRT >= 10.8 on Blackwell GPUs), so TensorRT can pick its FP4
-  kernels. The translation emits the node on the uint8 storage; :func:`retype_fp4_weights`
-  then gives the weight initializers their FP4/E8M0 types (ONNX's BitCast arrives in opset 26).
-  Older GPUs: export with ``fp4="decode"``.
+* ``fp4_matmul`` (``tensorrt``): decoded as for ``onnx`` by default. TensorRT documents its FP4
+  (TensorRT >= 10.8, Blackwell GPUs) only as NVFP4: FP8 E4M3 block scales, blocks of 16; MXFP4's
+  E8M0 block-32 scales appear in its documentation for MXFP8 only. ``fp4="qdq"`` (opset >= 24)
+  still writes ``DequantizeLinear`` with FLOAT4E2M1 elements and FLOAT8E8M0 block-32 scales, for
+  a TensorRT that accepts them; the readiness report marks those nodes unsupported. The
+  translation emits the node on the uint8 storage; :func:`retype_fp4_weights` then gives the
+  weight initializers their FP4/E8M0 types (ONNX's BitCast arrives in opset 26).
 * ``rotary``: the standard ``RotaryEmbedding`` (opset >= 23) for float32, where it is the same
   arithmetic; float16/bfloat16 use the decomposition, because the reference computes in float32
   and rounds once while ``RotaryEmbedding`` computes in the input dtype with a cache of that dtype.
@@ -108,15 +110,15 @@ class Target:
 
 
 def resolve_target(profile: str, opset: Optional[int] = None, fp4: Optional[str] = None) -> Target:
-    """Check the profile, opset and FP4 mode; fill the defaults (``qdq`` for tensorrt at opset >= 24)."""
+    """Check the profile, opset and FP4 mode; fill the default (``decode``; ``qdq`` only when asked)."""
     if profile not in PROFILES:
         raise ValueError(f"unknown target {profile!r}; expected one of {', '.join(PROFILES)}")
     p = PROFILES[profile]
     opset = p.default_opset if opset is None else opset
     if not p.min_opset <= opset <= p.max_opset:
         raise ValueError(f"target {profile!r} accepts opsets {p.min_opset}..{p.max_opset}, got --opset {opset}")
-    if fp4 is None:
-        fp4 = "qdq" if profile == "tensorrt" and opset >= FP4_QDQ_MIN_OPSET else "decode"
+    if fp4 is None:  # TensorRT documents FP4 DequantizeLinear only as NVFP4, not MXFP4's E8M0 block-32 layout
+        fp4 = "decode"
     if fp4 not in FP4_MODES:
         raise ValueError(f"fp4 must be one of {', '.join(FP4_MODES)}, got {fp4!r}")
     if fp4 == "qdq" and (profile != "tensorrt" or opset < FP4_QDQ_MIN_OPSET):
@@ -440,8 +442,9 @@ LOWERINGS: dict[str, dict[str, Lowering]] = {
         **{name: Lowering(_TRANSLATIONS[name], how) for name, how in _COMMON.items()},
     },
     "tensorrt": {
-        "fp4_matmul": Lowering(fp4_matmul, "DequantizeLinear FLOAT4E2M1 + FLOAT8E8M0 block-32 scales (opset 24; "
-                                           "TensorRT >= 10.8, Blackwell) + MatMul; fp4='decode': " + _DECODE),
+        "fp4_matmul": Lowering(fp4_matmul, _DECODE + " (TensorRT documents FP4 only as NVFP4: FP8 scales, block "
+                                           "16); fp4='qdq': DequantizeLinear FLOAT4E2M1 + FLOAT8E8M0 block-32 scales "
+                                           "(opset 24) + MatMul"),
         "rotary": Lowering(rotary, _ROTARY + " (TensorRT parses RotaryEmbedding from 10.15)"),
         "moe_permute": Lowering(moe_permute, "counting sort: one-hot, CumSum in float32 (TensorRT's CumSum is "
                                              "float-only; exact below 2^24 assignments), ScatterElements"),

@@ -103,21 +103,41 @@ class Readiness:
                 "verdict": self.verdict, "ready": self.ready, "ops": [dataclasses.asdict(o) for o in self.ops]}
 
 
-def _element_types(model: onnx.ModelProto) -> dict[str, int]:
-    g = onnx.shape_inference.infer_shapes(model).graph
-    types = {v.name: v.type.tensor_type.elem_type for v in [*g.input, *g.output, *g.value_info]}
-    types.update({i.name: i.data_type for i in g.initializer})
-    return types
+def _graphs(graph: onnx.GraphProto):
+    """``graph`` and every subgraph inside it (the branches of If, the bodies of Loop and Scan), depth first."""
+    yield graph
+    for node in graph.node:
+        for a in node.attribute:
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                yield from _graphs(sub)
+
+
+def _nodes(model: onnx.ModelProto):
+    return [node for g in _graphs(model.graph) for node in g.node]
+
+
+def _element_types(model: onnx.ModelProto) -> tuple[dict[str, int], dict[str, int]]:
+    """Element type and rank of every value whose type is known or inferred, by name."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types, ranks = {}, {}
+    for g in _graphs(inferred.graph):
+        for v in [*g.input, *g.output, *g.value_info]:
+            types[v.name] = v.type.tensor_type.elem_type
+            if v.type.tensor_type.HasField("shape"):
+                ranks[v.name] = len(v.type.tensor_type.shape.dim)
+        types.update({i.name: i.data_type for i in g.initializer})
+        ranks.update({i.name: len(i.dims) for i in g.initializer})
+    return types, ranks
 
 
 def _constants(model: onnx.ModelProto) -> dict:
-    """Values known when TensorRT builds: initializers and Constant nodes' outputs, by name. The
-    value is None where it is not a tensor attribute or lies in an external data file (a large
-    weight, never a value a restriction reads; the file is not loaded)."""
-    values = {i.name: None if onnx.external_data_helper.uses_external_data(i) else onnx.numpy_helper.to_array(i)
-              for i in model.graph.initializer
-              if i.data_type not in (onnx.TensorProto.FLOAT4E2M1, onnx.TensorProto.FLOAT8E8M0)}
-    for node in model.graph.node:
+    """Values known when TensorRT builds: initializers stored in the graph (an external one's bytes
+    are in the side file; the checks need only small constants, which stay inline) and Constant
+    nodes' outputs (None where the value is not a tensor attribute), by name."""
+    values = {i.name: onnx.numpy_helper.to_array(i) for g in _graphs(model.graph) for i in g.initializer
+              if i.data_type not in (onnx.TensorProto.FLOAT4E2M1, onnx.TensorProto.FLOAT8E8M0)
+              and i.data_location != onnx.TensorProto.EXTERNAL}
+    for node in _nodes(model):
         if node.op_type == "Constant":
             value = _attr(node, "value")
             values[node.output[0]] = None if value is None else onnx.numpy_helper.to_array(value)
@@ -149,6 +169,40 @@ _RESTRICTIONS = {
 }
 
 
+# What TensorRT documents for block-quantized Q/DQ: FP4 is NVFP4 (FP8 E4M3 block scales, blocks of 16:
+# the DynamicQuantize operator and "Quantization Schemes" pages of the TensorRT documentation; in ONNX
+# the FP8 scales are themselves dequantized, so the FP4 node's scales are float); INT4 weights take
+# blocks of 64 or 128; E8M0 scales appear only in MXFP8 (blocks of 32). No MXFP4 (E2M1 with E8M0
+# block-32 scales) is documented. The blocked axis is one of the last two.
+_FLOAT_SCALES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+_BLOCKS = {onnx.TensorProto.FLOAT4E2M1: ({16}, _FLOAT_SCALES), onnx.TensorProto.INT4: ({64, 128}, _FLOAT_SCALES),
+           onnx.TensorProto.FLOAT8E4M3FN: ({32}, {onnx.TensorProto.FLOAT8E8M0})}
+
+
+def _qdq_problems(node, types: dict, ranks: dict) -> list[str]:
+    """What in one Q/DQ node's attributes and input types TensorRT's documentation rules out."""
+    quantized = node.input[0] if node.op_type == "DequantizeLinear" else node.output[0]
+    elem, scale = types.get(quantized), types.get(node.input[1])
+    block = _attr(node, "block_size", 0)
+    if not block:
+        return []
+    if elem == onnx.TensorProto.FLOAT4E2M1 and scale == onnx.TensorProto.FLOAT8E8M0:
+        return [f"node {node.name or '?'}: MXFP4 (FP4 with E8M0 scales, block {block}) is not a TensorRT FP4 layout: "
+                "TensorRT documents FP4 as NVFP4 (FP8 E4M3 scales, block 16); export with --fp4 decode"]
+    sizes, scale_types = _BLOCKS.get(elem, (set(), set()))
+    problems = []
+    if block not in sizes:
+        problems.append(f"node {node.name or '?'}: block_size {block} for {_LABELS.get(elem, elem)}; TensorRT takes "
+                        + (" or ".join(map(str, sorted(sizes))) if sizes else "no blocked quantization of this type"))
+    if scale is not None and scale_types and scale not in scale_types:
+        problems.append(f"node {node.name or '?'}: {_LABELS.get(scale, scale)} scales for {_LABELS.get(elem, elem)} "
+                        f"blocks; TensorRT takes {', '.join(sorted(_LABELS[t] for t in scale_types))}")
+    rank, axis = ranks.get(node.input[0]), _attr(node, "axis", 1)
+    if axis not in (-1, -2) and rank and axis not in (rank - 1, rank - 2):
+        problems.append(f"node {node.name or '?'}: blocked axis {axis}; TensorRT takes one of the last two")
+    return problems
+
+
 def _data_names(node, schema) -> list[str]:
     """The node's inputs and outputs whose ONNX type parameter admits floating-point values: the
     ones TensorRT's 'Supported Types' describe (indices, shapes, axes and masks are structural).
@@ -169,11 +223,11 @@ def readiness(model: onnx.ModelProto, support: Optional[dict] = None) -> Readine
     support = support or load_support()
     table = support["operators"]
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
-    types = _element_types(model)
-    initializers = {i.name for i in model.graph.initializer}
+    types, ranks = _element_types(model)
+    initializers = {i.name for g in _graphs(model.graph) for i in g.initializer}
     constants = _constants(model)
     by_op: dict[str, list] = {}
-    for node in model.graph.node:
+    for node in _nodes(model):
         by_op.setdefault(node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}",
                          []).append(node)
 
@@ -193,6 +247,8 @@ def readiness(model: onnx.ModelProto, support: Optional[dict] = None) -> Readine
                 notes.append(f"node {node.name or '?'} reads a UINT8 constant; TensorRT lists UINT8 for network "
                              "inputs and outputs only")
         bad = sorted(used - set(entry["types"]))
+        if op_type in _QDQ:
+            bad += sorted({p for node in nodes for p in _qdq_problems(node, types, ranks)})
         if op_type == "DequantizeLinear" and "FP4" in used:
             notes.append("FP4 DequantizeLinear: TensorRT >= 10.8 on a Blackwell GPU (compute capability >= 10.0); "
                          "on older GPUs build the decode graph")
@@ -203,7 +259,9 @@ def readiness(model: onnx.ModelProto, support: Optional[dict] = None) -> Readine
         unverified = [n for n in notes if not n.startswith("restriction verified")]
         status = "unsupported" if bad else ("check" if unverified else "ok")
         if bad:
-            notes.insert(0, f"data type(s) {', '.join(bad)} not supported")
+            kinds = [b for b in bad if b in _LABELS.values() or b.startswith("type ")]
+            notes[:0] = ([f"data type(s) {', '.join(kinds)} not supported"] if kinds else []) + \
+                [b for b in bad if b not in kinds]
         checks.append(OpCheck(op_type, len(nodes), status, sorted(used), entry["types"], list(dict.fromkeys(notes))))
     return Readiness(support["tensorrt_version"], support["source"], opset,
                      (support["opset_min"], support["opset_max"]), checks)
@@ -365,7 +423,7 @@ def build_and_compare(model_path: Path, reference_path: Path, profiles: Sequence
     log(f"  engine written: {engine_path} ({engine_path.stat().st_size} bytes)")
     rows, reference = [], validate.graph_runner(reference_path, "onnxruntime")
     for s in input_sets:
-        tensors = [a for a in s.args if isinstance(a, torch.Tensor)]
+        tensors = validate.graph_inputs(s.args)
         got, ref = run_engine(engine_path, tensors), reference(tensors)
         shapes = ", ".join("x".join(map(str, t.shape)) for t in tensors)
         rows += [validate.check(f"{s.label} [{shapes}]", name, g, r, tolerance(name, r.dtype))

@@ -166,19 +166,27 @@ def validate(path, eager: Callable, input_sets: Sequence[InputSet], output_names
     except Exception as e:  # a graph the runtime rejects is a failed validation, reported as such
         return Validation(runtime, rows, f"{runtime} could not load the graph: {_first_line(e)}")
     for s in input_sets:
+        inputs = graph_inputs(s.args)
         with torch.no_grad():
             expected = [t.detach() for t in _pytree.tree_leaves(eager(*s.args)) if isinstance(t, torch.Tensor)]
         try:
-            got = run([a for a in s.args if isinstance(a, torch.Tensor)])
+            got = run(inputs)
         except Exception as e:
             return Validation(runtime, rows, f"{runtime} could not run the graph on the {s.label} inputs: "
                                              f"{_first_line(e)}")
         if len(got) != len(expected):
             return Validation(runtime, rows, f"the graph returned {len(got)} outputs, eager {len(expected)}")
-        shapes = ", ".join("x".join(map(str, a.shape)) for a in s.args if isinstance(a, torch.Tensor))
+        shown = inputs if len(inputs) <= 6 else inputs[:4] + [...]  # a KV cache's many tensors: elided
+        shapes = ", ".join("..." if a is ... else "x".join(map(str, a.shape)) for a in shown)
         for name, g, e in zip(output_names, got, expected):
             rows.append(check(f"{s.label} [{shapes}]", name, g, e, tolerance(op, name, e.dtype, runtime), reduction))
     return Validation(runtime, rows)
+
+
+def graph_inputs(args: tuple) -> list[torch.Tensor]:
+    """The graph's inputs for ``forward(*args)``: its tensors in order, tuple arguments (a KV cache)
+    flattened."""
+    return [a for a in _pytree.tree_leaves(args) if isinstance(a, torch.Tensor)]
 
 
 def _first_line(e: Exception) -> str:

@@ -11,6 +11,7 @@ the stop inside that token.)
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from typing import Optional, Sequence
 
@@ -21,6 +22,7 @@ EPILOG = """examples:
   apt-hal generate --checkpoint runs/tiny --prompt "The river" --seed 1
   apt-hal generate --checkpoint runs/tiny/step-00000300 --prompt "The river" --greedy
   apt-hal generate --checkpoint runs/tiny --prompt "At night" --temperature 0.7 --top-p 0.9 --stop "."
+  apt-hal generate --onnx out/tiny-onnx --prompt "The river" --greedy   (apt-compile --model runs/tiny ...)
 
 --checkpoint takes a run folder (its latest complete checkpoint is used) or one step-N folder;
 its manifest is verified before anything is loaded.
@@ -28,9 +30,9 @@ its manifest is verified before anything is loaded.
 """ + EXIT_CODES_EPILOG
 
 
-def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+def add_sampling_arguments(p: argparse.ArgumentParser, checkpoint_required: bool = True) -> None:
     """The options of GenerationConfig, and where to run."""
-    p.add_argument("--checkpoint", required=True, metavar="DIR",
+    p.add_argument("--checkpoint", required=checkpoint_required, metavar="DIR",
                    help="a run folder of apt-hal train (its latest checkpoint), or a step-N folder")
     g = p.add_argument_group("sampling")
     g.add_argument("--max-new-tokens", type=int, default=64, help="default %(default)s")
@@ -85,7 +87,9 @@ def _cut_at_stops(text: str, stops: Sequence[str]) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_sampling_arguments(p)
+    add_sampling_arguments(p, checkpoint_required=False)
+    p.add_argument("--onnx", metavar="DIR", help="instead of --checkpoint: generate on ONNX Runtime's CPU provider "
+                                                 "with the past/present graph apt-compile wrote to DIR")
     p.add_argument("--prompt", required=True, help="the text to continue")
     p.add_argument("--stop", nargs="+", default=[], metavar="TEXT", help="end the output after the first TEXT")
 
@@ -96,10 +100,20 @@ def run(args: argparse.Namespace) -> int:
     if not args.prompt.strip():
         print("apt-hal generate: error: --prompt is empty; give the text to continue", file=sys.stderr)
         return 2
+    if (args.checkpoint is None) == (args.onnx is None):
+        print("apt-hal generate: error: give one of --checkpoint and --onnx", file=sys.stderr)
+        return 2
     try:
-        model, tokenizer = load(args)
+        if args.onnx:
+            from apt_hal.compile.ort_generate import OrtCausalLM
+
+            runner = OrtCausalLM(args.onnx)
+            tokenizer, generate_tokens = runner.tokenizer(), runner.generate
+        else:
+            model, tokenizer = load(args)
+            generate_tokens = functools.partial(generate, model)
         config = generation_config(args, tokenizer)
-        new_tokens = generate(model, [tokenizer.encode(args.prompt, bos=True)], config)[0]
+        new_tokens = generate_tokens([tokenizer.encode(args.prompt, bos=True)], config)[0]
     except (ValueError, OSError) as e:  # OSError covers CheckpointError
         print(f"apt-hal generate: error: {e}", file=sys.stderr)
         return 2

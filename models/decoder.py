@@ -4,7 +4,7 @@ the output type, the loss and the input checks."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -12,7 +12,7 @@ from torch import nn
 
 from apt_hal.contract import value_checks_enabled
 from apt_hal.models.config import ModelConfig
-from apt_hal.models.layers import AttentionBatch, Block, KVStep, RMSNorm, RotaryTable, run_blocks
+from apt_hal.models.layers import AttentionBatch, Block, KVStep, PastKV, RMSNorm, RotaryTable, run_blocks
 
 IGNORE_INDEX = -100  # label value the loss skips
 
@@ -110,14 +110,16 @@ class DecoderLM(nn.Module):
         self.rotary = RotaryTable(config.rope_config())
 
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
-                attention_mask: Optional[torch.Tensor] = None, *, kv: Optional[KVStep] = None,
+                attention_mask: Optional[torch.Tensor] = None, *, kv: Union[KVStep, PastKV, None] = None,
                 logits_at: Optional[torch.Tensor] = None) -> ModelOutput:
         """Logits ``[B, S, vocab]``; with ``labels`` ``[B, S]`` also the shifted cross-entropy (labels
         -100 ignored) and the weighted MoE losses.
 
         ``attention_mask`` ``[B, S]``: True (1) = real token, False (0) = padding, which no token
         attends to; positions count real tokens only, so left padding changes no logit.
-        ``kv`` (generation): the paged KV cache step; ``logits_at`` ``[B]``: compute logits only at
+        ``kv`` (generation): the paged KV cache step, or a :class:`PastKV` (keys and values passed in
+        and returned whole, the exported past/present graph's form; its mask covers the padding, so
+        ``attention_mask`` stays None); ``logits_at`` ``[B]``: compute logits only at
         that index of each row (shape ``[B, 1, vocab]``).
         """
         cfg = self.config

@@ -134,6 +134,29 @@ def sampling_probs(logits: torch.Tensor, seen: torch.Tensor, config: GenerationC
     return torch.softmax(scores, dim=-1)
 
 
+def choose_tokens(logits: torch.Tensor, seen: torch.Tensor, config: GenerationConfig,
+                  generator: Optional[torch.Generator]) -> torch.Tensor:
+    """The next token ``[B]`` of each row of ``logits [B, V]``: the most likely after the repetition
+    penalty (greedy), or drawn from :func:`sampling_probs`."""
+    if config.greedy:
+        return penalize_repetition(logits.float(), seen, config.repetition_penalty).argmax(-1)
+    return torch.multinomial(sampling_probs(logits, seen, config), 1, generator=generator).squeeze(1)
+
+
+def record_tokens(tokens: torch.Tensor, new: list[list[int]], done: list[bool], config: GenerationConfig) -> bool:
+    """Append each unfinished row's token to ``new``; a stop token (not appended) or reaching
+    ``max_new_tokens`` finishes the row. Returns whether every row is finished."""
+    for b, t in enumerate(tokens.tolist()):
+        if done[b]:
+            continue
+        if t in config.stop_tokens:
+            done[b] = True
+        else:
+            new[b].append(t)
+            done[b] = len(new[b]) == config.max_new_tokens
+    return all(done)
+
+
 def penalize_repetition(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
     """CTRL's repetition penalty (as Hugging Face applies it): a seen token's logit ``l`` becomes
     ``l / penalty`` if positive, else ``l * penalty``."""
@@ -227,19 +250,8 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]],
         # Streamed weights move between steps (hooks), which a replayed graph would not do.
         decode_step = apt_hal.graphs.StepGraph(decode, enabled=config.graphs and not is_streamed(model))
         for _ in range(config.max_new_tokens):
-            if config.greedy:
-                tokens = penalize_repetition(logits.float(), seen, config.repetition_penalty).argmax(-1)
-            else:
-                tokens = torch.multinomial(sampling_probs(logits, seen, config), 1, generator=generator).squeeze(1)
-            for b, t in enumerate(tokens.tolist()):
-                if done[b]:
-                    continue
-                if t in config.stop_tokens:
-                    done[b] = True
-                else:
-                    new[b].append(t)
-                    done[b] = len(new[b]) == config.max_new_tokens
-            if all(done):
+            tokens = choose_tokens(logits, seen, config, generator)
+            if record_tokens(tokens, new, done, config):
                 break
             seen[rows, tokens] = True
             logits = decode_step(tokens[:, None])

@@ -115,6 +115,43 @@ class KVStep:
         return pos, pos < self.lengths[:, None]
 
 
+@dataclasses.dataclass
+class PastKV:
+    """One forward pass over keys and values passed in and returned whole: the past/present
+    convention of exported graphs (optimum's layout), a drop-in for :class:`KVStep`.
+
+    ``past`` holds each layer's ``(key, value)`` of the earlier tokens, ``[B, kv_heads, P,
+    head_dim]`` (``P`` may be 0: a prefill). ``valid`` ``[B, P+S]``: True = real token, over the
+    earlier and the new tokens (padding anywhere, left or right). ``positions`` ``[B, S]``: the new
+    tokens' positions. After the pass, ``present[i]`` is layer ``i``'s ``(key, value)`` over all
+    ``P+S`` tokens. Cached keys are at the position that ``valid`` gives them: the count of real
+    tokens before each (see :func:`default_positions`).
+    """
+
+    past: list
+    valid: torch.Tensor
+    positions: torch.Tensor
+    present: dict = dataclasses.field(default_factory=dict)
+    cross: dict = dataclasses.field(default_factory=dict)
+    fresh = False  # keys are always read back from the concatenated cache
+
+    def update(self, layer: int, kv: torch.Tensor) -> tuple:
+        """Append this step's keys and values ``kv [B, S, 2*kv_heads, head_dim]`` (keys first) to
+        layer ``layer``'s past; return all of them ``[B, P+S, kv_heads, head_dim]``."""
+        key_new, value_new = kv.transpose(1, 2).chunk(2, dim=1)  # [B, Hk, S, D] each
+        past_key, past_value = self.past[layer]
+        key, value = torch.cat([past_key, key_new], dim=2), torch.cat([past_value, value_new], dim=2)
+        self.present[layer] = (key, value)
+        return key.transpose(1, 2), value.transpose(1, 2)
+
+    def key_positions(self) -> tuple:
+        """Positions and validity ``[B, P+S]`` of the keys attended to: the count of real tokens
+        before each key (padding keys, never attended to, may get -1)."""
+        # Counted in float32, exact below 2^24 tokens: an exported graph then needs no integer
+        # CumSum or Clip, which some runtimes lack (TensorRT's CumSum is float-only).
+        return self.valid.float().cumsum(1).long() - 1, self.valid
+
+
 def default_positions(valid: Optional[torch.Tensor], shape: tuple, device: torch.device) -> torch.Tensor:
     """Token positions: ``0..S-1``, or with a padding mask the count of real tokens before each,
     so a left-padded sequence gets the positions it would have unpadded (padding gets 0)."""

@@ -11,7 +11,7 @@ Loss convention (as T5 and BART): ``decoder_input_ids`` are the labels shifted r
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -26,7 +26,7 @@ from apt_hal.models.decoder import (
     lm_output,
     select_positions,
 )
-from apt_hal.models.layers import AttentionBatch, Block, KVStep, RMSNorm, RotaryTable, run_blocks
+from apt_hal.models.layers import AttentionBatch, Block, KVStep, PastKV, RMSNorm, RotaryTable, run_blocks
 
 
 @dataclasses.dataclass
@@ -73,7 +73,7 @@ class Seq2SeqLM(nn.Module):
     def forward(self, input_ids: Optional[torch.Tensor] = None, decoder_input_ids: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
                 decoder_attention_mask: Optional[torch.Tensor] = None, *,
-                encoder_output: Optional[EncoderOutput] = None, kv: Optional[KVStep] = None,
+                encoder_output: Optional[EncoderOutput] = None, kv: Union[KVStep, PastKV, None] = None,
                 logits_at: Optional[torch.Tensor] = None) -> ModelOutput:
         """Decoder logits ``[B, T, vocab]`` for ``decoder_input_ids`` (default: ``labels`` shifted
         right) given the encoder input ``input_ids`` (or an ``encoder_output`` from :meth:`encode`);

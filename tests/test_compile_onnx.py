@@ -53,10 +53,10 @@ def test_every_op_has_a_lowering_in_every_profile():
 
 def test_target_resolution_rejects_what_a_runtime_cannot_take():
     assert lowering.resolve_target("onnx").fp4 == "decode"
-    assert lowering.resolve_target("tensorrt").fp4 == "qdq"
-    assert lowering.resolve_target("tensorrt", opset=23).fp4 == "decode"  # no FLOAT8E8M0 before 24
+    assert lowering.resolve_target("tensorrt").fp4 == "decode"  # TensorRT documents no MXFP4 DequantizeLinear
+    assert lowering.resolve_target("tensorrt", fp4="qdq").fp4 == "qdq"
     for bad in (dict(profile="onnx", opset=17), dict(profile="tensorrt", opset=25), dict(profile="coreml"),
-                dict(profile="onnx", fp4="qdq")):
+                dict(profile="onnx", fp4="qdq"), dict(profile="tensorrt", opset=23, fp4="qdq")):
         with pytest.raises(ValueError):
             lowering.resolve_target(**bad)
 
@@ -268,8 +268,10 @@ def _mxfp4_dense():
 
 @pytest.mark.parametrize("preset", ["apt-dense-tiny", "apt-moe-tiny", "apt-oss-tiny", "apt-dense-tiny+MXFP4Linear"])
 def test_model_exports_and_validates_on_unseen_shapes(tmp_path, preset):
+    # The full-sequence logits graph (--no-kv-cache); the past/present graph: tests/test_compile_past.py.
     model = _mxfp4_dense() if preset.endswith("MXFP4Linear") else preset  # every Linear but lm_head: fp4_matmul
-    result = api.compile_model(model, tmp_path, target="onnx", dynamic_batch=True, dynamic_seq=True, **QUIET)
+    result = api.compile_model(model, tmp_path, target="onnx", dynamic_batch=True, dynamic_seq=True, kv_cache=False,
+                               **QUIET)
     assert result.exit_code == api.EXIT_OK, result.verdict
     (v,) = result.validations
     assert v.passed and v.runtime.startswith("onnxruntime"), v.table()

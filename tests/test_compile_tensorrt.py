@@ -43,8 +43,8 @@ def _x(shape, seed, dtype=torch.float32):
 def test_fp4_qdq_graph_validates_under_onnx_reference(tmp_path, dtype):
     m = Fp4Linear()
     sets = [InputSet("seen", (_x((2, 3), 0, dtype),)), InputSet("unseen", (_x((5, 1), 1, dtype),))]
-    e = export_onnx(m, sets[0].args, tmp_path / "fp4.onnx", target="tensorrt", dynamic={"x": {0: "b", 1: "m"}},
-                    output_names=["y"], **QUIET)
+    e = export_onnx(m, sets[0].args, tmp_path / "fp4.onnx", target="tensorrt", fp4="qdq",
+                    dynamic={"x": {0: "b", 1: "m"}}, output_names=["y"], **QUIET)
     assert e.target.opset == 24 and e.model.ir_version == 12
     (dq,) = [n for n in e.model.graph.node if n.op_type == "DequantizeLinear"]
     attrs = {a.name: helper.get_attribute_value(a) for a in dq.attribute}
@@ -57,6 +57,9 @@ def test_fp4_qdq_graph_validates_under_onnx_reference(tmp_path, dtype):
     v = validate.validate(e.path, m, sets, e.output_names, op="fp4_matmul", runtime="onnx.reference", reduction=64)
     assert v.passed, v.table()
     assert torch.isnan(m(sets[1].args[0])[..., 3]).all()  # the NaN block was really compared
+    # TensorRT documents FP4 only as NVFP4 (FP8 scales, block 16): MXFP4's layout is reported, not passed.
+    dq_check = {o.op_type: o for o in tensorrt.readiness(e.model).ops}["DequantizeLinear"]
+    assert dq_check.status == "unsupported" and any("MXFP4" in n and "NVFP4" in n for n in dq_check.notes)
 
 
 def _graph(nodes, inputs, outputs, initializers=(), opset=24):
@@ -156,26 +159,26 @@ def test_moe_exports_for_tensorrt_with_float_counters_exactly(tmp_path):
 
 
 def test_tensorrt_target_writes_graph_report_and_script(tmp_path):
-    # apt-oss (MXFP4 experts, YaRN, sinks, sliding window) with one layer, to keep CI short.
+    # apt-oss (MXFP4 experts, YaRN, sinks, sliding window) with one layer, to keep CI short: its
+    # past/present graph, MXFP4 decoded in the graph (TensorRT documents no MXFP4 DequantizeLinear).
     ModelConfig.preset("apt-oss-tiny", n_layers=1, layer_types=("sliding",)).to_json(tmp_path / "oss.json")
-    result = api.compile_model(str(tmp_path / "oss.json"), tmp_path, target="tensorrt", dynamic_batch=True,
-                               dynamic_seq=True, **QUIET)
+    result = api.compile_model(str(tmp_path / "oss.json"), tmp_path, target="tensorrt", **QUIET)
     assert result.exit_code == api.EXIT_OK, result.verdict
     names = {f.name for f in result.files}
-    assert {"model.onnx", "model.decode.onnx", "trt_readiness.md", "build_trt.sh", "compile_report.json"} <= names
+    assert {"model.onnx", "trt_readiness.md", "build_trt.sh", "compile_report.json", "genai_config.json"} <= names
     model = onnx.load(tmp_path / "model.onnx")
-    fp4 = [i for i in model.graph.initializer if i.data_type == TensorProto.FLOAT4E2M1]
-    assert fp4 and all(i.dims[-1] % 32 == 0 for i in fp4)  # MXFP4 experts as FP4 DequantizeLinear
-    runtimes = [v.runtime for v in result.validations]
-    assert runtimes[:2] == ["onnx.reference, model.onnx", "onnxruntime, model.decode.onnx"]
+    assert [i.name for i in model.graph.output] == ["logits", "present.0.key", "present.0.value"]
+    assert any(i.data_type == TensorProto.UINT8 for i in model.graph.initializer)  # packed MXFP4, decoded in the graph
+    assert [v.runtime for v in result.validations][:1] == ["onnxruntime, model.onnx"]
     assert all(v.passed for v in result.validations)
     assert result.readiness.ready, result.readiness.markdown()
 
     script = (tmp_path / "build_trt.sh").read_text()
     subprocess.run(["bash", "-n", str(tmp_path / "build_trt.sh")], check=True)  # it parses
-    seq_max = result.exported.dims["seq"].high
-    assert f"--maxShapes=input_ids:128x{seq_max}" in script and "--stronglyTyped" in script
-    assert "polygraphy run model.decode.onnx --onnxrt" in script and "--load-outputs reference.json" in script
+    # An empty past (prefill) in the profile; the mask spans past + new tokens.
+    assert "--minShapes=input_ids:1x1,attention_mask:1x1,position_ids:1x1,past_key_values.0.key:1x2x0x16" in script
+    assert "--maxShapes=input_ids:128x192,attention_mask:128x512,position_ids:128x192" in script
+    assert "attention_mask:[1,1]" in script and "--stronglyTyped" in script
     report = json.loads((tmp_path / "compile_report.json").read_text())
     assert report["readiness"]["ready"] and report["opset"] == 24 and report["ir_version"] == 12
 
@@ -184,6 +187,51 @@ def test_tensorrt_target_writes_graph_report_and_script(tmp_path):
     else:  # never an engine claimed where none was built
         assert result.tensorrt == f"TensorRT build: SKIPPED ({TRT_WHY}; run build_trt.sh on a machine with TensorRT)"
         assert not list(tmp_path.glob("*.engine"))
+
+
+def test_readiness_looks_inside_subgraphs():
+    then_branch = helper.make_graph([helper.make_node("Unique", ["x"], ["u"])], "then", [],
+                                    [_vi("u", TensorProto.FLOAT, [None])])
+    else_branch = helper.make_graph([helper.make_node("Identity", ["x"], ["e"])], "else", [],
+                                    [_vi("e", TensorProto.FLOAT, [None])])
+    model = _graph([helper.make_node("If", ["c"], ["y"], then_branch=then_branch, else_branch=else_branch)],
+                   [_vi("c", TensorProto.BOOL, []), _vi("x", TensorProto.FLOAT, [4])], [_vi("y", TensorProto.FLOAT, [None])])
+    r = tensorrt.readiness(model)
+    assert {o.op_type: o.status for o in r.ops}["Unique"] == "unsupported" and not r.ready
+
+
+@pytest.mark.parametrize("elem,scale,block,problem", [
+    (TensorProto.FLOAT4E2M1, TensorProto.FLOAT, 16, None),  # NVFP4 (its FP8 scales dequantized first): TensorRT's FP4
+    (TensorProto.FLOAT4E2M1, TensorProto.FLOAT, 32, "block_size 32"),
+    (TensorProto.FLOAT4E2M1, TensorProto.FLOAT8E8M0, 32, "MXFP4"),
+    (TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT8E8M0, 32, None),  # MXFP8
+    (TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT, 32, "FP32 scales"),
+    (TensorProto.INT4, TensorProto.FLOAT, 128, None),
+    (TensorProto.INT4, TensorProto.FLOAT, 32, "block_size 32"),
+])
+def test_readiness_checks_block_quantization_attributes_and_scale_types(elem, scale, block, problem):
+    w = helper.make_tensor("w", elem, [8, 128], [0] * 8 * 128)
+    s = helper.make_tensor("s", scale, [8, 128 // block], [1] * (8 * 128 // block))
+    model = _graph([helper.make_node("DequantizeLinear", ["w", "s"], ["d"], axis=1, block_size=block,
+                                     output_dtype=TensorProto.FLOAT)],
+                   [], [_vi("d", TensorProto.FLOAT, [8, 128])], [w, s], opset=24)
+    (dq,) = tensorrt.readiness(model).ops
+    if problem is None:
+        assert dq.status != "unsupported", dq.notes
+    else:
+        assert dq.status == "unsupported" and any(problem in n for n in dq.notes), dq.notes
+
+
+def test_external_weights_are_listed_and_the_readiness_check_reads_them(tmp_path, monkeypatch):
+    from apt_hal.compile import export
+
+    monkeypatch.setattr(export, "EXTERNAL_DATA_BYTES", 1024)  # as if the model were past 2 GB
+    result = api.compile_model("apt-dense-tiny", tmp_path, target="tensorrt", kv_cache=False, **QUIET)
+    assert result.exit_code == api.EXIT_OK, result.verdict
+    report = json.loads((tmp_path / "compile_report.json").read_text())
+    assert report["files"]["model.onnx.data"] > 100_000 > report["files"]["model.onnx"]
+    assert result.readiness.ready, result.readiness.markdown()
+    assert any(i.data_location == TensorProto.EXTERNAL for i in result.exported.model.graph.initializer)
 
 
 def test_require_trt_fails_without_an_engine(tmp_path, capsys):
