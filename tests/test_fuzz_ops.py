@@ -273,10 +273,13 @@ def defined_result(call):
     if name == "moe_combine":
         y, order, offsets, weights = a
         t, k = weights.shape
+        row_of = {}  # an assignment named by several rows takes the last of them; a dropped row adds 0
+        for r in range(order.numel()):
+            if 0 <= int(order[r]) < t * k:
+                row_of[int(order[r])] = r
         out = torch.zeros((t, y.shape[1]), dtype=torch.float64)
-        for r in range(int(offsets[-1])):
-            s = int(order[r])
-            if 0 <= s < t * k:
+        for s, r in sorted(row_of.items()):
+            if r < int(offsets[-1]):
                 out[s // k] += float(weights.reshape(-1)[s]) * y[r].double()
         return (out.to(y.dtype),)
     raise AssertionError(f"no defined result for {name}")

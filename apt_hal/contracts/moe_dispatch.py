@@ -53,8 +53,8 @@ hidden width, ``S = T*k`` assignments. Assignment ``a = t*k + j`` is token ``t``
    float32, in ``j`` order, rounded once to ``y``'s dtype. A token whose assignments were all
    dropped gets 0 (the caller's residual connection carries it). ``sorted_assignments`` must be
    a permutation of ``[0, S)`` and ``expert_offsets`` as in step 3 (value checks); below that
-   check level a kept row whose assignment is out of range contributes nothing, and an
-   assignment named by several kept rows takes the last of them (the highest row).
+   check level a row whose assignment is out of range contributes nothing, and an assignment
+   named by several rows takes the last of them (the highest row; nothing if that row is dropped).
 
 ``moe_dispatch`` also returns the router statistics and the auxiliary losses (:class:`MoEOutput`):
 ``tokens_per_expert`` (kept, int64 ``[E]``), ``dropped`` (int64 scalar), the Switch load-balance
