@@ -56,6 +56,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--golden", metavar="DIR",
                    help="check the backends against the golden data in DIR instead of running the CPU reference")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--compile-only", action="store_true",
+                   help="compile every Triton kernel of the backends for --target GPUs (no GPU needed; nothing runs)")
+    p.add_argument("--target", default="gfx942,gfx950,sm_90,sm_100", metavar="TARGETS",
+                   help="with --compile-only: comma-separated GPU targets (default: %(default)s)")
+    p.add_argument("--compile-jobs", type=int, default=2, metavar="N",
+                   help="with --compile-only: compiler processes (default: %(default)s)")
 
 
 def _names(values) -> list[str]:
@@ -139,6 +145,10 @@ def run(args: argparse.Namespace) -> int:
     if not cases:
         print("apt-hal conformance: error: no case matches the selection (see --list)", file=sys.stderr)
         return 2
+    if args.compile_only:
+        from apt_hal.conformance import compile_matrix
+
+        return compile_matrix.main(args, backends, out)
     if args.write_golden:
         from apt_hal.conformance import golden
 
