@@ -31,6 +31,9 @@ class TritonVendor:
     fp4_matmul_tiles: Optional[tuple] = None
     moe_gemm_tiles: Optional[tuple] = None
     launch_options: Mapping[str, int] = dataclasses.field(default_factory=dict)  # extra kernel launch options
+    # input_precision of dots with 16-bit operands (exact in any mode, so only what the compiler
+    # accepts matters: Triton rejects "tf32" for gfx950, whose allowed set is ieee/bf16x3/bf16x6).
+    half_dot_precision: str = "tf32"
 
 
 NVIDIA = TritonVendor("nvidia", "cuda", "sm_90", warp_size=32, shared_memory_bytes=227 * 1024, tma=True)

@@ -178,6 +178,16 @@ def _key_instruction(target: str, asm: dict) -> dict:
     return {"expected": key if has_dot else None, "found": found, "verdict": verdict}
 
 
+def _compiler_message(e: Exception) -> str:
+    """Where the compile failed (the kernel's source line) and why (the innermost cause)."""
+    where = (str(e).strip().splitlines() or [""])[0]
+    root = e
+    while root.__cause__ is not None:
+        root = root.__cause__
+    why = getattr(root, "error_message", None) or (str(root).strip().splitlines() or [repr(root)])[-1]
+    return f"{type(root).__name__} {where} {why}"[:1500]
+
+
 def compile_one(launch: dict, target: str) -> dict:
     """Compile one launch for one target in this process; the cell's fields."""
     import triton
@@ -192,9 +202,7 @@ def compile_one(launch: dict, target: str) -> dict:
         kernel = triton.compile(ASTSource(fn, dict(launch["signature"]), constexprs),
                                 target=GPUTarget(*TARGETS[target]), options=dict(launch["options"]))
     except Exception as e:  # the compiler's message is the result
-        lines = [ln for ln in str(e).strip().splitlines() if ln.strip()] or [repr(e)]
-        return {"status": FAILED_TO_COMPILE, "message": f"{type(e).__name__}: {' | '.join(lines[-3:])}"[:1500],
-                "seconds": round(time.perf_counter() - t0, 2)}
+        return {"status": FAILED_TO_COMPILE, "message": _compiler_message(e), "seconds": round(time.perf_counter() - t0, 2)}
     binary_kind = "hsaco" if "hsaco" in kernel.asm else "cubin"
     binary = kernel.asm[binary_kind]
     return {"status": COMPILED, "binary": binary_kind, "bytes": len(binary),

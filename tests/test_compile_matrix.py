@@ -5,6 +5,7 @@ import pathlib
 import pytest
 import torch
 
+import apt_hal
 from apt_hal import mxfp4
 from apt_hal.backends import triton_vendor
 from apt_hal.backends.rocm import arch
@@ -118,3 +119,27 @@ def test_cli_rejects_an_unknown_target(tmp_path, capsys):
 
     assert main(["conformance", "--compile-only", "--target", "gfx9999", "--report", str(tmp_path)]) == 2
     assert "unknown target(s) gfx9999" in capsys.readouterr().err
+
+
+def test_fp16_moe_gemms_compile_for_gfx950(monkeypatch):
+    """gfx950's Triton rejects input_precision "tf32" (found by the compile matrix): the AMD
+    configuration passes "ieee", exact for 16-bit operands."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from apt_hal import ops
+
+    monkeypatch.setattr(InterpretedFunction, "run", InterpretedFunction.run)  # restored after the test
+    launches = {}
+    cm._record_launches(launches)
+    monkeypatch.setenv("APT_HAL_ROCM_ARCH", "gfx950")
+    torch.manual_seed(0)
+    x = torch.randn(4, 64, dtype=torch.float16)
+    _, ids = ops.moe_route(torch.randn(4, 4), 1)
+    assignments, offsets = ops.moe_permute(ids, 4)
+    w_up, w_down = torch.randn(4, 64, 64, dtype=torch.float16), torch.randn(4, 64, 32, dtype=torch.float16)
+    with apt_hal.use("rocm", strict=True):
+        ops.moe_experts(x, assignments, offsets, w_up, w_down)
+    (up,) = [v for v in launches.values() if v["kernel"] == "_moe_up_kernel"]
+    assert up["constexprs"]["DOT_PRECISION"] == "ieee"
+    (result,) = cm._compile_all([{"launch": up, "target": "gfx950"}], 1)
+    assert result["status"] == cm.COMPILED, result["message"]

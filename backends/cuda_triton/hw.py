@@ -31,6 +31,11 @@ def pure_triton() -> bool:
     return interpreting() or triton_vendor.pure_triton(triton_vendor.current().family)
 
 
+def half_dot_precision() -> str:
+    """input_precision of dots with 16-bit operands (exact in any mode): the current vendor's."""
+    return triton_vendor.current().half_dot_precision
+
+
 def launch_options() -> dict:
     """Vendor launch options of the current vendor (AMD: waves_per_eu, matrix_instr_nonkdim)."""
     return dict(triton_vendor.current().launch_options)

@@ -687,7 +687,7 @@ def down_projection(act: torch.Tensor, expert_offsets: torch.Tensor, w_down: tor
 
 def _dot_precision(dtype: torch.dtype) -> str:
     # float32 activations are multiplied exactly (IEEE); bf16/fp16 operands are exact in any mode.
-    return "ieee" if dtype == torch.float32 else "tf32"
+    return "ieee" if dtype == torch.float32 else hw.half_dot_precision()
 
 
 def experts(x: torch.Tensor, sorted_assignments: torch.Tensor, expert_offsets: torch.Tensor,

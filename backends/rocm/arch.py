@@ -58,9 +58,11 @@ _GFX950_FP4 = ((16, _fp4(16, 64, 128, 4, True)), (64, _fp4(64, 128, 128, 4, True
 
 ARCHES = {
     "gfx942": TritonVendor("amd", "hip", "gfx942", warp_size=64, shared_memory_bytes=64 * KIB,
-                           fp4_matmul_tiles=_GFX942_FP4, moe_gemm_tiles=_GFX942_MOE, launch_options=_MFMA_OPTIONS),
+                           fp4_matmul_tiles=_GFX942_FP4, moe_gemm_tiles=_GFX942_MOE, launch_options=_MFMA_OPTIONS,
+                           half_dot_precision="ieee"),
     "gfx950": TritonVendor("amd", "hip", "gfx950", warp_size=64, shared_memory_bytes=160 * KIB,
-                           fp4_matmul_tiles=_GFX950_FP4, moe_gemm_tiles=_GFX950_MOE, launch_options=_MFMA_OPTIONS),
+                           fp4_matmul_tiles=_GFX950_FP4, moe_gemm_tiles=_GFX950_MOE, launch_options=_MFMA_OPTIONS,
+                           half_dot_precision="ieee"),
 }
 PRODUCTS = {"gfx942": "MI300X / MI300A / MI325X (CDNA3)", "gfx950": "MI350X / MI355X (CDNA4)"}
 # K of the bf16 MFMA each architecture's matrix_instr_nonkdim=16 tiles use: BLOCK_K must be a multiple.

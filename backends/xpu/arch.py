@@ -26,7 +26,7 @@ def _fp4(block_m, block_n, block_k, warps, swap_ab):
 
 
 XE = TritonVendor(
-    "intel", "xpu", "xe", warp_size=32, shared_memory_bytes=64 * KIB,
+    "intel", "xpu", "xe", warp_size=32, shared_memory_bytes=64 * KIB, half_dot_precision="ieee",
     moe_gemm_tiles=((16, _tile(16, 64, 64, 4), _tile(16, 64, 64, 4)),
                     (64, _tile(64, 64, 64, 4), _tile(64, 64, 64, 4)),
                     (float("inf"), _tile(128, 64, 32, 8), _tile(128, 128, 32, 8))),

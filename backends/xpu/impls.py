@@ -9,7 +9,9 @@ from apt_hal.backends.xpu import arch
 
 # Registered first: tried before the Triton kernel for the calls it supports.
 VLLM_XPU, VLLM_XPU_UNAVAILABLE = import_binding("apt_hal.backends.xpu.vllm_xpu_rotary", "vllm-xpu-kernels")
-if VLLM_XPU is not None:
+if VLLM_XPU is None:
+    registry.log.info("apt_hal xpu: vllm-xpu-kernels rotary not bound: %s", VLLM_XPU_UNAVAILABLE)
+else:
     registry.register_impl("rotary", "xpu", VLLM_XPU.rotary, name="vllm_xpu", supports=VLLM_XPU.supports)
     registry.register_impl("rotary_", "xpu", VLLM_XPU.rotary_, name="vllm_xpu", supports=VLLM_XPU.supports)
 
