@@ -92,3 +92,23 @@ def test_a_missing_or_broken_vendor_library_is_a_reason_not_an_import_error(monk
     module, why = import_binding("apt_hal.backends.xpu.vllm_xpu_rotary", "vllm-xpu-kernels")
     assert module is None and why == "vllm-xpu-kernels is not installed (vllm_xpu_kernels not found)"
     sys.modules.pop("apt_hal.backends.rocm.aiter_rotary", None)
+
+
+def test_bind_registers_the_binding_when_its_library_loads(aiter_rotary):
+    from apt_hal import registry
+    from apt_hal.backends import _vendor_rotary
+
+    def unbind():
+        for op in ("rotary", "rotary_"):
+            for entry in [i for i in registry.implementations(op, "rocm") if i.name == "rocm.aiter"]:
+                registry.unregister_impl(entry)
+
+    registry.activate("rocm")  # binds the fake when this is the first activation in the process
+    unbind()
+    assert _vendor_rotary.bind("rocm", "apt_hal.backends.rocm.aiter_rotary", "amd-aiter") == ""
+    try:
+        for op in ("rotary", "rotary_"):
+            (entry,) = [i for i in registry.implementations(op, "rocm") if i.name == "rocm.aiter"]
+            assert entry.supports is aiter_rotary.binding.supports
+    finally:
+        unbind()  # the fake leaves with this test

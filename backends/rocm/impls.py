@@ -7,18 +7,12 @@ from typing import Optional
 
 import torch
 
-from apt_hal import registry
-from apt_hal.backends._probe import import_binding
+from apt_hal.backends import _vendor_rotary
 from apt_hal.backends.rocm import arch
 from apt_hal.backends.triton_vendor import TritonVendor, register_shared_kernels
 
 # Registered first: tried before the Triton kernel for the calls it supports.
-AITER, AITER_UNAVAILABLE = import_binding("apt_hal.backends.rocm.aiter_rotary", "amd-aiter")
-if AITER is None:
-    registry.log.info("apt_hal rocm: aiter rotary not bound: %s", AITER_UNAVAILABLE)
-else:
-    registry.register_impl("rotary", "rocm", AITER.rotary, name="aiter", supports=AITER.supports)
-    registry.register_impl("rotary_", "rocm", AITER.rotary_, name="aiter", supports=AITER.supports)
+AITER_UNAVAILABLE = _vendor_rotary.bind("rocm", "apt_hal.backends.rocm.aiter_rotary", "amd-aiter")
 
 
 def vendor_for(device: torch.device) -> Optional[TritonVendor]:
