@@ -20,8 +20,9 @@ How the matrix is made, with no GPU:
 Each cell is COMPILED (with the binary's SHA-256, the Triton version, the matrix instructions
 found and whether the target's key instruction is among them, and any inline assembly), or
 FAILED_TO_COMPILE (the compiler's message), or UNSUPPORTED (why; e.g. an NVIDIA target asked of
-the rocm backend). Failures listed in ``known_compile_failures.json`` stay FAILED_TO_COMPILE in
-every report but do not set the exit code.
+the rocm backend). Failures listed in ``known_compile_failures.json`` (entries: backend, target,
+kernel, optional constexprs, reason; empty today) stay FAILED_TO_COMPILE in every report but do
+not set the exit code.
 """
 
 from __future__ import annotations
@@ -265,7 +266,7 @@ def unsupported_reason(backend: str, target: str) -> Optional[str]:
 
 
 def load_known_failures(path: pathlib.Path = KNOWN_COMPILE_FAILURES) -> list[dict]:
-    return json.loads(path.read_text()) if path.exists() else []
+    return json.loads(path.read_text())
 
 
 def _known(known: list[dict], cell: dict) -> Optional[str]:
