@@ -143,3 +143,17 @@ def test_fp16_moe_gemms_compile_for_gfx950(monkeypatch):
     assert up["constexprs"]["DOT_PRECISION"] == "ieee"
     (result,) = cm._compile_all([{"launch": up, "target": "gfx950"}], 1)
     assert result["status"] == cm.COMPILED, result["message"]
+
+
+def test_merging_a_compile_report_with_a_numeric_one_keeps_both():
+    numeric = {**_report(cm.COMPILED), "schema": reports.SCHEMA_MAJOR, "runs": [{}],
+               "timing": {"runs": [], "cases": {}}}
+    del numeric["compile"]
+    numeric["backends"]["rocm"]["run"] = 0
+    compiled = {**_report(cm.COMPILED), "schema": reports.SCHEMA_MAJOR, "runs": [{}], "cases": [],
+                "timing": {"runs": [], "cases": {}}}
+    compiled["backends"] = {"rocm": {**compiled["backends"]["rocm"], "status": "NOT_RUN", "run": 0}}
+    merged = reports.merge([numeric, compiled])
+    assert merged["compile"]["cells"] == compiled["compile"]["cells"]
+    assert cm.levels(merged)["rocm"] == ("compiled for gfx950, never run on that hardware; "
+                                         "numerics under Triton's interpreter on CPU: PASS")
