@@ -426,6 +426,7 @@ def markdown(section: dict) -> list[str]:
     """The compile matrix as Markdown lines (a section of conformance.md)."""
     lines = ["", f"## Compile matrix (Triton {section['triton']}; compiled, not run)", "",
              f"Tiles: {section['tiles']}. {section['seconds']} s.", "",
+             *[f"- **{s}**: {meaning}" for s, meaning in MEANING.items()], "",
              "| backend | " + " | ".join(section["targets"]) + " |", "|---|" + "---|" * len(section["targets"])]
     for backend, per_target in summary(section).items():
         row = [", ".join(f"{n} {s}" for s, n in sorted(per_target[t].items())) for t in section["targets"]]

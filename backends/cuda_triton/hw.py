@@ -1,6 +1,7 @@
 """Every NVIDIA-specific assumption of the cuda-triton kernels lives here, so rocm and xpu can
 reuse the kernels by changing this one place: warp size, shared-memory budget, Hopper-only
-features, and the per-device tuning tables."""
+features, and the per-device tuning tables. The rocm and xpu backends change it through the
+current vendor (backends/triton_vendor.py), which the functions below read."""
 
 from __future__ import annotations
 
@@ -10,8 +11,6 @@ import os
 import torch
 
 from apt_hal.backends import triton_vendor
-
-WARP_SIZE = 32  # NVIDIA; AMD CDNA wavefronts are 64 (the current vendor's warp_size is what counts)
 
 
 def interpreting() -> bool:

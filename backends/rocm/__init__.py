@@ -7,6 +7,7 @@ import torch
 
 from apt_hal.backends._probe import installed
 from apt_hal.backends.cuda_triton import BACKEND as _CUDA_TRITON
+from apt_hal.backends.rocm.arch import interpreter_arch
 from apt_hal.registry import Backend, Probe
 
 
@@ -16,8 +17,7 @@ def probe() -> Probe:
     if os.environ.get("TRITON_INTERPRET") == "1":
         # The shared kernels with AMD tiles, run by Triton's interpreter on CPU tensors: for
         # correctness checks of the AMD configuration only, so "auto" never picks it.
-        arch = os.environ.get("APT_HAL_ROCM_ARCH", "gfx942")
-        return Probe(True, f"Triton interpreter on CPU tensors with the AMD {arch} configuration "
+        return Probe(True, f"Triton interpreter on CPU tensors with the AMD {interpreter_arch()} configuration "
                            "(TRITON_INTERPRET=1; correct, slow; not an AMD GPU)", device_type="cpu", auto=False)
     if torch.version.hip is None:
         return Probe(False, "this torch build has no ROCm support")

@@ -64,13 +64,14 @@ ARCHES = {
                            fp4_matmul_tiles=_GFX950_FP4, moe_gemm_tiles=_GFX950_MOE, launch_options=_MFMA_OPTIONS,
                            half_dot_precision="ieee"),
 }
-PRODUCTS = {"gfx942": "MI300X / MI300A / MI325X (CDNA3)", "gfx950": "MI350X / MI355X (CDNA4)"}
 # K of the bf16 MFMA each architecture's matrix_instr_nonkdim=16 tiles use: BLOCK_K must be a multiple.
 MFMA_K = {"gfx942": 16, "gfx950": 32}
 MAX_WARPS = 16  # 1024 work-items per workgroup, 64 per wavefront
 
-# The architecture the interpreter runs the AMD configuration of (no GPU to ask): APT_HAL_ROCM_ARCH.
-INTERPRETER_ARCH_VARIABLE = "APT_HAL_ROCM_ARCH"
+
+def interpreter_arch() -> str:
+    """The architecture whose configuration the interpreter runs (no GPU to ask): APT_HAL_ROCM_ARCH."""
+    return os.environ.get("APT_HAL_ROCM_ARCH", "gfx942")
 
 
 @functools.lru_cache(maxsize=None)
@@ -81,5 +82,5 @@ def gpu_arch(index: int = 0) -> str:
 
 def current_arch(device: torch.device) -> str:
     if device.type == "cpu":  # Triton's interpreter
-        return os.environ.get(INTERPRETER_ARCH_VARIABLE, "gfx942")
+        return interpreter_arch()
     return gpu_arch(device.index or 0)
