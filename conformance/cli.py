@@ -57,7 +57,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="check the backends against the golden data in DIR instead of running the CPU reference")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--compile-only", action="store_true",
-                   help="compile every Triton kernel of the backends for --target GPUs (no GPU needed; nothing runs)")
+                   help="compile every Triton kernel of the backends for --target GPUs (no GPU needed; nothing "
+                        "runs); exit code 1 if one fails to compile and is not in known_compile_failures.json")
     p.add_argument("--target", default="gfx942,gfx950,sm_90,sm_100", metavar="TARGETS",
                    help="with --compile-only: comma-separated GPU targets (default: %(default)s)")
     p.add_argument("--compile-jobs", type=int, default=2, metavar="N",
