@@ -35,3 +35,20 @@ def join(rotated: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     if rotated.shape[-1] == x.shape[-1]:
         return rotated
     return torch.cat([rotated, x[..., rotated.shape[-1]:]], dim=-1)
+
+
+def bind(backend: str, module: str, package: str) -> str:
+    """Register the rotary binding ``module`` (its ``rotary``, ``rotary_`` and ``supports``; rocm's
+    aiter and xpu's vllm-xpu-kernels, whose kernels take the contract's cache as it is) for
+    ``backend`` when its vendor library (pip name ``package``) loads; otherwise log and return why."""
+    from apt_hal import registry
+    from apt_hal.backends._probe import import_binding
+
+    binding, why = import_binding(module, package)
+    if binding is None:
+        registry.log.info("apt_hal %s: %s rotary not bound: %s", backend, package, why)
+        return why
+    name = module.rsplit(".", 1)[1].removesuffix("_rotary")
+    registry.register_impl("rotary", backend, binding.rotary, name=name, supports=binding.supports)
+    registry.register_impl("rotary_", backend, binding.rotary_, name=name, supports=binding.supports)
+    return ""

@@ -24,6 +24,9 @@ One op contract, verified on every vendor:
   jobs merge into one matrix.
 * **CLI** (``cli``): ``apt-hal conformance --backend all --report DIR [--quick] [--seed N] [--op OP]
   [--case ID] [--require NAMES]`` and ``apt-hal conformance --merge DIR... --report OUT``.
+* **Compile matrix** (``compile_matrix``): ``apt-hal conformance --compile-only --target
+  gfx942,gfx950,sm_90,sm_100`` compiles every Triton kernel for GPUs that are not here; a level
+  of its own in the reports, below numerics on hardware and never a pass.
 
 From Python::
 

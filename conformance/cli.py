@@ -58,6 +58,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--golden", metavar="DIR",
                    help="check the backends against the golden data in DIR instead of running the CPU reference")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--compile-only", action="store_true",
+                   help="compile every Triton kernel of the backends for --target GPUs (no GPU needed; nothing "
+                        "runs); exit code 1 if one fails to compile and is not in known_compile_failures.json")
+    p.add_argument("--target", default="gfx942,gfx950,sm_90,sm_100", metavar="TARGETS",
+                   help="with --compile-only: comma-separated GPU targets (default: %(default)s)")
+    p.add_argument("--compile-jobs", type=int, default=2, metavar="N",
+                   help="with --compile-only: compiler processes (default: %(default)s)")
 
 
 def _names(values) -> list[str]:
@@ -151,6 +158,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not cases:
         raise UsageError("no case matches the selection (see --list)")
+    if args.compile_only:
+        from apt_hal.conformance import compile_matrix
+
+        return compile_matrix.main(args, backends, out)
     if args.write_golden:
         from apt_hal.conformance import golden
 

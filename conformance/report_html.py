@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import html
 
-from apt_hal.conformance import reports, status
+from apt_hal.conformance import compile_matrix, reports, status
 
 COLOURS = {  # background, text: every status also reads as text, never by colour alone
     status.PASS: ("#c8e6c9", "#1b5e20"), status.QUALITY_WARNING: ("#ffe082", "#6d4c00"),
@@ -102,6 +102,35 @@ def _problems(report: dict) -> str:
     return "".join(items)
 
 
+COMPILE_COLOURS = {compile_matrix.COMPILED: "UNSUPPORTED", compile_matrix.FAILED_TO_COMPILE: "FAIL",
+                   compile_matrix.UNSUPPORTED: "NOT_RUN"}  # grey for a compile: it is not a pass
+
+
+def _levels(report: dict) -> str:
+    rows = "".join(f"<tr><td>{_e(n)}</td><td>{_e(level)}</td></tr>" for n, level in compile_matrix.levels(report).items())
+    return f"<table><tr><th>backend</th><th>highest level reached</th></tr>{rows}</table>"
+
+
+def _compile(report: dict) -> str:
+    if "compile" not in report:
+        return "<p>No compile matrix in this report (<code>apt-hal conformance --compile-only</code> makes one).</p>"
+    section = report["compile"]
+    head = "".join(f"<th>{_e(t)}</th>" for t in section["targets"])
+    rows = []
+    for backend, per_target in compile_matrix.summary(section).items():
+        tds = "".join("<td>" + "".join(_chip(COMPILE_COLOURS[s], f"{n} {s}") for s, n in sorted(per_target[t].items()))
+                      + "</td>" for t in section["targets"])
+        rows.append(f"<tr><td>{_e(backend)}</td>{tds}</tr>")
+    cells = "".join(
+        f"<tr><td>{_e(c['backend'])}</td><td>{_e(c['target'])}</td><td><code>{_e(c['kernel'])}</code> "
+        f"<small>{_e(compile_matrix.describe_launch(c))}</small></td><td>{_chip(COMPILE_COLOURS[c['status']], c['status'])}"
+        f"</td><td class=\"msg\">{_e(compile_matrix.cell_detail(c))}</td></tr>" for c in section["cells"])
+    return (f"<p>Triton {_e(section['triton'])}; compiled, never run. Tiles: {_e(section['tiles'])}. "
+            f"{_e(section['seconds'])} s.</p><table class=\"matrix\"><tr><th>backend</th>{head}</tr>{''.join(rows)}"
+            f"</table><details><summary>every kernel</summary><table><tr><th>backend</th><th>target</th><th>kernel</th>"
+            f"<th>status</th><th>detail</th></tr>{cells}</table></details>")
+
+
 def render(report: dict) -> str:
     total = reports.counts(report)
     chips = "".join(_chip(s, f"{total[s]} {s}") for s in status.SEVERITY if total[s])
@@ -123,6 +152,10 @@ def render(report: dict) -> str:
 {_matrix(report)}
 <h2 id="backends">Backends</h2>
 {_backends(report)}
+<h2 id="levels">Highest level reached</h2>
+{_levels(report)}
+<h2 id="compile">Compile matrix</h2>
+{_compile(report)}
 <h2 id="problems">Problems ({len(reports.problems(report))})</h2>
 {_problems(report)}
 <h2 id="statuses">Statuses</h2>

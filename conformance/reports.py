@@ -28,7 +28,7 @@ import pathlib
 import xml.etree.ElementTree as ET
 
 from apt_hal.atomic import atomic_write, atomic_write_text
-from apt_hal.conformance import status
+from apt_hal.conformance import compile_matrix, status
 
 SCHEMA_MAJOR = "apt_hal.conformance/1"
 FILES = {"json": "conformance.json", "junit": "junit.xml", "markdown": "conformance.md", "html": "conformance.html"}
@@ -84,6 +84,8 @@ def exit_code(report: dict, require=()) -> int:
         code |= status.EXIT_INFRA
     if required_not_run(report, require):
         code |= status.EXIT_REQUIRED_NOT_RUN
+    if compile_matrix.unexplained_failures(report):
+        code |= status.EXIT_FAILED
     return code
 
 
@@ -122,6 +124,9 @@ def merge(reports: list[dict]) -> dict:
         out["backends"].update({n: {**b, "run": b["run"] + offset} for n, b in rep["backends"].items() if n in mine})
         out["cases"] += [c for c in rep["cases"] if c["backend"] in mine]
         out["timing"]["cases"].update({k: v for k, v in rep["timing"]["cases"].items() if k.split(" ", 1)[0] in mine})
+    compiled = [rep["compile"] for rep in reports if "compile" in rep]
+    if compiled:
+        out["compile"] = compile_matrix.merge(compiled)
     return out
 
 
@@ -215,6 +220,10 @@ def markdown(report: dict) -> str:
                      f"| {_md(b.get('driver') or '-')} "
                      f"| {_md(last_line(b['detail']))} |")
         lines += [f"|  | ⚠️ claims | | | {_md(w)} |" for w in b["claim_warnings"]]
+    lines += ["", "## Highest level reached", "", "| backend | level |", "|---|---|"]
+    lines += [f"| {name} | {_md(level)} |" for name, level in compile_matrix.levels(report).items()]
+    if "compile" in report:
+        lines += compile_matrix.markdown(report["compile"])
     found = problems(report)
     lines += ["", f"## Problems ({len(found)})", ""]
     for c in found[:100]:
@@ -238,6 +247,9 @@ def text_summary(report: dict, limit: int = 20) -> str:
     widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
     out = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table]
     out.insert(1, "  ".join("-" * w for w in widths))
+    out += ["", "highest level reached:"] + [f"  {n:<14} {lv}" for n, lv in compile_matrix.levels(report).items()]
+    if "compile" in report:
+        out += compile_matrix.text_lines(report["compile"])
     out += ["", "backends:"]
     for name, b in report["backends"].items():
         out.append(f"  {name:<14} {b['status']:<12} {last_line(b['detail'])}")

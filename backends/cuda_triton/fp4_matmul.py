@@ -467,7 +467,7 @@ def launch(x: torch.Tensor, w_packed: torch.Tensor, w_scales: torch.Tensor, bias
         w = torch.empty((n, k), dtype=torch.bfloat16, device=x.device)
         with hw.device_guard(x):
             wrap(_dequantize_kernel)[(triton.cdiv(n, cfg.block_n), triton.cdiv(k, cfg.block_k))](
-                words, scales, w, n, k, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, INTERPRETER=hw.interpreting(),
+                words, scales, w, n, k, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, INTERPRETER=hw.pure_triton(),
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         return torch.nn.functional.linear(x2, w, bias).reshape(*x.shape[:-1], n)
     k_blocks = triton.cdiv(k, cfg.block_k)
@@ -485,7 +485,8 @@ def launch(x: torch.Tensor, w_packed: torch.Tensor, w_scales: torch.Tensor, bias
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, K_STEPS=k_blocks // split,
             X_PARTS=_X_PARTS[x.dtype], SWAP_AB=cfg.swap_ab, X_PERMUTED=x_permuted, SPLIT_K=split,
             GROUP_M=cfg.group_m, EVEN_K=k % cfg.block_k == 0, HAS_BIAS=bias is not None,
-            INTERPRETER=hw.interpreting(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            INTERPRETER=hw.pure_triton(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            **hw.launch_options(),
         )
         if split > 1:
             block = 1024

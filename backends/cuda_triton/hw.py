@@ -1,6 +1,7 @@
 """Every NVIDIA-specific assumption of the cuda-triton kernels lives here, so rocm and xpu can
 reuse the kernels by changing this one place: warp size, shared-memory budget, Hopper-only
-features, and the per-device tuning tables."""
+features, and the per-device tuning tables. The rocm and xpu backends change it through the
+current vendor (backends/triton_vendor.py), which the functions below read."""
 
 from __future__ import annotations
 
@@ -9,12 +10,34 @@ import os
 
 import torch
 
-WARP_SIZE = 32  # NVIDIA; AMD CDNA wavefronts are 64
+from apt_hal.backends import triton_vendor
 
 
 def interpreting() -> bool:
     """Triton's CPU interpreter (TRITON_INTERPRET=1): correctness runs on small shapes."""
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def interpreter_tiles() -> bool:
+    """Small tiles for the interpreter's correctness runs, unless APT_HAL_HARDWARE_TILES=1 asks for
+    the hardware tile tables (the compile matrix captures those to compile what GPUs would run)."""
+    return interpreting() and os.environ.get("APT_HAL_HARDWARE_TILES") != "1"
+
+
+def pure_triton() -> bool:
+    """The kernels' INTERPRETER constexpr: True under the interpreter and on every GPU but NVIDIA's,
+    whose other path has inline PTX (see triton_vendor.pure_triton)."""
+    return interpreting() or triton_vendor.pure_triton(triton_vendor.current().family)
+
+
+def half_dot_precision() -> str:
+    """input_precision of dots with 16-bit operands (exact in any mode): the current vendor's."""
+    return triton_vendor.current().half_dot_precision
+
+
+def launch_options() -> dict:
+    """Vendor launch options of the current vendor (AMD: waves_per_eu, matrix_instr_nonkdim)."""
+    return dict(triton_vendor.current().launch_options)
 
 
 @functools.lru_cache(maxsize=None)
@@ -53,14 +76,14 @@ def stream_tile(unit_bytes: int, tile_bytes: int = STREAM_TILE_BYTES) -> int:
 
 def stream_num_warps(tile_bytes: int) -> int:
     """Warps for a memory-bound tile of ``tile_bytes``: about four 16-byte accesses per thread."""
-    warps = max(1, tile_bytes // (WARP_SIZE * 16 * 4))
+    warps = max(1, tile_bytes // (triton_vendor.current().warp_size * 16 * 4))
     return min(8, 1 << (warps.bit_length() - 1))
 
 
 def stream_min_programs(index: int = 0) -> int:
     """Programs a memory-bound grid should have before tiles shrink: several per SM. 1 under the
     interpreter, which runs programs one after another (there the fewest, largest tiles are fastest)."""
-    if interpreting():
+    if interpreter_tiles():
         return 1
     return device_properties(index)["sm_count"] * MIN_PROGRAMS_PER_SM
 
@@ -133,13 +156,14 @@ def moe_gemm_tiles(rows_per_expert: float, dtype: torch.dtype, quant: bool = Fal
         return tuple(dict(t) for t in MOE_MXFP4_MMA_TILES)
     if tma and rows_per_expert > MOE_GEMM_TILES[1][0]:
         return tuple(dict(t) for t in MOE_TMA_TILES)
-    up, down = next((up, down) for bound, up, down in MOE_GEMM_TILES if rows_per_expert <= bound)
+    table = triton_vendor.current().moe_gemm_tiles or MOE_GEMM_TILES
+    up, down = next((up, down) for bound, up, down in table if rows_per_expert <= bound)
     return dict(up), dict(down)
 
 
 def has_tma(index: int = 0) -> bool:
     """Hopper and later: the Tensor Memory Accelerator behind Triton's tensor descriptors."""
-    return device_properties(index)["capability"][0] >= 9
+    return triton_vendor.current().tma and device_properties(index)["capability"][0] >= 9
 
 
 # ---- fp4_matmul (fp4_matmul.py) ---------------------------------------------------------------
@@ -177,10 +201,13 @@ def fp4_matmul_tiles(m: int, x_parts: int = 1) -> dict:
     """
     if x_parts == 1 and m >= FP4_MATMUL_MATERIALIZE_MIN_M:
         return dict(FP4_MATMUL_MATERIALIZE_TILE)
-    if interpreting():
+    if interpreter_tiles():
         if m <= 16:
             return dict(block_m=16, block_n=32, block_k=64, num_warps=4, num_stages=1, swap_ab=True)
         return dict(block_m=32, block_n=32, block_k=64, num_warps=4, num_stages=1, swap_ab=False)
+    vendor_table = triton_vendor.current().fp4_matmul_tiles
+    if vendor_table:
+        return dict(next(tile for bound, tile in vendor_table if m <= bound))
     if m <= 16:
         return dict(block_m=16, block_n=128, block_k=128, num_warps=8, num_stages=4, swap_ab=True)
     if m <= 64:

@@ -704,10 +704,10 @@ def up_projection(x: torch.Tensor, sorted_assignments: torch.Tensor, expert_offs
     if tiles["KIND"] == "gemv":
         xs = _gather_rows(x, sorted_assignments, top_k, torch.float32, launch)
         launch(_moe_up_gemv_kernel)[grid](xs, expert_offsets, w_up, w_up_scales, b_up, act,
-                                          INTERPRETER=hw.interpreting(), **common)
+                                          INTERPRETER=hw.pure_triton(), **common)
         return act
     common.update(top_k=top_k, stride_x=x.stride(0), QUANT=w_up_scales is not None, TMA=tiles["KIND"] == "tma",
-                  DOT_PRECISION=_dot_precision(x.dtype), INTERPRETER=hw.interpreting())
+                  DOT_PRECISION=_dot_precision(x.dtype), INTERPRETER=hw.pure_triton())
     if tiles["KIND"] == "tma":
         xs = _gather_rows(x, sorted_assignments, top_k, x.dtype, launch)
         x = TensorDescriptor.from_tensor(xs, [tiles["BLOCK_M"], tiles["BLOCK_K"]])
@@ -728,20 +728,20 @@ def down_projection(act: torch.Tensor, expert_offsets: torch.Tensor, w_down: tor
                   **_launch_config(tiles))
     if tiles["KIND"] == "gemv":
         launch(_moe_down_gemv_kernel)[grid](act, sorted_assignments, expert_offsets, w_down, w_down_scales, b_down, y,
-                                            INTERPRETER=hw.interpreting(), **common)
+                                            INTERPRETER=hw.pure_triton(), **common)
         return y
     if tiles["KIND"] == "tma":
         act = TensorDescriptor.from_tensor(act, [tiles["BLOCK_M"], tiles["BLOCK_K"]])
         w_down = TensorDescriptor.from_tensor(w_down.view(-1, f), [tiles["BLOCK_N"], tiles["BLOCK_K"]])
     launch(_moe_down_kernel)[grid](act, sorted_assignments, expert_offsets, w_down, w_down_scales, b_down, y,
                                    QUANT=w_down_scales is not None, TMA=tiles["KIND"] == "tma",
-                                   DOT_PRECISION=_dot_precision(y.dtype), INTERPRETER=hw.interpreting(), **common)
+                                   DOT_PRECISION=_dot_precision(y.dtype), INTERPRETER=hw.pure_triton(), **common)
     return y
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
     # float32 activations are multiplied exactly (IEEE); bf16/fp16 operands are exact in any mode.
-    return "ieee" if dtype == torch.float32 else "tf32"
+    return "ieee" if dtype == torch.float32 else hw.half_dot_precision()
 
 
 def experts(x: torch.Tensor, sorted_assignments: torch.Tensor, expert_offsets: torch.Tensor,
