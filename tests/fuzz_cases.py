@@ -44,12 +44,14 @@ def strided_like(t: torch.Tensor, dim: int) -> torch.Tensor:
     """``t``'s values in a view whose dimension ``dim`` has twice the dense stride."""
     shape = list(t.shape)
     shape[dim] *= 2
-    base = torch.zeros(shape, dtype=t.dtype, device=t.device)
+    # Filled and copied as same-size integers: torch has no fill or copy for its fp4/e8m0 dtypes.
+    bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+    base = torch.zeros(shape, dtype=bits, device=t.device)
     index = [slice(None)] * t.dim()
     index[dim] = slice(None, None, 2)
     view = base[tuple(index)]
-    view.copy_(t)
-    return view
+    view.copy_(t.view(bits))
+    return view.view(t.dtype)
 
 
 def to_meta(t: torch.Tensor) -> torch.Tensor:
