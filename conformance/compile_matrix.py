@@ -410,7 +410,9 @@ def levels(report: dict) -> dict[str, str]:
         on_hardware = b["status"] == "RAN" and ran and b["device_type"] == declared
         targets = sorted(t for t, c in compiled.get(name, {}).items() if c[COMPILED])
         parts = []
-        if on_hardware:
+        if on_hardware and b.get("remote"):  # the executor is the server's, not this machine's
+            parts.append(f"numerics on the remote executor ({b['detail']}): {numeric}")
+        elif on_hardware:
             parts.append(f"numerics on hardware ({b.get('device') or b['device_type']}): {numeric}")
         if targets:
             failed = sum(c[FAILED_TO_COMPILE] for c in compiled[name].values())

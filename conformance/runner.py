@@ -299,6 +299,7 @@ def _backend_record(name: str, specs: Mapping[str, OpSpec]) -> tuple[dict, Optio
     # torch knows a vendor's device type ("npu") only once the backend is activated.
     device = torch.device(registry.device_type_of(name)) if state == "RAN" else None
     record = {"run": 0, "status": state, "detail": detail, "device_type": registry.device_type_of(name),
+              "remote": decl.remote,
               **(device_info(device) if device else {"device": None, "driver": None}),
               "claims": decl.claims, "claim_warnings": claim_warnings(decl.claims, specs)}
     return record, device
