@@ -34,7 +34,8 @@ KINDS = (("fp4", "fp4_matmul"), ("split_k", "fp4_matmul"), ("moe", "moe"), ("rou
          ("permute", "moe"), ("combine", "moe"), ("rotary", "rotary"), ("copy_rows", "paged"),
          ("gather_rows", "paged"), ("softmax", "attention softmax"), ("gemv", "cuBLAS gemv/gemm"),
          ("gemm", "cuBLAS gemv/gemm"), ("nvjet", "cuBLAS gemv/gemm"), ("xmma", "cuBLAS gemv/gemm"),
-         ("cutlass", "cuBLAS gemv/gemm"), ("splitKreduce", "cuBLAS gemv/gemm"), ("reduce", "reductions (norms, sampling)"),
+         ("cutlass", "cuBLAS gemv/gemm"), ("splitKreduce", "cuBLAS gemv/gemm"),
+         ("reduce", "reductions (norms, sampling)"),
          ("elementwise", "elementwise"), ("vectorized", "elementwise"), ("index", "indexing"),
          ("scatter", "indexing"), ("gather", "indexing"), ("copy", "copies"))
 
@@ -135,7 +136,8 @@ def main(argv=None) -> None:
     for model, weights, *_, kinds, names in rows:
         n = args.decode_len
         total = sum(kinds.values())
-        print(f"\n{model} {weights}: kernel time per decoded token without graphs, by kind (total {total / n * 1e6:.0f} us)")
+        print(f"\n{model} {weights}: kernel time per decoded token without graphs, by kind "
+              f"(total {total / n * 1e6:.0f} us)")
         for k, s in kinds.most_common():
             print(f"  {k:<32} {s / n * 1e6:8.1f} us  {100 * s / total:5.1f}%")
         print("  top kernels:")

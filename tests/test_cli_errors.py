@@ -62,7 +62,8 @@ def test_apt_compile_refuses_a_bad_output_folder_before_loading_or_exporting(tmp
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
     cases = [(a_file, "is a file, not a folder"),
-             (a_file / "sub", f"{a_file} is a file, so no folder can be made in it"), (UNWRITABLE, "cannot write in /proc")]
+             (a_file / "sub", f"{a_file} is a file, so no folder can be made in it"),
+             (UNWRITABLE, "cannot write in /proc")]
     for output, message in cases:
         code, stdout, stderr = _compile("--model", "apt-dense-tiny", "--output", str(output))
         assert_user_error(code, stderr, "apt-compile", f"--output {output}: {message}")

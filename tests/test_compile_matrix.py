@@ -98,7 +98,8 @@ def test_a_compile_is_never_presented_as_a_pass_on_hardware():
     assert cm.levels(_report(cm.COMPILED, device_type="cuda"))["rocm"].startswith("numerics on hardware (cuda): PASS")
     failed = _report(cm.FAILED_TO_COMPILE)
     assert cm.levels(failed)["rocm"] == "numerics under Triton's interpreter on CPU: PASS"
-    assert "| rocm | gfx950 | `_moe_up_kernel` BLOCK_M=16 | FAILED_TO_COMPILE | error: boom |" in cm.markdown(failed["compile"])
+    assert ("| rocm | gfx950 | `_moe_up_kernel` BLOCK_M=16 | FAILED_TO_COMPILE | error: boom |"
+            in cm.markdown(failed["compile"]))
 
 
 def test_unexplained_compile_failures_fail_the_run_known_ones_do_not():

@@ -42,7 +42,8 @@ def hpu_activated(hpu, monkeypatch):
     registrations are removed afterwards so no other test sees an "available" hpu."""
     import apt_hal.backends.hpu as declaration
 
-    monkeypatch.setattr(declaration, "device_files", lambda pattern: ["/dev/accel/accel0"] if "accel" in pattern else [])
+    monkeypatch.setattr(declaration, "device_files",
+                        lambda pattern: ["/dev/accel/accel0"] if "accel" in pattern else [])
     registry._reset_for_tests()
     registry.activate("hpu")
     yield hpu
