@@ -122,7 +122,7 @@ def main(argv=None) -> None:
             floor = weight_bytes_per_step(m) / bw  # a step reads its weights once, at the copy's memory throughput
             wall = wall_per_token(m, prompt, args.decode_len, graphs=True)
             busy_g, _, _, seen_g = trace(m, prompt, args.decode_len, graphs=True)
-            busy_e, kinds, names, seen_e = trace(m, prompt, args.decode_len, graphs=False)
+            busy_e, kinds, names, _ = trace(m, prompt, args.decode_len, graphs=False)
             n = args.decode_len
             rows.append((f"apt-{family}-1b", weights, wall, floor, busy_g / n, seen_g / n, busy_e / n, kinds, names))
     print()

@@ -25,7 +25,8 @@ def _launch(kernel, signature, constexprs, **options):
             "options": options}
 
 
-def test_one_kernel_compiles_for_amd_and_nvidia(kernels_importable):
+@pytest.mark.usefixtures("kernels_importable")
+def test_one_kernel_compiles_for_amd_and_nvidia():
     launch = _launch("dot_kernel", {"a_ptr": "*fp16", "b_ptr": "*fp16", "c_ptr": "*fp32", "BLOCK": "constexpr"},
                      {"BLOCK": 64}, num_warps=4)
     amd, nvidia = cm._compile_all([{"launch": launch, "target": "gfx942"}, {"launch": launch, "target": "sm_90"}], 1)
@@ -36,7 +37,8 @@ def test_one_kernel_compiles_for_amd_and_nvidia(kernels_importable):
     assert nvidia["instruction"]["verdict"] == "wgmma present", nvidia["instruction"]
 
 
-def test_a_kernel_that_does_not_compile_is_failed_to_compile(kernels_importable):
+@pytest.mark.usefixtures("kernels_importable")
+def test_a_kernel_that_does_not_compile_is_failed_to_compile():
     launch = _launch("ptx_kernel", {"x_ptr": "*i32", "BLOCK": "constexpr"}, {"BLOCK": 128})
     amd, nvidia = cm._compile_all([{"launch": launch, "target": "gfx942"}, {"launch": launch, "target": "sm_90"}], 2)
     assert amd["status"] == cm.FAILED_TO_COMPILE and amd["message"], amd

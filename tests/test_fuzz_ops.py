@@ -12,7 +12,7 @@ Every generated call, valid or not (tests/fuzz_cases.py builds them), on every a
 * on meta tensors, returns meta tensors shaped like the reference's result, or rejects the call.
 
 At "metadata", out-of-range indices must give the defined results the contract docstrings state
-(DECISIONS10: skipped writes, zero blocks and rows, identity rotations, zero routing weights),
+(skipped writes, zero blocks and rows, identity rotations, zero routing weights),
 never an out-of-bounds access.
 
 Budget: APT_HAL_FUZZ_EXAMPLES scales the number of examples (default 1.0 gives > 10,000 op calls
@@ -243,7 +243,7 @@ def _identity_row(cache: torch.Tensor) -> torch.Tensor:
 
 
 def defined_result(call):
-    """The outputs the contract defines for a call with out-of-range indices (DECISIONS10, 3)."""
+    """The outputs the contract defines for a call with out-of-range indices."""
     a = [fuzz_cases.twin(x) for x in call.args]
     name = call.op.name
     if name == "paged_write":
