@@ -54,7 +54,6 @@ import torch
 BLOCK = 32
 E8M0_BIAS = 127
 E8M0_NAN = 0xFF
-E2M1_MAX = 6.0
 # Magnitudes of the E2M1 codes 0..7; codes 8..15 are their negatives.
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 
@@ -186,7 +185,8 @@ def dequantize(packed: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = 
             raise TypeError(f"apt_hal.mxfp4.dequantize: '{name}' must be a tensor, got {type(t).__name__}")
         if t.dim() == 0:
             raise ValueError(f"apt_hal.mxfp4.dequantize: '{name}' must have at least 1 dimension, got a 0-dim tensor")
-        if not (t.dtype == torch.uint8 or (HAS_TORCH_FP4 and t.dtype in (torch.float4_e2m1fn_x2, torch.float8_e8m0fnu))):
+        fp4_storage = HAS_TORCH_FP4 and t.dtype in (torch.float4_e2m1fn_x2, torch.float8_e8m0fnu)
+        if not (t.dtype == torch.uint8 or fp4_storage):
             raise TypeError(f"apt_hal.mxfp4.dequantize: '{name}' must be uint8 (or torch's float4_e2m1fn_x2 / "
                             f"float8_e8m0fnu storage), got {t.dtype}")
     if dtype not in DEQUANTIZE_DTYPES:

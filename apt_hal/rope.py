@@ -266,7 +266,8 @@ _REAL_FIELDS = ("base", "factor", "attention_factor", "beta_fast", "beta_slow", 
 def _real(name: str, value) -> None:
     """``value`` is None or a finite real number (comparing a string with a number would raise a
     TypeError naming no field; NaN would pass every range check)."""
-    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                              or not math.isfinite(value)):
         _fail(f"{name} must be a finite number, got {value!r}")
 
 

@@ -106,17 +106,28 @@ def measure_host_ceilings() -> Ceilings:
                     gemm_tflops=2 * 1024 ** 3 / gemm_us / 1e6, h2d_gbps=float("nan"), device="cpu")
 
 
-def measure_ceilings() -> Ceilings:
-    n = 1 << 30  # 1 GiB
+def _time_copies(n: int) -> tuple[float, float]:
+    """Microseconds for an n-byte device-to-device copy and an n-byte pinned host-to-device copy."""
     a = torch.empty(n, dtype=torch.uint8, device="cuda")
     b = torch.empty_like(a)
     copy_us = time_calls([lambda: b.copy_(a)], replays=10, use_graph=False)
-    x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    w = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    gemm_us = time_calls([lambda: torch.nn.functional.linear(x, w)], replays=10, use_graph=False)
     h = torch.empty(n, dtype=torch.uint8, pin_memory=True)
     h2d_us = time_calls([lambda: a.copy_(h, non_blocking=True)], replays=5, use_graph=False)
-    del a, b, x, w, h
+    return copy_us, h2d_us
+
+
+def _time_gemm(size: int) -> float:
+    """Microseconds for a bfloat16 size-cube matmul."""
+    x = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    return time_calls([lambda: torch.nn.functional.linear(x, w)], replays=10, use_graph=False)
+
+
+def measure_ceilings() -> Ceilings:
+    n = 1 << 30  # 1 GiB
+    copy_us, h2d_us = _time_copies(n)
+    gemm_us = _time_gemm(8192)
+    # The helpers' buffers are freed on return; give their memory back before the benchmarks run.
     torch.cuda.empty_cache()
     return Ceilings(copy_gbps=2 * n / copy_us / 1e3, gemm_tflops=2 * 8192 ** 3 / gemm_us / 1e6,
                     h2d_gbps=n / h2d_us / 1e3, device=torch.cuda.get_device_name())

@@ -47,7 +47,6 @@ from benchmarks.floor import copy_bandwidth, weight_bytes_per_step
 FLOOR_TARGET = 0.65  # batch-1 decode, fraction of the weight-bytes floor
 PREFILL_TARGET = 1.0  # over transformers static-cache compiled
 MEMORY_TARGET = 0.28
-ENGINES = ("apt", "eager", "static")  # apt_hal; transformers eager; transformers static cache (compiled on a GPU)
 
 
 @dataclasses.dataclass
@@ -55,7 +54,9 @@ class Row:
     model: str
     weights: str
     batch: int
-    prefill: dict  # engine -> tokens/s
+    # engine -> tokens/s; engines: apt (apt_hal), eager (transformers), static (transformers static cache,
+    # compiled on a GPU)
+    prefill: dict
     decode: dict
     floor: Optional[float] = None  # decode tokens/s at the weight-bytes floor (batch 1 only)
 

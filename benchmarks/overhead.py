@@ -2,8 +2,8 @@
 
 A backend whose implementations return a preallocated result (they do no work) isolates what
 apt_hal adds per call: argument binding, the contract's metadata checks (or none, with
-``apt_hal.set_checks("none")``), the eager fast-path test and implementation selection. The torch dispatcher path (``torch.ops.apt_hal.<op>``, what traced
-code and autograd use) is shown beside it.
+``apt_hal.set_checks("none")``), the eager fast-path test and implementation selection. The torch dispatcher
+path (``torch.ops.apt_hal.<op>``, what traced code and autograd use) is shown beside it.
 
     python benchmarks/overhead.py            # prints one table, microseconds per call
 """

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from apt_hal import ops
-from apt_hal.paged_store import PagedTensor
 from apt_hal.device import synchronize
+from apt_hal.paged_store import PagedTensor
 
 BLOCK = (2, 16, 8, 128)  # K and V of one layer: block_size 16, 8 heads, head_dim 128
 

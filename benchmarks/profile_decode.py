@@ -34,7 +34,8 @@ KINDS = (("fp4", "fp4_matmul"), ("split_k", "fp4_matmul"), ("moe", "moe"), ("rou
          ("permute", "moe"), ("combine", "moe"), ("rotary", "rotary"), ("copy_rows", "paged"),
          ("gather_rows", "paged"), ("softmax", "attention softmax"), ("gemv", "cuBLAS gemv/gemm"),
          ("gemm", "cuBLAS gemv/gemm"), ("nvjet", "cuBLAS gemv/gemm"), ("xmma", "cuBLAS gemv/gemm"),
-         ("cutlass", "cuBLAS gemv/gemm"), ("splitKreduce", "cuBLAS gemv/gemm"), ("reduce", "reductions (norms, sampling)"),
+         ("cutlass", "cuBLAS gemv/gemm"), ("splitKreduce", "cuBLAS gemv/gemm"),
+         ("reduce", "reductions (norms, sampling)"),
          ("elementwise", "elementwise"), ("vectorized", "elementwise"), ("index", "indexing"),
          ("scatter", "indexing"), ("gather", "indexing"), ("copy", "copies"))
 
@@ -121,7 +122,7 @@ def main(argv=None) -> None:
             floor = weight_bytes_per_step(m) / bw  # a step reads its weights once, at the copy's memory throughput
             wall = wall_per_token(m, prompt, args.decode_len, graphs=True)
             busy_g, _, _, seen_g = trace(m, prompt, args.decode_len, graphs=True)
-            busy_e, kinds, names, seen_e = trace(m, prompt, args.decode_len, graphs=False)
+            busy_e, kinds, names, _ = trace(m, prompt, args.decode_len, graphs=False)
             n = args.decode_len
             rows.append((f"apt-{family}-1b", weights, wall, floor, busy_g / n, seen_g / n, busy_e / n, kinds, names))
     print()
@@ -135,7 +136,8 @@ def main(argv=None) -> None:
     for model, weights, *_, kinds, names in rows:
         n = args.decode_len
         total = sum(kinds.values())
-        print(f"\n{model} {weights}: kernel time per decoded token without graphs, by kind (total {total / n * 1e6:.0f} us)")
+        print(f"\n{model} {weights}: kernel time per decoded token without graphs, by kind "
+              f"(total {total / n * 1e6:.0f} us)")
         for k, s in kinds.most_common():
             print(f"  {k:<32} {s / n * 1e6:8.1f} us  {100 * s / total:5.1f}%")
         print("  top kernels:")

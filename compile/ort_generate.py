@@ -13,7 +13,7 @@ the presents of the step before, one token per sequence.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
 import onnx
 import torch
@@ -49,7 +49,8 @@ class OrtCausalLM:
 
         if not (self.folder / TOKENIZER_FILE).is_file():
             raise FileNotFoundError(f"{self.folder} has no {TOKENIZER_FILE}: export a checkpoint with a tokenizer "
-                                    "(apt-hal train's, or a Hugging Face folder with tokenizer.json) to generate from text")
+                                    "(apt-hal train's, or a Hugging Face folder with tokenizer.json) "
+                                    "to generate from text")
         return Tokenizer.load(self.folder)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, past_key_values: tuple) -> tuple:

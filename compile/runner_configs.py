@@ -62,7 +62,8 @@ def hf_config(cfg, tokenizer=None) -> Optional[dict]:
 def write(output: Path, cfg, tokenizer=None) -> list[Path]:
     """Write both files into ``output``; returns the paths written."""
     written = []
-    for name, content in ((HF_CONFIG_FILE, hf_config(cfg, tokenizer)), (GENAI_CONFIG_FILE, genai_config(cfg, tokenizer))):
+    files = ((HF_CONFIG_FILE, hf_config(cfg, tokenizer)), (GENAI_CONFIG_FILE, genai_config(cfg, tokenizer)))
+    for name, content in files:
         if content is not None:
             (output / name).write_text(json.dumps(content, indent=1) + "\n")
             written.append(output / name)

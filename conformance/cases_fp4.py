@@ -8,8 +8,18 @@ import math
 import torch
 
 from apt_hal import mxfp4, ops
-from apt_hal.conformance.spec import (EDGES, FLOATS, Case, OpSpec, edge_values, randint, randn, spread,
-                                      strided_variants, variants)
+from apt_hal.conformance.spec import (
+    EDGES,
+    FLOATS,
+    Case,
+    OpSpec,
+    edge_values,
+    randint,
+    randn,
+    spread,
+    strided_variants,
+    variants,
+)
 
 QUICK = (torch.bfloat16,)  # feature and edge cases: one dtype in the quick suite, all in the full one
 

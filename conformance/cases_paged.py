@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from apt_hal import ops
-from apt_hal.conformance.spec import Case, OpSpec, random_bytes, randint, strided_variants, variants
+from apt_hal.conformance.spec import Case, OpSpec, randint, random_bytes, strided_variants, variants
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.uint8, torch.int64, torch.float8_e4m3fn)
 QUICK = (torch.uint8, torch.bfloat16)

@@ -9,8 +9,18 @@ import math
 import torch
 
 from apt_hal import ops
-from apt_hal.conformance.spec import (EDGES, FLOATS, Case, OpSpec, edge_values, randint, randn, spread,
-                                      strided_variants, variants)
+from apt_hal.conformance.spec import (
+    EDGES,
+    FLOATS,
+    Case,
+    OpSpec,
+    edge_values,
+    randint,
+    randn,
+    spread,
+    strided_variants,
+    variants,
+)
 
 QUICK = (torch.bfloat16,)
 

@@ -76,7 +76,8 @@ def parse_targets(text: str) -> list[str]:
     names = [t.strip() for t in text.split(",") if t.strip()]
     unknown = [t for t in names if t not in TARGETS]
     if unknown or not names:
-        raise ValueError(f"--target: unknown target(s) {', '.join(unknown) or '(none given)'}; known: {', '.join(TARGETS)}")
+        raise ValueError(f"--target: unknown target(s) {', '.join(unknown) or '(none given)'}; "
+                         f"known: {', '.join(TARGETS)}")
     return names
 
 
@@ -203,7 +204,8 @@ def compile_one(launch: dict, target: str) -> dict:
         kernel = triton.compile(ASTSource(fn, dict(launch["signature"]), constexprs),
                                 target=GPUTarget(*TARGETS[target]), options=dict(launch["options"]))
     except Exception as e:  # the compiler's message is the result
-        return {"status": FAILED_TO_COMPILE, "message": _compiler_message(e), "seconds": round(time.perf_counter() - t0, 2)}
+        return {"status": FAILED_TO_COMPILE, "message": _compiler_message(e),
+                "seconds": round(time.perf_counter() - t0, 2)}
     binary_kind = "hsaco" if "hsaco" in kernel.asm else "cubin"
     binary = kernel.asm[binary_kind]
     return {"status": COMPILED, "binary": binary_kind, "bytes": len(binary),
@@ -245,7 +247,8 @@ def _compile_all(jobs: list[dict], workers: int) -> list[dict]:
         for i, out, proc in procs:
             _, err = proc.communicate()
             if proc.returncode:
-                raise RuntimeError(f"compile matrix: a compile subprocess failed (exit {proc.returncode}):\n{err[-4000:]}")
+                raise RuntimeError(f"compile matrix: a compile subprocess failed (exit {proc.returncode}):\n"
+                                   f"{err[-4000:]}")
             for j, r in enumerate(json.loads(pathlib.Path(out).read_text())):
                 results[i + j * workers] = r
         return results
@@ -365,7 +368,8 @@ def merge(sections: list[dict]) -> dict:
     versions = sorted({s["triton"] for s in sections})
     return {"triton": ", ".join(versions), "targets": list(dict.fromkeys(t for s in sections for t in s["targets"])),
             "backends": {k: v for s in sections for k, v in s["backends"].items()}, "tiles": sections[0]["tiles"],
-            "cells": [c for s in sections for c in s["cells"]], "seconds": round(sum(s["seconds"] for s in sections), 1)}
+            "cells": [c for s in sections for c in s["cells"]],
+            "seconds": round(sum(s["seconds"] for s in sections), 1)}
 
 
 def text_lines(section: dict) -> list[str]:

@@ -107,7 +107,8 @@ COMPILE_COLOURS = {compile_matrix.COMPILED: "UNSUPPORTED", compile_matrix.FAILED
 
 
 def _levels(report: dict) -> str:
-    rows = "".join(f"<tr><td>{_e(n)}</td><td>{_e(level)}</td></tr>" for n, level in compile_matrix.levels(report).items())
+    rows = "".join(f"<tr><td>{_e(n)}</td><td>{_e(level)}</td></tr>"
+                   for n, level in compile_matrix.levels(report).items())
     return f"<table><tr><th>backend</th><th>highest level reached</th></tr>{rows}</table>"
 
 
@@ -123,7 +124,8 @@ def _compile(report: dict) -> str:
         rows.append(f"<tr><td>{_e(backend)}</td>{tds}</tr>")
     cells = "".join(
         f"<tr><td>{_e(c['backend'])}</td><td>{_e(c['target'])}</td><td><code>{_e(c['kernel'])}</code> "
-        f"<small>{_e(compile_matrix.describe_launch(c))}</small></td><td>{_chip(COMPILE_COLOURS[c['status']], c['status'])}"
+        f"<small>{_e(compile_matrix.describe_launch(c))}</small></td>"
+        f"<td>{_chip(COMPILE_COLOURS[c['status']], c['status'])}"
         f"</td><td class=\"msg\">{_e(compile_matrix.cell_detail(c))}</td></tr>" for c in section["cells"])
     return (f"<p>Triton {_e(section['triton'])}; compiled, never run. Tiles: {_e(section['tiles'])}. "
             f"{_e(section['seconds'])} s.</p><table class=\"matrix\"><tr><th>backend</th>{head}</tr>{''.join(rows)}"

@@ -193,7 +193,8 @@ def checked(blocks: list[Block]) -> list[Block]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="exit codes: 0 README matches (or was rewritten), 1 a block differs (--check)")
     ap.add_argument("--check", action="store_true", help="compare instead of rewriting")
     ap.add_argument("--list", action="store_true", help="list the blocks and how each is checked")

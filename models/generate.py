@@ -26,10 +26,10 @@ import torch
 from torch import nn
 
 import apt_hal.graphs
-from apt_hal.paged_store import PagedTensor
 from apt_hal.models.config import ModelConfig
 from apt_hal.models.layers import KVStep
 from apt_hal.models.streaming import is_streamed
+from apt_hal.paged_store import PagedTensor
 
 
 @dataclasses.dataclass(frozen=True)

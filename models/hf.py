@@ -41,8 +41,8 @@ import torch
 from torch import nn
 
 from apt_hal import mxfp4
-from apt_hal.atomic import atomic_write, atomic_write_text
 from apt_hal import rope as rope_lib
+from apt_hal.atomic import atomic_write, atomic_write_text
 from apt_hal.models.config import DTYPES, ModelConfig
 
 __all__ = ["config_from_hf", "config_to_hf", "load_pretrained", "save_pretrained"]
@@ -391,7 +391,8 @@ def save_pretrained(model: nn.Module, path: Union[str, os.PathLike], *,
     weight_map, total = {}, 0
     for name, shard in zip(names, shards):
         tensors = {e.hf: _to_hf(e.layout, targets[e.ours].detach()[e.index]) for e in shard}
-        atomic_write(path / name, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+        atomic_write(path / name,
+                     lambda tmp, tensors=tensors: save_file(tensors, str(tmp), metadata={"format": "pt"}))
         weight_map.update(dict.fromkeys(tensors, name))
         total += sum(t.numel() * t.element_size() for t in tensors.values())
     if len(shards) > 1:

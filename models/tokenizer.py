@@ -75,7 +75,8 @@ class Tokenizer:
         if vocab_size < MIN_VOCAB_SIZE:
             raise ValueError(f"Tokenizer.train: vocab_size must be >= {MIN_VOCAB_SIZE} (256 bytes + "
                              f"{len(SPECIAL_TOKENS)} special tokens), got {vocab_size}")
-        from tokenizers import Tokenizer as Backend, decoders, models, pre_tokenizers, trainers
+        from tokenizers import Tokenizer as Backend
+        from tokenizers import decoders, models, pre_tokenizers, trainers
 
         backend = Backend(models.BPE())
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

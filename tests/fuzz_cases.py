@@ -178,8 +178,9 @@ def moe_route(draw, special: str = "") -> Call:
     if draw(st.booleans()):
         logits = (logits * 2).round() / 2  # exact ties: the lower expert index wins
     logits = logits.to(dtype)
-    call = Call(ops.moe_route, [logits, draw(st.integers(1, e)), draw(st.sampled_from(("softmax_topk", "topk_softmax"))),
-                                draw(st.booleans())], dtype)
+    top_k = draw(st.integers(1, e))
+    scoring = draw(st.sampled_from(("softmax_topk", "topk_softmax")))
+    call = Call(ops.moe_route, [logits, top_k, scoring, draw(st.booleans())], dtype)
     special = special or draw(st.sampled_from(("", "", "nonfinite", "index", "top_k", "scoring")))
     if special == "nonfinite":
         call.mutation = _maybe_nonfinite(draw, g, logits) or "valid"

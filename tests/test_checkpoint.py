@@ -18,8 +18,6 @@ from apt_hal.models import checkpoint as ckpt
 from apt_hal.models.train import TrainConfig, train
 
 
-
-
 class TiedLM(nn.Module):
     """A small module with a tied weight and a buffer: what a checkpoint must carry."""
 

@@ -62,7 +62,8 @@ def test_apt_compile_refuses_a_bad_output_folder_before_loading_or_exporting(tmp
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
     cases = [(a_file, "is a file, not a folder"),
-             (a_file / "sub", f"{a_file} is a file, so no folder can be made in it"), (UNWRITABLE, "cannot write in /proc")]
+             (a_file / "sub", f"{a_file} is a file, so no folder can be made in it"),
+             (UNWRITABLE, "cannot write in /proc")]
     for output, message in cases:
         code, stdout, stderr = _compile("--model", "apt-dense-tiny", "--output", str(output))
         assert_user_error(code, stderr, "apt-compile", f"--output {output}: {message}")
@@ -121,7 +122,8 @@ def no_cases_run(monkeypatch):
     monkeypatch.setattr(runner, "run", lambda *a, **k: pytest.fail("cases ran before the usage error"))
 
 
-def test_conformance_refuses_a_bad_report_folder_before_running_any_case(tmp_path, no_cases_run):
+@pytest.mark.usefixtures("no_cases_run")
+def test_conformance_refuses_a_bad_report_folder_before_running_any_case(tmp_path):
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
     for report, message in [(a_file, "is a file, not a folder"), (UNWRITABLE, "cannot write in /proc")]:
@@ -138,7 +140,8 @@ def test_conformance_merge_of_a_file_that_is_not_a_report_is_a_usage_error(tmp_p
         assert_user_error(code, stderr, "apt-hal conformance", f"--merge {folder}: {folder / 'conformance.json'}")
 
 
-def test_conformance_backend_names_are_checked(tmp_path, no_cases_run):
+@pytest.mark.usefixtures("no_cases_run")
+def test_conformance_backend_names_are_checked(tmp_path):
     report = ["--report", str(tmp_path)]
     code, _, stderr = _conformance("--backend", "", *report)
     assert_user_error(code, stderr, "apt-hal conformance", "--backend '' names no backend", "'all'")

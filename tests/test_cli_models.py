@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from apt_hal import get_device
 from apt_hal.cli import main

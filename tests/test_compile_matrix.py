@@ -25,7 +25,8 @@ def _launch(kernel, signature, constexprs, **options):
             "options": options}
 
 
-def test_one_kernel_compiles_for_amd_and_nvidia(kernels_importable):
+@pytest.mark.usefixtures("kernels_importable")
+def test_one_kernel_compiles_for_amd_and_nvidia():
     launch = _launch("dot_kernel", {"a_ptr": "*fp16", "b_ptr": "*fp16", "c_ptr": "*fp32", "BLOCK": "constexpr"},
                      {"BLOCK": 64}, num_warps=4)
     amd, nvidia = cm._compile_all([{"launch": launch, "target": "gfx942"}, {"launch": launch, "target": "sm_90"}], 1)
@@ -36,7 +37,8 @@ def test_one_kernel_compiles_for_amd_and_nvidia(kernels_importable):
     assert nvidia["instruction"]["verdict"] == "wgmma present", nvidia["instruction"]
 
 
-def test_a_kernel_that_does_not_compile_is_failed_to_compile(kernels_importable):
+@pytest.mark.usefixtures("kernels_importable")
+def test_a_kernel_that_does_not_compile_is_failed_to_compile():
     launch = _launch("ptx_kernel", {"x_ptr": "*i32", "BLOCK": "constexpr"}, {"BLOCK": 128})
     amd, nvidia = cm._compile_all([{"launch": launch, "target": "gfx942"}, {"launch": launch, "target": "sm_90"}], 2)
     assert amd["status"] == cm.FAILED_TO_COMPILE and amd["message"], amd
@@ -98,7 +100,8 @@ def test_a_compile_is_never_presented_as_a_pass_on_hardware():
     assert cm.levels(_report(cm.COMPILED, device_type="cuda"))["rocm"].startswith("numerics on hardware (cuda): PASS")
     failed = _report(cm.FAILED_TO_COMPILE)
     assert cm.levels(failed)["rocm"] == "numerics under Triton's interpreter on CPU: PASS"
-    assert "| rocm | gfx950 | `_moe_up_kernel` BLOCK_M=16 | FAILED_TO_COMPILE | error: boom |" in cm.markdown(failed["compile"])
+    assert ("| rocm | gfx950 | `_moe_up_kernel` BLOCK_M=16 | FAILED_TO_COMPILE | error: boom |"
+            in cm.markdown(failed["compile"]))
 
 
 def test_unexplained_compile_failures_fail_the_run_known_ones_do_not():

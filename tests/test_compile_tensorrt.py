@@ -195,7 +195,8 @@ def test_readiness_looks_inside_subgraphs():
     else_branch = helper.make_graph([helper.make_node("Identity", ["x"], ["e"])], "else", [],
                                     [_vi("e", TensorProto.FLOAT, [None])])
     model = _graph([helper.make_node("If", ["c"], ["y"], then_branch=then_branch, else_branch=else_branch)],
-                   [_vi("c", TensorProto.BOOL, []), _vi("x", TensorProto.FLOAT, [4])], [_vi("y", TensorProto.FLOAT, [None])])
+                   [_vi("c", TensorProto.BOOL, []), _vi("x", TensorProto.FLOAT, [4])],
+                   [_vi("y", TensorProto.FLOAT, [None])])
     r = tensorrt.readiness(model)
     assert {o.op_type: o.status for o in r.ops}["Unique"] == "unsupported" and not r.ready
 

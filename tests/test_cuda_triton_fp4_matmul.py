@@ -10,7 +10,7 @@ Tolerances. The kernel's products are exact (MXFP4 values are bf16 values and x 
 exact bf16 parts) and accumulate in fp32, so its result differs from the reference only by the
 order of the fp32 additions and by the final rounding to x's dtype (under the interpreter, fp32->bf16
 stores truncate: up to one bf16 ulp). Hence, with ulp the relative spacing of x's dtype:
-  * relative-norm error < 1e-2 (bf16 results; the brief's bound), 2e-3 (fp16), 1e-4 (fp32);
+  * relative-norm error < 1e-2 (bf16 results), 2e-3 (fp16), 1e-4 (fp32);
   * element-wise, |out - ref| <= 2 ulp |ref| + (2 ulp + 4 sqrt(K) 2^-24) sum_k |x||w|: the output
     rounding, plus two float32 summation orders (typical error ~ sqrt(K) 2^-24 of sum |terms|).
 """

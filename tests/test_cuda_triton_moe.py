@@ -25,8 +25,12 @@ import triton.language as tl
 import apt_hal
 from apt_hal import mxfp4, ops, registry
 from apt_hal.backends.cuda_triton import moe
-from apt_hal.backends.cuda_triton.mxfp4_decode import (WORD_CODE_SCALE, dequantize_tile, e8m0_to_float32,
-                                                        float32_codes_from_words)
+from apt_hal.backends.cuda_triton.mxfp4_decode import (
+    WORD_CODE_SCALE,
+    dequantize_tile,
+    e8m0_to_float32,
+    float32_codes_from_words,
+)
 from apt_hal.contracts import moe_dispatch as moe_dispatch_contract
 from apt_hal.contracts.moe_dispatch import ACTIVATIONS
 

@@ -5,7 +5,7 @@ patterns (NaN payloads in float dtypes included). Runs on a GPU when there is on
 Triton's CPU interpreter (conftest sets TRITON_INTERPRET=1).
 
 The references are called with int64 ids: with int32 ids holding -1, the contract's value check
-compares against -(2**62), which wraps in int32 and rejects valid input (reported to the lead).
+compares against -(2**62), which wraps in int32 and rejects valid input.
 """
 
 import math

@@ -12,7 +12,7 @@ Every generated call, valid or not (tests/fuzz_cases.py builds them), on every a
 * on meta tensors, returns meta tensors shaped like the reference's result, or rejects the call.
 
 At "metadata", out-of-range indices must give the defined results the contract docstrings state
-(DECISIONS10: skipped writes, zero blocks and rows, identity rotations, zero routing weights),
+(skipped writes, zero blocks and rows, identity rotations, zero routing weights),
 never an out-of-bounds access.
 
 Budget: APT_HAL_FUZZ_EXAMPLES scales the number of examples (default 1.0 gives > 10,000 op calls
@@ -27,13 +27,13 @@ import math
 import os
 import re
 
+import fuzz_cases
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import apt_hal
-import fuzz_cases
 from apt_hal import mxfp4, rope
 from apt_hal.conformance import tolerances
 from apt_hal.conformance.spec import dtype_name, op_specs
@@ -158,7 +158,8 @@ def check_against_reference(call, backend: str) -> None:
     assert_close_by_the_table(call.op.name, out_names, call.dtype, backend, _outputs(call, call.args, result),
                               expected, call.reduction, where)
     for i, (name, a, b) in enumerate(zip(call.names, call.args, before)):
-        if isinstance(a, torch.Tensor) and i not in _mutated(call) and not any(a is call.args[j] for j in _mutated(call)):
+        aliases_mutated = any(a is call.args[j] for j in _mutated(call))
+        if isinstance(a, torch.Tensor) and i not in _mutated(call) and not aliases_mutated:
             assert _same_bytes(a, b), f"{where}: wrote into its read-only argument {name!r}"
 
 
@@ -193,7 +194,8 @@ EXPENSIVE = {"moe_experts": 0.5, "fp4_matmul": 0.75}
 def _build(data, op_name, kinds, special=""):
     call = fuzz_cases.BUILDERS[op_name](data.draw, special)
     if not special:
-        tensors = [i for i, n in enumerate(call.names) if "Tensor" in str(call.op.__signature__.parameters[n].annotation)]
+        parameters = call.op.__signature__.parameters
+        tensors = [i for i, n in enumerate(call.names) if "Tensor" in str(parameters[n].annotation)]
         fuzz_cases.mutate_generic(data.draw, call, kinds, tensors)
     return call
 
@@ -241,7 +243,7 @@ def _identity_row(cache: torch.Tensor) -> torch.Tensor:
 
 
 def defined_result(call):
-    """The outputs the contract defines for a call with out-of-range indices (DECISIONS10, 3)."""
+    """The outputs the contract defines for a call with out-of-range indices."""
     a = [fuzz_cases.twin(x) for x in call.args]
     name = call.op.name
     if name == "paged_write":
@@ -367,7 +369,8 @@ def test_mxfp4_dequantize_decodes_every_code_or_names_the_argument(data):
     if mutation == "0-dim":
         args[draw(st.integers(0, 1))] = torch.tensor(7, dtype=torch.uint8)
     elif mutation == "shape":
-        args[0] = torch.cat([packed, packed[..., :1] if packed.shape[-1] else torch.zeros(*lead, 1, dtype=torch.uint8)], -1)
+        pad = packed[..., :1] if packed.shape[-1] else torch.zeros(*lead, 1, dtype=torch.uint8)
+        args[0] = torch.cat([packed, pad], -1)
     elif mutation == "non_tensor":
         args[draw(st.integers(0, 1))] = [1, 2]
     elif mutation == "dtype":
@@ -479,7 +482,8 @@ def test_rope_caches_are_well_formed_or_the_error_names_the_field(data):
 @given(st.data())
 def test_llama4_nope_temperature_is_at_least_one_or_names_the_argument(data):
     draw = data.draw
-    positions = draw(st.sampled_from((torch.arange(5), torch.tensor([0, 8191, 8192, 10 ** 6]), torch.zeros(0, dtype=torch.int32),
+    positions = draw(st.sampled_from((torch.arange(5), torch.tensor([0, 8191, 8192, 10 ** 6]),
+                                      torch.zeros(0, dtype=torch.int32),
                                       torch.arange(3.0), [1, 2], torch.tensor(7))))
     floor_scale = draw(st.sampled_from((8192, 1, 0.5, 0, -3)))
     calls["rope"] += 1

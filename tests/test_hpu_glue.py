@@ -42,7 +42,8 @@ def hpu_activated(hpu, monkeypatch):
     registrations are removed afterwards so no other test sees an "available" hpu."""
     import apt_hal.backends.hpu as declaration
 
-    monkeypatch.setattr(declaration, "device_files", lambda pattern: ["/dev/accel/accel0"] if "accel" in pattern else [])
+    monkeypatch.setattr(declaration, "device_files",
+                        lambda pattern: ["/dev/accel/accel0"] if "accel" in pattern else [])
     registry._reset_for_tests()
     registry.activate("hpu")
     yield hpu
@@ -153,7 +154,8 @@ def test_paged_index_copy_and_index_select(hpu):
     assert torch.equal(hpu.paged.gather(strided, table), ops.paged_gather.reference(strided, table))
 
 
-def test_explain_shows_the_native_hpu_bindings(hpu_activated):
+@pytest.mark.usefixtures("hpu_activated")
+def test_explain_shows_the_native_hpu_bindings():
     rows = {line.split()[0]: line for line in str(apt_hal.explain()).splitlines() if line.startswith("  ")
             and line.split()}
     assert "habana-frameworks installed, 1 device file(s)" in rows["hpu"]

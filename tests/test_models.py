@@ -101,7 +101,7 @@ def test_loss_is_shifted_cross_entropy_plus_weighted_moe_losses(family):
     labels = ids.clone()
     labels[0, 3] = -100  # ignored
     router_logits = []
-    hooks = [m.router.register_forward_hook(lambda mod, inp, out: router_logits.append(out.detach()))
+    hooks = [m.router.register_forward_hook(lambda _module, _inputs, out: router_logits.append(out.detach()))
              for m in model.modules() if isinstance(m, MoEFFN)]
     out = model(ids, labels=labels)
     for h in hooks:

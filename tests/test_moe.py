@@ -303,7 +303,7 @@ def test_an_empty_batch():
 def test_experts_errors():
     d, f, e = 64, 32, 2
     w_up, w_down, _, _ = random_experts(e, d, f, bias=False, seed=17)
-    (up_p, up_s), (down_p, down_s) = mxfp4.quantize(w_up), mxfp4.quantize(w_down)
+    (up_p, up_s), (down_p, _) = mxfp4.quantize(w_up), mxfp4.quantize(w_down)
     x = torch.randn(3, d)
     order, offsets = ops.moe_permute(torch.zeros(3, 1, dtype=torch.int32), e, -1)
     with pytest.raises(apt_hal.ContractError, match="give both 'w_up_scales' and 'w_down_scales'"):
@@ -595,7 +595,8 @@ def test_meta_tensors_give_shapes_not_item_errors():
     previous = apt_hal.set_checks("values")
     try:
         weights, ids = ops.moe_route(torch.empty(5, 4, **meta), 2)
-        assert (weights.shape, weights.dtype, ids.dtype, ids.device.type) == ((5, 2), torch.float32, torch.int32, "meta")
+        assert (weights.shape, weights.dtype, ids.dtype, ids.device.type) == (
+            (5, 2), torch.float32, torch.int32, "meta")
         order, offsets = ops.moe_permute(torch.empty(5, 2, dtype=torch.int32, **meta), 4, 3)
         assert order.shape == (10,) and offsets.shape == (5,) and offsets.dtype == torch.int64
         w_up, w_down = torch.empty(4, 12, 8, **meta), torch.empty(4, 8, 6, **meta)

@@ -16,17 +16,20 @@ from apt_hal.backends.npu import signatures
 
 WHEEL_DIR = os.environ.get("APT_HAL_VENDOR_WHEEL_DIR")
 
-SCHEMA = """
-- func: npu_rotary_mul(Tensor self, Tensor r1, Tensor r2, str rotary_mode='half', Tensor? rotate=None) -> Tensor
-- func: npu_moe_init_routing_v2(Tensor x, Tensor expert_idx, *, int active_num=-1, int[2] active_expert_range=[], int row_idx_type=0) -> (Tensor, Tensor)
-"""
+# One schema entry per line, as in torch_npu's native_functions YAML.
+SCHEMA = (
+    "\n- func: npu_rotary_mul(Tensor self, Tensor r1, Tensor r2, str rotary_mode='half', Tensor? rotate=None) -> Tensor"
+    "\n- func: npu_moe_init_routing_v2(Tensor x, Tensor expert_idx, *, int active_num=-1, "
+    "int[2] active_expert_range=[], int row_idx_type=0) -> (Tensor, Tensor)\n"
+)
 
 
 def test_parse_schema_and_documented_prototypes():
     assert signatures.parse_signature(SCHEMA, "npu_rotary_mul") == (("self", "r1", "r2", "rotary_mode", "rotate"), ())
     assert signatures.parse_signature(SCHEMA, "npu_moe_init_routing_v2") == (
         ("x", "expert_idx"), ("active_num", "active_expert_range", "row_idx_type"))
-    doc = "torch_npu.npu_apply_rotary_pos_emb(query, key, cos, sin, *, layout='BSND', rotary_mode='half') -> (Tensor, Tensor)"
+    doc = ("torch_npu.npu_apply_rotary_pos_emb(query, key, cos, sin, *, layout='BSND', rotary_mode='half') "
+           "-> (Tensor, Tensor)")
     assert signatures.parse_signature(doc, "npu_apply_rotary_pos_emb") == (("query", "key", "cos", "sin"),
                                                                           ("layout", "rotary_mode"))
     assert signatures.parse_signature(SCHEMA, "npu_grouped_matmul") is None

@@ -6,10 +6,10 @@ import pathlib
 import subprocess
 import sys
 import sysconfig
-import tomllib
 import zipfile
 
 import pytest
+import tomllib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SUBPACKAGES = ["apt_hal.backends", "apt_hal.models", "apt_hal.compile", "apt_hal.conformance"]

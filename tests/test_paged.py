@@ -16,9 +16,8 @@ import torch
 
 import apt_hal
 from apt_hal import ops
-from apt_hal.errors import PagedStoreFullError
+from apt_hal.errors import ContractError, CorruptBlockError, PagedStoreFullError
 from apt_hal.paged_store import PagedTensor
-from apt_hal.errors import ContractError, CorruptBlockError
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -409,7 +408,8 @@ def test_disk_corruption_is_detected(dev, tmp_path, where, full):
     path = tmp_path / "blocks.bin"
     record = 32 + 2 * 3 * 4  # header, then the block's bytes
     assert path.stat().st_size % record == 0
-    offset = {"checksum": 0, "block id": 8, "generation": 16, "first data byte": 32, "last data byte": record - 1}[where]
+    offset = {"checksum": 0, "block id": 8, "generation": 16, "first data byte": 32,
+              "last data byte": record - 1}[where]
 
     def flip():  # the same byte of every record, so b's record whichever it is
         with open(path, "r+b") as f:
@@ -676,7 +676,8 @@ def test_write_rejects_an_expanded_cache(backend):
 @pytest.mark.parametrize("backend", ["cpu", "cuda-triton"])
 def test_copy_blocks_rejects_an_expanded_dst(backend):
     dst = torch.zeros(1, 2, 4).expand(3, 2, 4)
-    with apt_hal.use(backend), pytest.raises(ContractError, match="paged_copy_blocks: argument 'dst' is written in place"):
+    with apt_hal.use(backend), pytest.raises(ContractError,
+                                             match="paged_copy_blocks: argument 'dst' is written in place"):
         ops.paged_copy_blocks(torch.ones(3, 2, 4), torch.tensor([0]), dst, torch.tensor([1]))
     assert not dst.any()
 
@@ -698,7 +699,8 @@ def test_meta_pools_give_meta_results_at_every_check_level():
 
 def test_meta_src_into_a_cpu_pool_is_an_error_not_a_silent_no_op():
     meta = dict(device="meta", dtype=torch.int64)
-    with pytest.raises(ContractError, match="paged_copy_blocks: argument 'dst' is on cpu but other arguments are on meta"):
+    with pytest.raises(ContractError,
+                       match="paged_copy_blocks: argument 'dst' is on cpu but other arguments are on meta"):
         ops.paged_copy_blocks(torch.empty(3, 2, 4, device="meta"), torch.zeros(1, **meta), torch.zeros(3, 2, 4),
                               torch.zeros(1, dtype=torch.int64))
 

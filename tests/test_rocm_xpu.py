@@ -28,7 +28,8 @@ def _fp4_lds_bytes(tile: dict) -> int:
 def _tiles(vendor):
     for _, up, down in vendor.moe_gemm_tiles:
         yield "moe up", up["BLOCK_M"], up["BLOCK_N"], up["BLOCK_K"], up["num_warps"], _moe_lds_bytes(up, True)
-        yield "moe down", down["BLOCK_M"], down["BLOCK_N"], down["BLOCK_K"], down["num_warps"], _moe_lds_bytes(down, False)
+        yield ("moe down", down["BLOCK_M"], down["BLOCK_N"], down["BLOCK_K"], down["num_warps"],
+               _moe_lds_bytes(down, False))
     for _, t in vendor.fp4_matmul_tiles:
         yield "fp4_matmul", t["block_m"], t["block_n"], t["block_k"], t["num_warps"], _fp4_lds_bytes(t)
 

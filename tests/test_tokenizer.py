@@ -5,7 +5,8 @@ import json
 import pathlib
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from apt_hal.models.tokenizer import MIN_VOCAB_SIZE, Tokenizer
 
@@ -62,7 +63,8 @@ def test_files_load_back_to_the_same_tokenizer(tok, tmp_path):
 
 def test_a_tokenizer_json_with_other_special_token_names(tmp_path):
     """tokenizer_config.json names the special tokens, as Hugging Face folders do; pad may be absent."""
-    from tokenizers import Tokenizer as Backend, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import models, pre_tokenizers, trainers
 
     backend = Backend(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

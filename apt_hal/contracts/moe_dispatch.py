@@ -116,7 +116,8 @@ def _check_route_values(router_logits, top_k, scoring, renormalize):
     unroutable = (router_logits == float("-inf")).all(dim=1)
     if unroutable.any():
         checks.fail("moe_route", f"argument 'router_logits' has {int(unroutable.sum())} row(s) of all -inf "
-                                 f"(first: token {int(unroutable.nonzero()[0])}): such a token has no expert to route to")
+                                 f"(first: token {int(unroutable.nonzero()[0])}): "
+                                 "such a token has no expert to route to")
 
 
 def _fake_route(router_logits, top_k, scoring, renormalize):
@@ -239,9 +240,11 @@ def _check_experts(x, sorted_assignments, expert_offsets, w_up, w_down, w_up_sca
         checks.tensor(op, "w_up_scales", w_up_scales, dtypes=(torch.uint8,), ndim=3)
         checks.tensor(op, "w_down_scales", w_down_scales, dtypes=(torch.uint8,), ndim=3)
         if tuple(w_up_scales.shape) != (e, u, d // mxfp4.BLOCK):
-            checks.fail(op, f"argument 'w_up_scales' must have shape {[e, u, d // mxfp4.BLOCK]}, got {list(w_up_scales.shape)}")
+            checks.fail(op, f"argument 'w_up_scales' must have shape {[e, u, d // mxfp4.BLOCK]}, "
+                            f"got {list(w_up_scales.shape)}")
         if tuple(w_down_scales.shape) != (e, d, f // mxfp4.BLOCK):
-            checks.fail(op, f"argument 'w_down_scales' must have shape {[e, d, f // mxfp4.BLOCK]}, got {list(w_down_scales.shape)}")
+            checks.fail(op, f"argument 'w_down_scales' must have shape {[e, d, f // mxfp4.BLOCK]}, "
+                            f"got {list(w_down_scales.shape)}")
     if b_up is not None:
         checks.tensor(op, "b_up", b_up, dtypes=(x.dtype,), ndim=2)
         if tuple(b_up.shape) != (e, u):

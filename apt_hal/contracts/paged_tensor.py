@@ -23,10 +23,10 @@ too (so gathering from an empty pool gives zeros).
 whole blocks, between pools of one block shape and dtype, possibly on different devices (the
 tier moves: device <-> pinned host). Mutates ``dst``. Ids are int32/int64 on their pool's device;
 repeated ``dst_ids`` and ids outside ``[0, num_blocks)`` of their pool are errors (value checks);
-below that check level a pair whose ``src`` or ``dst`` id is out of range is skipped. In stream order like any torch op: copies to or
-from pinned host memory may be asynchronous; the store (:class:`apt_hal.paged_store.PagedTensor`) waits for them before
-it reads or reuses a block (events for its side-stream prefetches, a device synchronisation before
-the CPU touches host blocks).
+below that check level a pair whose ``src`` or ``dst`` id is out of range is skipped. In stream order like any
+torch op: copies to or from pinned host memory may be asynchronous; the store
+(:class:`apt_hal.paged_store.PagedTensor`) waits for them before it reads or reuses a block (events for its
+side-stream prefetches, a device synchronisation before the CPU touches host blocks).
 
 Layout: ``values`` is dense after its first dimension; index tensors (``slot_mapping``,
 ``block_table``, ``src_ids``, ``dst_ids``) may have any strides. A mutated pool (``cache`` of

@@ -110,7 +110,8 @@ def _reference(q, k, positions, cos_sin_cache, style):
 
 
 def _fake(q, k, positions, cos_sin_cache, style):
-    return torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(k, memory_format=torch.contiguous_format)
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty_like(k, memory_format=torch.contiguous_format))
 
 
 @contract(fake=_fake, check=_check, check_values=_check_values, differentiable=("q", "k"))

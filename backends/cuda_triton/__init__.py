@@ -34,8 +34,8 @@ BACKEND = Backend(
     install_hint="pip install 'apt-hal[triton]' with a CUDA build of torch on a machine with an NVIDIA GPU",
     auto_rank=0,
     description="Triton kernels for NVIDIA GPUs",
-    # What the kernels are written to support (the kernel briefs ask for every dtype and feature of
-    # the conformance vocabulary); a failing claim is a FAIL to fix, not a reason to shrink this.
+    # What the kernels are written to support: every dtype and feature of the conformance vocabulary.
+    # A failing claim is a FAIL to fix, not a reason to shrink this.
     claims={
         **{op: {"dtypes": ["float32", "bfloat16", "float16"], "features": []}
            for op in ("mxfp4_quantize", "moe_route")},

@@ -8,7 +8,7 @@ What the kernel does, per output tile, for each K step:
   register (:func:`_code_pairs`: 3-4 integer instructions), and one ``mul.bf16x2`` applies the
   scale (:func:`_scale_factors`) -- while every scale of the tile is at most 2, which real weights'
   scales are; a tile that read a larger (or NaN) scale is computed again with a second exact
-  multiplication. About 2.3 instructions per weight where the first version needed 3.5;
+  multiplication. About 2.3 instructions per weight;
 * splits ``x`` into 1 (bf16), 2 (fp16) or 3 (fp32) bf16 parts whose sum is exactly ``x``
   (:func:`_x_part`; fp32 rows of values below 2^-100 are first lifted by 2^50), so that one bf16
   tensor-core product per part gives the exact products of ``x`` and the weights, accumulated in

@@ -52,10 +52,6 @@ def device_properties(index: int = 0) -> dict:
             "capability": (p.major, p.minor), "name": p.name}
 
 
-def is_hopper(index: int = 0) -> bool:
-    return device_properties(index)["capability"][0] == 9
-
-
 # ---- memory-bound kernels (rotary, paged copies) ---------------------------------------------
 
 # Bytes one program moves per tile: 16 KiB keeps about four 16-byte accesses per thread in flight

@@ -43,8 +43,12 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from apt_hal import ops
 from apt_hal.backends.cuda_triton import hw
-from apt_hal.backends.cuda_triton.mxfp4_decode import (WORD_CODE_SCALE, dequantize_tile, e8m0_to_float32,
-                                                        float32_codes_from_words)
+from apt_hal.backends.cuda_triton.mxfp4_decode import (
+    WORD_CODE_SCALE,
+    dequantize_tile,
+    e8m0_to_float32,
+    float32_codes_from_words,
+)
 from apt_hal.contracts.moe_dispatch import ACTIVATIONS
 from apt_hal.registry import impl
 

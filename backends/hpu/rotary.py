@@ -11,7 +11,6 @@ are appended unchanged.
 
 from __future__ import annotations
 
-import torch
 from habana_frameworks.torch.hpex.kernels import RotaryPosEmbeddingMode, apply_rotary_pos_emb
 
 from apt_hal.backends._vendor_rotary import cos_sin, join, rotated_part

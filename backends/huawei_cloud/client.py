@@ -196,7 +196,8 @@ class Client:
             raise RemoteError(f"huawei-cloud server {self.endpoint}: {op} answered HTTP {reply.status}: "
                               f"{reply.reason()}")
         if reply.headers.get("content-type") != FRAME_TYPE:
-            raise RemoteError(f"huawei-cloud server {self.endpoint}: {op} replied with {reply.headers.get('content-type')}")
+            raise RemoteError(f"huawei-cloud server {self.endpoint}: {op} replied with "
+                              f"{reply.headers.get('content-type')}")
         message, out = wire.decode(reply.body, _TRUSTED)
         mutated = message.get("mutated", {})
         return wire.unpack_value(message["result"], out), {n: wire.unpack_value(v, out) for n, v in mutated.items()}

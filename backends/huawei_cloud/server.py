@@ -101,6 +101,11 @@ class ResidentStore:
                     "evictions": self.evictions}
 
 
+def _quantile_ms(ordered: list, q: float) -> float:
+    """The q-quantile of ascending latencies in seconds, in milliseconds to 3 decimals."""
+    return round(1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3)
+
+
 class Metrics:
     """Counters and recent latencies; read by ``GET /v1/metrics``."""
 
@@ -125,8 +130,8 @@ class Metrics:
         latency = {}
         for route, values in self._latency.items():
             ordered = sorted(values)
-            pick = lambda q: round(1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3)  # noqa: E731
-            latency[route] = {"n": len(ordered), "p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99),
+            latency[route] = {"n": len(ordered), "p50": _quantile_ms(ordered, 0.5),
+                              "p90": _quantile_ms(ordered, 0.9), "p99": _quantile_ms(ordered, 0.99),
                               "max": round(1000 * ordered[-1], 3)}
         return {"uptime_s": round(time.time() - self.started, 1), "requests": dict(self.requests),
                 "statuses": dict(self.statuses), "errors": dict(self.errors), "bytes_in": self.bytes_in,

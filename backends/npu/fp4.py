@@ -35,7 +35,8 @@ def fp4_matmul(chip, x, w_packed, w_scales, bias):
     scales = mxfp4.as_uint8(w_scales).t().view(torch.float8_e8m0fnu)
     if bias is not None and x.dtype == torch.bfloat16:
         bias = bias.float()
-    y = torch_npu.npu_weight_quant_batchmatmul(x.reshape(-1, k), weight, scales, bias=bias, antiquant_group_size=mxfp4.BLOCK,
+    y = torch_npu.npu_weight_quant_batchmatmul(x.reshape(-1, k), weight, scales, bias=bias,
+                                               antiquant_group_size=mxfp4.BLOCK,
                                                weight_dtype=torch_npu.float4_e2m1fn_x2)
     return y.reshape(*x.shape[:-1], n)
 

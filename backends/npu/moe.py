@@ -65,7 +65,8 @@ def permute(chip, topk_ids, num_experts, capacity):
     s = t * k
     dev = topk_ids.device
     if s == 0:
-        return torch.empty(0, dtype=torch.int32, device=dev), torch.zeros(num_experts + 1, dtype=torch.int64, device=dev)
+        return (torch.empty(0, dtype=torch.int32, device=dev),
+                torch.zeros(num_experts + 1, dtype=torch.int64, device=dev))
     by_priority = topk_ids.t().reshape(s, 1).to(torch.int32)  # row r = j*T + t
     # The kernel also gathers activation rows; moe_permute has none, so a one-column placeholder.
     placeholder = torch.zeros((s, 1), dtype=torch.int8, device=dev)

@@ -96,7 +96,8 @@ def drift(schema_text: str, docs_text: str) -> list[str]:
                 continue
             positional, keyword_only = sig
             if len(positional) < n_positional:
-                problems.append(f"{op}: called with {n_positional} positional arguments, {source} has {len(positional)}")
+                problems.append(f"{op}: called with {n_positional} positional arguments, "
+                                f"{source} has {len(positional)}")
             names = set(positional) | set(keyword_only)
             for kw in keywords:
                 if kw not in names and not (source == DOCS_FILE and (op, kw) in UNDOCUMENTED):

@@ -15,7 +15,6 @@ Importing this module imports aiter: the rocm backend does it inside a probe.
 
 from __future__ import annotations
 
-import torch
 from aiter import rope_cached_positions_2c_fwd_inplace
 
 ROTATE_STYLE = {"neox": 0, "gptj": 1}

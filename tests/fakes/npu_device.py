@@ -79,7 +79,8 @@ def _scalars_as_tensors(op, args: tuple) -> tuple:
     takes a Tensor there needs them as 0-dim tensors again, typed as torch types Python numbers."""
     def fix(value, argument):
         if isinstance(value, (bool, int, float)) and isinstance(argument.type, torch.TensorType):
-            dtype = torch.bool if isinstance(value, bool) else torch.int64 if isinstance(value, int) else torch.get_default_dtype()
+            dtype = (torch.bool if isinstance(value, bool) else torch.int64 if isinstance(value, int)
+                     else torch.get_default_dtype())
             return torch.tensor(value, dtype=dtype)
         return value
     return tuple(fix(v, a) for v, a in zip(args, op._schema.arguments)) + args[len(op._schema.arguments):]
@@ -134,5 +135,6 @@ def install() -> None:
     fallback.fallback(_fallback, dispatch_key="PrivateUse1")
     for name in _FACTORIES:
         base, _, overload = name.partition(".")
-        aten.impl(name, _on_cpu_then_wrapped(getattr(getattr(torch.ops.aten, base), overload or "default")), "PrivateUse1")
+        aten_op = getattr(getattr(torch.ops.aten, base), overload or "default")
+        aten.impl(name, _on_cpu_then_wrapped(aten_op), "PrivateUse1")
     _libraries.extend((fallback, aten))

@@ -45,7 +45,8 @@ class FakeAiter:
         require(reuse_freqs_front_part and cos.shape[-1] * 2 == x.shape[-1], "cos holds D/2 frequencies")
         require(not nope_first and rotate_style in (0, 1), "rotate_style 0 (NeoX) or 1 (GPT-J), rope first")
         rows = positions.long()
-        c, s = cos.reshape(cos.shape[0], -1)[rows].unsqueeze(2).float(), sin.reshape(sin.shape[0], -1)[rows].unsqueeze(2).float()
+        c = cos.reshape(cos.shape[0], -1)[rows].unsqueeze(2).float()
+        s = sin.reshape(sin.shape[0], -1)[rows].unsqueeze(2).float()
         for t in (x, y):
             t.copy_(_rotate(t.float(), c, s, rotate_style == 0))
 

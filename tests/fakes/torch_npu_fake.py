@@ -48,11 +48,13 @@ def _rotate(x: torch.Tensor, mode: str) -> torch.Tensor:
 
 def npu_rotary_mul(input, r1, r2, rotary_mode="half", rotate=None):
     require(rotate is None, "the rotate matrix is not modelled")
-    require(input.dim() == 4 and input.shape[-1] % 2 == 0 and input.shape[-1] < 896, "input must be 4-D, D even, D < 896")
+    require(input.dim() == 4 and input.shape[-1] % 2 == 0 and input.shape[-1] < 896,
+            "input must be 4-D, D even, D < 896")
     require(rotary_mode in ("half", "interleave"), f"rotary_mode {rotary_mode!r}")
     require(r1.dtype == r2.dtype == input.dtype, "r1, r2 and input must share a dtype")
     if rotary_mode == "interleave":  # BSND input: r1/r2 only as 1S1D
-        require(tuple(r1.shape) == (1, input.shape[1], 1, input.shape[3]), f"interleave needs r1 1S1D, got {tuple(r1.shape)}")
+        require(tuple(r1.shape) == (1, input.shape[1], 1, input.shape[3]),
+                f"interleave needs r1 1S1D, got {tuple(r1.shape)}")
     return r1 * input + r2 * _rotate(input, rotary_mode)
 
 
@@ -130,7 +132,8 @@ def npu_grouped_matmul(x, weight, *, bias=None, scale=None, offset=None, antiqua
     require(group_type == 0 and split_item in (2, 3) and group_list_type in (0, 1), "group_type 0, one output")
     require(bias is None and scale is None and antiquant_scale is None, "modelled: unquantized, no bias")
     a, w = x[0], weight[0]
-    require(a.shape[1] == w.shape[1] and a.dtype == w.dtype, f"x {tuple(a.shape)} {a.dtype} vs weight {tuple(w.shape)} {w.dtype}")
+    require(a.shape[1] == w.shape[1] and a.dtype == w.dtype,
+            f"x {tuple(a.shape)} {a.dtype} vs weight {tuple(w.shape)} {w.dtype}")
     counts = group_list if group_list_type == 1 else torch.diff(group_list, prepend=group_list.new_zeros(1))
     require(counts.dtype == torch.int64 and counts.numel() == w.shape[0], "group_list int64, one entry per expert")
     groups = torch.split(a, counts.tolist() + [a.shape[0] - int(counts.sum())])
@@ -185,7 +188,8 @@ def npu_scatter_pa_kv_cache(key, value, key_cache, value_cache, slot_mapping, *,
     for tokens, cache in ((key, key_cache), (value, value_cache)):
         require(tokens.dim() == 3 and cache.dim() == 4 and tuple(cache.shape[2:]) == tuple(tokens.shape[1:]),
                  "tokens (T, H, D) and cache (blocks, block_size, H, D)")
-        require(tokens.is_contiguous() and cache.is_contiguous() and tokens.dtype == cache.dtype, "contiguous, one dtype")
+        require(tokens.is_contiguous() and cache.is_contiguous() and tokens.dtype == cache.dtype,
+                "contiguous, one dtype")
     slots = slot_mapping.long()
     require(bool(((slots >= 0) & (slots < key_cache.shape[0] * key_cache.shape[1])).all()), "slots in range")
     for tokens, cache in ((key, key_cache), (value, value_cache)):
