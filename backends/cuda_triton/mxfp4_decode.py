@@ -99,8 +99,9 @@ def dequantize_tile(packed, scales, N: tl.constexpr, K: tl.constexpr, DTYPE: tl.
 @triton.jit
 def decoded_to(values, DTYPE: tl.constexpr, INTERPRETER: tl.constexpr):
     """Decoded float32 ``values`` rounded once to DTYPE. Every MXFP4 value is a bfloat16 value, so
-    for bfloat16 under the interpreter, whose float32 -> bfloat16 conversion mishandles subnormals
-    (scale code 0), the result is the top half of each float32 (exact, and NaN stays NaN)."""
+    for bfloat16 on the portable path the result is the top half of each float32: exact (NaN stays
+    NaN) and the same bits a conversion gives, which the interpreter's does not for subnormals
+    (scale code 0)."""
     if DTYPE == tl.bfloat16 and INTERPRETER:
         return (values.to(tl.uint32, bitcast=True) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
