@@ -58,7 +58,7 @@ def using(vendor: TritonVendor):
 def pure_triton(family: str) -> bool:
     """Whether kernels for this Triton target family take their pure-Triton path (the kernels'
     ``INTERPRETER`` constexpr): everything but NVIDIA, since the other path has inline PTX
-    (mxfp4_decode.py, fp4_matmul.py) that only NVIDIA's compiler accepts."""
+    (cuda_triton/nvidia_ptx.py) that only NVIDIA's compiler accepts."""
     return family != "cuda"
 
 

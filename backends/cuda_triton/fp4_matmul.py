@@ -4,10 +4,10 @@ What the kernel does, per output tile, for each K step:
 
 * loads the packed weights as 32-bit words of 8 codes (evict-first: each weight byte is read
   once per call) and their E8M0 scales, and dequantizes them **in registers** to bf16 -- exactly:
-  every MXFP4 value is a bf16 value. Two codes 16 bits apart in a word become one bf16 pair in one
-  register (:func:`_code_pairs`: 3-4 integer instructions), and one ``mul.bf16x2`` applies the
-  scale (:func:`_scale_factors`) -- while every scale of the tile is at most 2, which real weights'
-  scales are; a tile that read a larger (or NaN) scale is computed again with a second exact
+  every MXFP4 value is a bf16 value (:func:`~.mxfp4_decode.dequantize_mma_words`). Two codes 16
+  bits apart in a word become one bf16 pair in one register (3-4 integer instructions), and one
+  ``mul.bf16x2`` applies the scale -- while every scale of the tile is at most 2, which real
+  weights' scales are; a tile that read a larger (or NaN) scale is computed again with a second exact
   multiplication. About 2.3 instructions per weight;
 * splits ``x`` into 1 (bf16), 2 (fp16) or 3 (fp32) bf16 parts whose sum is exactly ``x``
   (:func:`_x_part`; fp32 rows of values below 2^-100 are first lifted by 2^50), so that one bf16
@@ -23,7 +23,8 @@ Schedules, chosen per call by the tile table in ``hw.py``:
   and the partial sums are added in a fixed order by a second small kernel (deterministic).
   Inside a tile K is visited in a permuted order (:func:`_mma_k_order`; a dot product does not
   depend on the order of its terms), chosen so that each thread's share of the weight operand is
-  a run of contiguous words, and each of its operand registers one pair of :func:`_code_pairs`.
+  a run of contiguous words, and each of its operand registers one pair of codes of
+  :func:`~.mxfp4_decode.dequantize_mma_words`.
   ``x`` gets the same order, in registers per tile or, with ``x_permuted``, once before the
   launch (its tiles then go straight to shared memory).
 * **prefill** (larger M): ``out = x W^T`` with the dequantized ``W^T`` tile staged in shared
@@ -62,6 +63,7 @@ import triton.language as tl
 
 from apt_hal import mxfp4, ops
 from apt_hal.backends.cuda_triton import hw
+from apt_hal.backends.cuda_triton.mxfp4_decode import decoded_to, dequantize_mma_words
 from apt_hal.registry import impl
 
 # Number of bf16 parts that represent each activation dtype exactly (8 significant bits each).
@@ -96,100 +98,6 @@ class TileConfig:
 
 
 @triton.jit
-def _scale_factors(codes, INTERPRETER: tl.constexpr):
-    """E8M0 scale codes (uint8) -> (f1, f2) with f1 * f2 = 2^126 * 2^(code-127) exactly: the
-    factor that turns the codes of :func:`_code_pairs` (value * 2^-126) into weights.
-    f1 = 2^(min(code,128)-1) is a normal bf16 number; f2 = 2^(max(code,128)-128) is 1 except for
-    scales above 2 (code > 128), and NaN for code 0xFF. On the GPU both are bf16 pairs (the
-    factor in both halves of a uint32), float32 under the interpreter."""
-    c = codes.to(tl.uint32)
-    f1 = tl.minimum(c, 128) + 126
-    f2 = tl.maximum(c, 128) - 1
-    if INTERPRETER:
-        f1 = (f1 << 23).to(tl.float32, bitcast=True)
-        f2 = tl.where(c == 255, 0x7FC00000, f2 << 23).to(tl.float32, bitcast=True)
-    else:
-        f1 = (f1 << 7) * 0x10001
-        f2 = tl.where(c == 255, 0x7FC0, f2 << 7) * 0x10001
-    return f1, f2
-
-
-@triton.jit
-def _code_pairs(words, J: tl.constexpr):
-    """Codes J and J+4 of each uint32 word (code i in nibble i), as the bf16 pair (low half, high
-    half) of a uint32, each the code's value times 2^-126: the code's sign on the half's bit 15 and
-    its 3 exponent/mantissa bits right under bf16's exponent field, which encodes value * 2^-126
-    for every code (code 1, 0.5, lands on a bf16 subnormal, so the encoding is uniform).
-    Both halves move together: the two nibbles are isolated (J >= 2: shifted into the low byte of
-    their half), one multiplication places two copies of each (the copies' bits do not overlap, so
-    nothing carries), and a mask keeps the sign of one copy and the magnitude of the other.
-    3-4 integer instructions per pair."""
-    nibbles = words & (0x000F000F << (4 * J))
-    if J >= 2:
-        nibbles = nibbles >> 8
-    if J % 2 == 0:
-        pair = nibbles * 0x1040  # copies shifted by 12 (sign 3 -> 15) and 6 (magnitude 0..2 -> 6..8)
-    else:
-        pair = nibbles * 0x104  # nibble at bits 4..7: copies shifted by 8 and 2
-    return pair & 0x81C081C0
-
-
-@triton.jit
-def _times(pairs, f, INTERPRETER: tl.constexpr):
-    """bf16 pairs (uint32) times bf16 pair factors f (uint32), exact here: one mul.bf16x2 each.
-    (Written as PTX: ptxas otherwise swaps the halves of each pair around the multiply.) Under the
-    interpreter, pairs are float32 [..., 2] and f float32."""
-    if INTERPRETER:
-        return pairs * f[:, :, None]
-    else:
-        return tl.inline_asm_elementwise("mul.rn.bf16x2 $0, $1, $2;", "=r,r,r", [pairs, f],
-                                         dtype=tl.uint32, is_pure=True, pack=1)
-
-
-@triton.jit
-def _as_operand(pairs, INTERPRETER: tl.constexpr):
-    """bf16 pairs held as uint32 -> bf16 [..., 2] (float32 under the interpreter, already split)."""
-    if INTERPRETER:
-        return pairs
-    else:
-        lo = (pairs & 0xFFFF).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        hi = (pairs >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        return tl.join(lo, hi)
-
-
-@triton.jit
-def _weight_pairs(words, J: tl.constexpr, f1, f2, BIG_SCALES: tl.constexpr, INTERPRETER: tl.constexpr):
-    """Weights 8v + J and 8v + J + 4 of words [R, V] as operands [R, V, 2]; f1, f2 [R, V]."""
-    pairs = _code_pairs(words, J)
-    if INTERPRETER:
-        pairs = tl.join((pairs << 16).to(tl.float32, bitcast=True), (pairs & 0xFFFF0000).to(tl.float32, bitcast=True))
-    pairs = _times(pairs, f1, INTERPRETER)
-    if BIG_SCALES:
-        pairs = _times(pairs, f2, INTERPRETER)
-    return _as_operand(pairs, INTERPRETER)
-
-
-@triton.jit
-def _dequantize(words, codes, BIG_SCALES: tl.constexpr, INTERPRETER: tl.constexpr):
-    """Packed E2M1 codes as uint32 words [R, W] (8 codes each, K order) and their E8M0 scale
-    codes [R, W / 4] -> the weights [R, 8W] in K order, as tensor-core operands (bf16; float32
-    under the interpreter). Every value is exact: E2M1 times a power of two is a bf16 value.
-    ``BIG_SCALES``: some scale code of the tile may exceed 128 (see :func:`_scale_factors`):
-    one more multiplication."""
-    R: tl.constexpr = words.shape[0]
-    W: tl.constexpr = words.shape[1]
-    f1, f2 = _scale_factors(codes, INTERPRETER)
-    f1 = tl.broadcast_to(f1[:, :, None], (R, W // 4, 4)).reshape(R, W)
-    f2 = tl.broadcast_to(f2[:, :, None], (R, W // 4, 4)).reshape(R, W)
-    w = tl.join(tl.join(_weight_pairs(words, 0, f1, f2, BIG_SCALES, INTERPRETER),
-                        _weight_pairs(words, 1, f1, f2, BIG_SCALES, INTERPRETER)),
-                tl.join(_weight_pairs(words, 2, f1, f2, BIG_SCALES, INTERPRETER),
-                        _weight_pairs(words, 3, f1, f2, BIG_SCALES, INTERPRETER)))
-    # w[r, v, e, j0, j1] is weight 8v + 4e + 2 j1 + j0 of row r
-    return w.permute(0, 1, 2, 4, 3).reshape(R, 8 * W)
-
-
-@triton.jit
 def _x_part(rest):
     """Split float32 ``rest`` into (part, remainder), both float32, with part + remainder == rest
     exactly and part a bf16 value: ``rest`` truncated to 8 significant bits (a bit mask, so it
@@ -213,7 +121,8 @@ def _operand(t, INTERPRETER: tl.constexpr):
 @triton.jit
 def _mma_k_order(t, K_AXIS: tl.constexpr):
     """Permute the K axis of a 2-D tile (axis K_AXIS, extent BK) into the order in which the
-    tensor core's 16-bit operand layout gives each thread the pairs of :func:`_code_pairs`: thread
+    tensor core's 16-bit operand layout gives each thread the code pairs of
+    :func:`~.mxfp4_decode.dequantize_mma_words`: thread
     t of a quad holds K positions {2t, 2t+1, 2t+8, 2t+9} of every 16-wide step, and each of its
     registers should hold codes j and j+4 of one 32-bit word of its own run of BK/4 contiguous
     weights. Natural offset t*BK/4 + 8*wl + 4e + 2*j1 + j0 goes to position
@@ -283,7 +192,7 @@ def _k_loop(acc, x_tile, w_tile, s_tile, mask_m, K, k0, BLOCK_K: tl.constexpr, K
             BIG_SCALES: tl.constexpr, INTERPRETER: tl.constexpr):
     """acc + the tile's products over K_STEPS blocks of BLOCK_K from the tile pointers (x: [BLOCK_M,
     BLOCK_K], w: uint32 words [BLOCK_N, BLOCK_K / 8], s: scales [BLOCK_N, BLOCK_K / 32]) at K offset
-    k0 (BIG_SCALES: see :func:`_dequantize`); and the largest scale code read."""
+    k0 (BIG_SCALES: see :func:`~.mxfp4_decode.dequantize_mma_words`); and the largest scale code read."""
     offs_kw = tl.arange(0, BLOCK_K // 8)
     offs_ks = tl.arange(0, BLOCK_K // 32)
     offs_k = tl.arange(0, BLOCK_K)
@@ -305,7 +214,7 @@ def _k_loop(acc, x_tile, w_tile, s_tile, mask_m, K, k0, BLOCK_K: tl.constexpr, K
             words = tl.load(w_tile, mask=offs_kw[None, :] < k_left // 8, other=0, eviction_policy="evict_first")
             xv = tl.load(x_tile, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
         top = tl.maximum(top, codes)
-        w = _dequantize(words.to(tl.uint32, bitcast=True), codes, BIG_SCALES, INTERPRETER)
+        w = dequantize_mma_words(words.to(tl.uint32, bitcast=True), codes, BIG_SCALES, INTERPRETER)
         if SWAP_AB:
             w = _mma_k_order(w, 1)
         acc = _accumulate_x(acc, w, xv, X_PARTS, SWAP_AB, X_PERMUTED, INTERPRETER)
@@ -392,10 +301,8 @@ def _dequantize_kernel(w_ptr, s_ptr, out_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK
                     mask=row_ok & (offs_w[None, :] < K // 8), other=0)
     codes = tl.load(s_ptr + rows[:, None].to(tl.int64) * (K // 32) + offs_s[None, :],
                     mask=row_ok & (offs_s[None, :] < K // 32), other=127)
-    w = _dequantize(words.to(tl.uint32, bitcast=True), codes, True, INTERPRETER)
-    if INTERPRETER:  # its float32 -> bf16 conversion flushes subnormals; w is exact in bf16: keep the top half
-        w = (w.to(tl.uint32, bitcast=True) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    tl.store(out_ptr + rows[:, None].to(tl.int64) * K + offs_k[None, :], w.to(tl.bfloat16),
+    w = dequantize_mma_words(words.to(tl.uint32, bitcast=True), codes, True, INTERPRETER)
+    tl.store(out_ptr + rows[:, None].to(tl.int64) * K + offs_k[None, :], decoded_to(w, tl.bfloat16, INTERPRETER),
              mask=row_ok & (offs_k[None, :] < K))
 
 

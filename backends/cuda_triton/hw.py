@@ -1,7 +1,9 @@
 """Every NVIDIA-specific assumption of the cuda-triton kernels lives here, so rocm and xpu can
 reuse the kernels by changing this one place: warp size, shared-memory budget, Hopper-only
 features, and the per-device tuning tables. The rocm and xpu backends change it through the
-current vendor (backends/triton_vendor.py), which the functions below read."""
+current vendor (backends/triton_vendor.py), which the functions below read. The one exception is
+code: NVIDIA-only instructions (inline PTX) live in nvidia_ptx.py, reached only in the kernels'
+branch where their ``INTERPRETER`` constexpr, :func:`pure_triton`, is False."""
 
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ def interpreter_tiles() -> bool:
 
 def pure_triton() -> bool:
     """The kernels' INTERPRETER constexpr: True under the interpreter and on every GPU but NVIDIA's,
-    whose other path has inline PTX (see triton_vendor.pure_triton)."""
+    whose other path has the inline PTX of nvidia_ptx.py (see triton_vendor.pure_triton). The name
+    predates AMD and Intel builds; read it as "pure Triton": the portable path."""
     return interpreting() or triton_vendor.pure_triton(triton_vendor.current().family)
 
 

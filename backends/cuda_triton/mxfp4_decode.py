@@ -1,9 +1,23 @@
-"""MXFP4 decoding inside Triton kernels: packed E2M1 codes and E8M0 scales to weight tiles.
+"""MXFP4 decoding inside Triton kernels: every decode path the kernels use, in one module.
 
 The rules are those of :mod:`apt_hal.mxfp4`: element ``2i`` in the low nibble of byte ``i``,
 value ``E2M1(code) * 2^(scale - 127)``, scale 0xFF makes its 32 values NaN. Both factors are
 built from bit patterns (no lookup table, no ``exp2``): every decoded value is exact, then
 rounded once to the tile's dtype (a no-op unless the product leaves that dtype's range).
+
+The paths, one per way a kernel consumes weights (tests/test_mxfp4_decode.py checks each against
+:func:`apt_hal.mxfp4.dequantize`):
+
+* :func:`dequantize_tile`: a ``[N, K]`` tile in the dot's dtype (the MoE expert GEMMs);
+* :func:`float32_codes_from_words` with :func:`e8m0_to_float32`: codes for dot products on CUDA
+  cores (the MoE decode GEMV);
+* :func:`dequantize_mma_words`: bf16 tensor-core operands from 32-bit words (fp4_matmul).
+
+``INTERPRETER`` (a constexpr every path takes) is :func:`apt_hal.backends.cuda_triton.hw.pure_triton`:
+True under Triton's interpreter and for AMD and Intel targets, which then take plain Triton
+arithmetic through float32; False only on NVIDIA, whose branch may use bf16 arithmetic and the
+inline PTX of :mod:`.nvidia_ptx` (the only place the decoders' NVIDIA-only instructions live).
+The interpreter mishandles bf16 arithmetic and subnormals, hence the float32 forms.
 
 Each code's sign, exponent and mantissa bits (s e1 e0 m) are moved into a float's sign bit, the
 two lowest bits of its exponent field and the top bit of its mantissa: that float is the code's
@@ -11,10 +25,11 @@ value times 2^-126 for every code (code 1, 0.5, lands on the subnormal 2^-127), 
 multiplication by 2^126 and one by the scale, both exact, finish.
 
 For bfloat16 tiles on a GPU both codes of a byte are built at once as a bf16 pair in one 32-bit
-word and multiplied two per instruction (mul.bf16x2; the fp4_matmul kernel's technique): about
-6.5 instructions per element on sm_90 instead of about 10 through float32 (counted in the SASS
-of a decode-sized GEMM). Under Triton 3.6's interpreter, which mishandles bf16 arithmetic and
-subnormals, and for float16 and float32 tiles, the codes go through float32.
+word and multiplied two per instruction (mul.bf16x2): about 6.5 instructions per element on
+sm_90 instead of about 10 through float32 (counted in the SASS of a decode-sized GEMM).
+:func:`dequantize_mma_words` builds the pairs of codes 16 bits apart in a word, as the tensor
+core's operand registers hold them, and scales them with one ``mul.bf16x2`` (two for scale codes
+above 128).
 
 Dot products on CUDA cores (:func:`float32_codes_from_words`, the decode GEMV of the MoE experts)
 read the packed weights as 32-bit words of 8 codes and place codes ``j`` and ``j + 4`` of a word,
@@ -28,6 +43,8 @@ instructions per code, then the multiply-adds.
 
 import triton
 import triton.language as tl
+
+from apt_hal.backends.cuda_triton import nvidia_ptx
 
 
 @triton.jit
@@ -76,7 +93,19 @@ def dequantize_tile(packed, scales, N: tl.constexpr, K: tl.constexpr, DTYPE: tl.
     else:
         codes = tl.reshape(float32_codes(packed.to(tl.int32)), [N, K // 32, 32])
         values = codes * 8.507059173023462e37 * tl.reshape(e8m0_to_float32(scales), [N, K // 32, 1])
-    return tl.reshape(values, [N, K]).to(DTYPE)
+    return decoded_to(tl.reshape(values, [N, K]), DTYPE, INTERPRETER)
+
+
+@triton.jit
+def decoded_to(values, DTYPE: tl.constexpr, INTERPRETER: tl.constexpr):
+    """Decoded float32 ``values`` rounded once to DTYPE. Every MXFP4 value is a bfloat16 value, so
+    for bfloat16 on the portable path the result is the top half of each float32: exact (NaN stays
+    NaN) and the same bits a conversion gives, which the interpreter's does not for subnormals
+    (scale code 0)."""
+    if DTYPE == tl.bfloat16 and INTERPRETER:
+        return (values.to(tl.uint32, bitcast=True) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return values.to(DTYPE)
 
 
 # 2^14: codes from float32_codes_from_words are their values times 2^-14.
@@ -90,11 +119,7 @@ def _float16_pair_to_float32(pair, INTERPRETER: tl.constexpr):
         halves = tl.join((pair & 0xFFFF).to(tl.uint16), (pair >> 16).to(tl.uint16))
         return halves.to(tl.float16, bitcast=True).to(tl.float32)
     else:
-        # Spelled out: written as the lines above, LLVM rebuilds each half on its own (shifts
-        # pushed through the masks) and repacks them, two instructions more per pair.
-        lo, hi = tl.inline_asm_elementwise(
-            "{ .reg .b16 l, h; mov.b32 {l, h}, $2; cvt.f32.f16 $0, l; cvt.f32.f16 $1, h; }",
-            "=f,=f,r", [pair], dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
+        lo, hi = nvidia_ptx.float16x2_to_float32(pair)
         return tl.join(lo, hi)
 
 
@@ -120,3 +145,95 @@ def float32_codes_from_words(words, INTERPRETER: tl.constexpr):
                     tl.join(_float16_code_pair(words, 2, INTERPRETER), _float16_code_pair(words, 3, INTERPRETER)))
     # pairs[r, w, a, j0, j1] is code 4a + 2j1 + j0 of word w (each join appends its axis last).
     return tl.reshape(tl.permute(pairs, (0, 1, 2, 4, 3)), [words.shape[0], words.shape[1] * 8])
+
+
+@triton.jit
+def _bfloat16_scale_factors(codes, INTERPRETER: tl.constexpr):
+    """E8M0 scale codes (uint8) -> (f1, f2) with f1 * f2 = 2^126 * 2^(code-127) exactly: the
+    factor that turns the codes of :func:`_bfloat16_code_pairs` (value * 2^-126) into weights.
+    f1 = 2^(min(code,128)-1) is a normal bf16 number; f2 = 2^(max(code,128)-128) is 1 except for
+    scales above 2 (code > 128), and NaN for code 0xFF. On the GPU both are bf16 pairs (the
+    factor in both halves of a uint32), float32 under the interpreter."""
+    c = codes.to(tl.uint32)
+    f1 = tl.minimum(c, 128) + 126
+    f2 = tl.maximum(c, 128) - 1
+    if INTERPRETER:
+        f1 = (f1 << 23).to(tl.float32, bitcast=True)
+        f2 = tl.where(c == 255, 0x7FC00000, f2 << 23).to(tl.float32, bitcast=True)
+    else:
+        f1 = (f1 << 7) * 0x10001
+        f2 = tl.where(c == 255, 0x7FC0, f2 << 7) * 0x10001
+    return f1, f2
+
+
+@triton.jit
+def _bfloat16_code_pairs(words, J: tl.constexpr):
+    """Codes J and J+4 of each uint32 word (code i in nibble i), as the bf16 pair (low half, high
+    half) of a uint32, each the code's value times 2^-126: the code's sign on the half's bit 15 and
+    its 3 exponent/mantissa bits right under bf16's exponent field, which encodes value * 2^-126
+    for every code (code 1, 0.5, lands on a bf16 subnormal, so the encoding is uniform).
+    Both halves move together: the two nibbles are isolated (J >= 2: shifted into the low byte of
+    their half), one multiplication places two copies of each (the copies' bits do not overlap, so
+    nothing carries), and a mask keeps the sign of one copy and the magnitude of the other.
+    3-4 integer instructions per pair."""
+    nibbles = words & (0x000F000F << (4 * J))
+    if J >= 2:
+        nibbles = nibbles >> 8
+    if J % 2 == 0:
+        pair = nibbles * 0x1040  # copies shifted by 12 (sign 3 -> 15) and 6 (magnitude 0..2 -> 6..8)
+    else:
+        pair = nibbles * 0x104  # nibble at bits 4..7: copies shifted by 8 and 2
+    return pair & 0x81C081C0
+
+
+@triton.jit
+def _scaled_pairs(pairs, f, INTERPRETER: tl.constexpr):
+    """bf16 pairs (uint32) times bf16 pair factors f (uint32), exact here: one mul.bf16x2 each.
+    Under the interpreter and off NVIDIA, pairs are float32 [..., 2] and f float32."""
+    if INTERPRETER:
+        return pairs * f[:, :, None]
+    else:
+        return nvidia_ptx.mul_bf16x2(pairs, f)
+
+
+@triton.jit
+def _pairs_as_operand(pairs, INTERPRETER: tl.constexpr):
+    """bf16 pairs held as uint32 -> bf16 [..., 2] (float32 under the interpreter, already split)."""
+    if INTERPRETER:
+        return pairs
+    else:
+        lo = (pairs & 0xFFFF).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        hi = (pairs >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        return tl.join(lo, hi)
+
+
+@triton.jit
+def _weight_pairs(words, J: tl.constexpr, f1, f2, BIG_SCALES: tl.constexpr, INTERPRETER: tl.constexpr):
+    """Weights 8v + J and 8v + J + 4 of words [R, V] as operands [R, V, 2]; f1, f2 [R, V]."""
+    pairs = _bfloat16_code_pairs(words, J)
+    if INTERPRETER:
+        pairs = tl.join((pairs << 16).to(tl.float32, bitcast=True), (pairs & 0xFFFF0000).to(tl.float32, bitcast=True))
+    pairs = _scaled_pairs(pairs, f1, INTERPRETER)
+    if BIG_SCALES:
+        pairs = _scaled_pairs(pairs, f2, INTERPRETER)
+    return _pairs_as_operand(pairs, INTERPRETER)
+
+
+@triton.jit
+def dequantize_mma_words(words, codes, BIG_SCALES: tl.constexpr, INTERPRETER: tl.constexpr):
+    """Packed E2M1 codes as uint32 words [R, W] (8 codes each, K order) and their E8M0 scale
+    codes [R, W / 4] -> the weights [R, 8W] in K order, as tensor-core operands (bf16; float32
+    under the interpreter). Every value is exact: E2M1 times a power of two is a bf16 value.
+    ``BIG_SCALES``: some scale code of the tile may exceed 128 (see :func:`_bfloat16_scale_factors`):
+    one more multiplication."""
+    R: tl.constexpr = words.shape[0]
+    W: tl.constexpr = words.shape[1]
+    f1, f2 = _bfloat16_scale_factors(codes, INTERPRETER)
+    f1 = tl.broadcast_to(f1[:, :, None], (R, W // 4, 4)).reshape(R, W)
+    f2 = tl.broadcast_to(f2[:, :, None], (R, W // 4, 4)).reshape(R, W)
+    w = tl.join(tl.join(_weight_pairs(words, 0, f1, f2, BIG_SCALES, INTERPRETER),
+                        _weight_pairs(words, 1, f1, f2, BIG_SCALES, INTERPRETER)),
+                tl.join(_weight_pairs(words, 2, f1, f2, BIG_SCALES, INTERPRETER),
+                        _weight_pairs(words, 3, f1, f2, BIG_SCALES, INTERPRETER)))
+    # w[r, v, e, j0, j1] is weight 8v + 4e + 2 j1 + j0 of row r
+    return w.permute(0, 1, 2, 4, 3).reshape(R, 8 * W)
