@@ -54,27 +54,36 @@ def difference(expected: torch._C.FunctionSchema, got: torch._C.FunctionSchema) 
     return None
 
 
-def implementation_schema(fn: Callable, reference: Callable, mutates_args: tuple[str, ...]) -> str:
-    """``fn``'s inferred schema, its unannotated parameters and return typed as ``reference``'s.
+def typed_signature(fn: Callable, reference: Callable) -> inspect.Signature:
+    """``fn``'s signature with its unannotated parameters and return typed as ``reference``'s, and
+    the reference's defaults where ``fn`` declares none.
 
-    Raises TypeError when ``fn``'s annotations cannot be read or are not torch-schema types.
+    Raises TypeError when an annotation of either cannot be read.
     """
     try:
         sig = inspect.signature(fn, eval_str=True)
         ref = inspect.signature(reference, eval_str=True)
     except Exception as e:  # an annotation naming something its module does not define
         raise TypeError(f"cannot read the annotations of {fn.__qualname__}: {type(e).__name__}: {e}") from None
-    ref_params = list(ref.parameters.values())
     empty = inspect.Parameter.empty
     params = [p.replace(annotation=r.annotation if p.annotation is empty else p.annotation,
                         default=r.default if p.default is empty else p.default)
-              for p, r in zip(sig.parameters.values(), ref_params)]
+              for p, r in zip(sig.parameters.values(), ref.parameters.values())]
     returns = ref.return_annotation if sig.return_annotation is inspect.Signature.empty else sig.return_annotation
+    return sig.replace(parameters=params, return_annotation=returns)
+
+
+def implementation_schema(fn: Callable, reference: Callable, mutates_args: tuple[str, ...]) -> str:
+    """``fn``'s inferred schema, its unannotated parameters and return typed as ``reference``'s.
+
+    Raises TypeError when ``fn``'s annotations cannot be read or are not torch-schema types.
+    """
+    signature = typed_signature(fn, reference)
 
     def prototype(*args: Any, **kwargs: Any) -> None:
         """Stands for ``fn`` with the types filled in: infer_schema reads only its signature."""
 
-    prototype.__signature__ = sig.replace(parameters=params, return_annotation=returns)  # type: ignore[attr-defined]
+    prototype.__signature__ = signature  # type: ignore[attr-defined]
     try:
         return torch.library.infer_schema(prototype, mutates_args=mutates_args)
     except ValueError as e:

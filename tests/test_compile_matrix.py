@@ -56,7 +56,7 @@ def _captured_fp4_matmul_launch(monkeypatch) -> dict:
     cm._record_launches(launches)
     w_packed, w_scales = mxfp4.quantize(torch.randn(32, 64))
     with triton_vendor.using(arch.ARCHES["gfx942"]):
-        fp4_matmul.launch(torch.randn(4, 64, dtype=torch.bfloat16), w_packed, w_scales)
+        fp4_matmul.matmul(torch.randn(4, 64, dtype=torch.bfloat16), w_packed, w_scales)
     (launch,) = [v for v in launches.values() if v["kernel"] == "_fp4_matmul_kernel"]
     return launch
 

@@ -98,7 +98,7 @@ def test_every_schedule_matches_reference(swap_ab, split_k, x_permuted, dtype, t
     packed, scales = make_weights(n, k, gen, top_code)
     x = torch.randn(m, k, generator=gen).to(DEV, dtype)
     bias = torch.randn(n, generator=gen).to(DEV, dtype)
-    check(kernels.launch(x, packed, scales, bias, config=cfg), x, packed, scales, bias)
+    check(kernels.matmul(x, packed, scales, bias, config=cfg), x, packed, scales, bias)
 
 
 @pytest.mark.parametrize("top_code", [128, 130])
@@ -112,9 +112,9 @@ def test_materialize_schedule_matches_reference(top_code):
     packed, scales = make_weights(n, k, gen, top_code)
     x = torch.randn(m, k, generator=gen).to(DEV, torch.bfloat16)
     bias = torch.randn(n, generator=gen).to(DEV, torch.bfloat16)
-    check(kernels.launch(x, packed, scales, bias, config=cfg), x, packed, scales, bias)
+    check(kernels.matmul(x, packed, scales, bias, config=cfg), x, packed, scales, bias)
     with pytest.raises(ValueError, match="bfloat16"):
-        kernels.launch(x.half(), packed, scales, config=cfg)
+        kernels.matmul(x.half(), packed, scales, config=cfg)
 
 
 def test_dequantize_kernel_is_exact():

@@ -59,8 +59,8 @@ def test_fp4_matmul_reads_a_strided_bias(split_k):
     bias = torch.arange(6.0, device=DEV)
     cfg = fp4_matmul.TileConfig(block_m=16, block_n=16, block_k=32, num_warps=4, num_stages=1, swap_ab=False,
                                 split_k=split_k)
-    expected = fp4_matmul.launch(x, packed, scales, bias, config=cfg)
-    got = fp4_matmul.launch(x, packed, scales, device_spread(bias), config=cfg)
+    expected = fp4_matmul.matmul(x, packed, scales, bias, config=cfg)
+    got = fp4_matmul.matmul(x, packed, scales, device_spread(bias), config=cfg)
     assert torch.equal(got, expected)
     assert torch.allclose(expected, ops.fp4_matmul.reference(x, packed, scales, bias), rtol=1e-5, atol=1e-5)
 

@@ -187,8 +187,9 @@ def test_kernel_writes_survive_functionalization():
     runs the real kernels under Inductor on a GPU."""
     from functorch.compile import aot_function, nop
 
-    def functional(body):
-        return aot_function(lambda *args: body(*args, _TorchRowCopy()), fw_compiler=nop)
+    def functional(registered):  # its launcher (registration.kernel_op), launching the stand-in
+        return aot_function(lambda *args: registered.__wrapped__(*args, launch=lambda kernel: _TorchRowCopy()),
+                            fw_compiler=nop)
 
     cache = random_bits((6, 2, BLOCK, 2, 8), torch.float16, seed=21)[:, 1]  # dimension 0 strided
     values = random_bits((5, 2, 8), torch.float16, seed=22)
@@ -196,15 +197,15 @@ def test_kernel_writes_survive_functionalization():
     src_ids, dst_ids = index([1, 4, 4], torch.int64), index([0, 5, 2], torch.int64)
 
     written, expected = cache.clone(), cache.clone()  # paged_write writes into its input
-    functional(triton_paged._write)(written, values, slots)
+    functional(triton_paged.paged_write_triton)(written, values, slots)
     ops.paged_write.reference(expected, values, slots)
     assert_same_bytes(written, expected)
 
-    gathered = functional(triton_paged._gather)(cache, table)  # a fresh output, written through views
+    gathered = functional(triton_paged.paged_gather_triton)(cache, table)  # a fresh output, written through views
     assert_same_bytes(gathered, ops.paged_gather.reference(cache, table.long()))
 
     copied, expected = cache.flip(0).clone(), cache.flip(0).clone()  # paged_copy_blocks writes into dst
-    functional(triton_paged._copy_blocks)(cache, src_ids, copied, dst_ids)
+    functional(triton_paged.paged_copy_blocks_triton)(cache, src_ids, copied, dst_ids)
     ops.paged_copy_blocks.reference(cache, src_ids, expected, dst_ids)
     assert_same_bytes(copied, expected)
 

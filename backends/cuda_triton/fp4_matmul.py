@@ -64,7 +64,7 @@ import triton.language as tl
 from apt_hal import mxfp4, ops
 from apt_hal.backends.cuda_triton import hw
 from apt_hal.backends.cuda_triton.mxfp4_decode import decoded_to, dequantize_mma_words
-from apt_hal.registry import impl
+from apt_hal.backends.cuda_triton.registration import direct, kernel_op
 
 # Number of bf16 parts that represent each activation dtype exactly (8 significant bits each).
 _X_PARTS = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 3}
@@ -345,12 +345,12 @@ def permute_k(x: torch.Tensor, block_k: int) -> torch.Tensor:
     return x.reshape(m, k // block_k, 4, block_k // 32, 2, 2, 2).permute(0, 1, 3, 5, 6, 2, 4).reshape(m, k)
 
 
-def launch(x: torch.Tensor, w_packed: torch.Tensor, w_scales: torch.Tensor, bias: Optional[torch.Tensor] = None,
-           config: Optional[TileConfig] = None, wrap: Callable = lambda kernel: kernel) -> torch.Tensor:
+def matmul(x: torch.Tensor, w_packed: torch.Tensor, w_scales: torch.Tensor, bias: Optional[torch.Tensor] = None,
+           *, config: Optional[TileConfig] = None, launch: Callable = direct) -> torch.Tensor:
     """fp4_matmul on arguments the contract has checked. ``config`` overrides the schedule of
     :func:`choose_config` (benchmark sweeps, tests); its ``split_k`` is lowered to a divisor of
-    the number of K blocks so that all splits cover equal K ranges. ``wrap`` is
-    ``torch.library.wrap_triton`` inside the triton_op (torch.compile traces the launches)."""
+    the number of K blocks so that all splits cover equal K ranges. ``launch`` is
+    registration.direct or ``torch.library.wrap_triton`` (the traced triton_op)."""
     k = x.shape[-1]
     n = w_packed.shape[0]
     m = math.prod(x.shape[:-1])
@@ -373,7 +373,7 @@ def launch(x: torch.Tensor, w_packed: torch.Tensor, w_scales: torch.Tensor, bias
             raise ValueError(f"the materialize schedule needs bfloat16 x (exact bf16 weights), got {x.dtype}")
         w = torch.empty((n, k), dtype=torch.bfloat16, device=x.device)
         with hw.device_guard(x):
-            wrap(_dequantize_kernel)[(triton.cdiv(n, cfg.block_n), triton.cdiv(k, cfg.block_k))](
+            launch(_dequantize_kernel)[(triton.cdiv(n, cfg.block_n), triton.cdiv(k, cfg.block_k))](
                 words, scales, w, n, k, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, INTERPRETER=hw.pure_triton(),
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         return torch.nn.functional.linear(x2, w, bias).reshape(*x.shape[:-1], n)
@@ -387,7 +387,7 @@ def launch(x: torch.Tensor, w_packed: torch.Tensor, w_scales: torch.Tensor, bias
     target = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
     with hw.device_guard(x):
-        wrap(_fp4_matmul_kernel)[grid](
+        launch(_fp4_matmul_kernel)[grid](
             x2, words, scales, bias, target, m, n, k, x2.stride(0), k // 8, k // mxfp4.BLOCK, n, bias_stride,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, K_STEPS=k_blocks // split,
             X_PARTS=_X_PARTS[x.dtype], SWAP_AB=cfg.swap_ab, X_PERMUTED=x_permuted, SPLIT_K=split,
@@ -397,20 +397,11 @@ def launch(x: torch.Tensor, w_packed: torch.Tensor, w_scales: torch.Tensor, bias
         )
         if split > 1:
             block = 1024
-            wrap(_split_k_sum_kernel)[(triton.cdiv(m * n, block),)](
+            launch(_split_k_sum_kernel)[(triton.cdiv(m * n, block),)](
                 target, bias, out, m * n, n, bias_stride, SPLIT_K=split, BLOCK=block, HAS_BIAS=bias is not None,
                 num_warps=4)
     return out.reshape(*x.shape[:-1], n)
 
 
-@impl(ops.fp4_matmul, backend="cuda-triton", name="triton", traceable="apt_hal_triton::fp4_matmul")
-def fp4_matmul_triton(x: torch.Tensor, w_packed: torch.Tensor, w_scales: torch.Tensor,
-                      bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    return launch(x, w_packed, w_scales, bias)
-
-
-@torch.library.triton_op("apt_hal_triton::fp4_matmul", mutates_args=())
-def fp4_matmul_op(x: torch.Tensor, w_packed: torch.Tensor, w_scales: torch.Tensor,
-                  bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The same kernels as a torch.library op whose launches torch.compile can trace."""
-    return launch(x, w_packed, w_scales, bias, wrap=torch.library.wrap_triton)
+# The apt_hal implementation and its traceable triton_op (registration.py).
+fp4_matmul_triton = kernel_op(ops.fp4_matmul)(matmul)

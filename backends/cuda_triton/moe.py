@@ -49,19 +49,14 @@ from apt_hal.backends.cuda_triton.mxfp4_decode import (
     e8m0_to_float32,
     float32_codes_from_words,
 )
+from apt_hal.backends.cuda_triton.registration import direct, kernel_op
 from apt_hal.contracts.moe_dispatch import ACTIVATIONS
-from apt_hal.registry import impl
 
 _SWIGLU = tl.constexpr(ACTIVATIONS.index("swiglu"))
 _GELU = tl.constexpr(ACTIVATIONS.index("gelu"))
 _GPT_OSS = tl.constexpr(ACTIVATIONS.index("gpt_oss_swiglu"))
 
 _PERMUTE_BLOCK = 128  # assignments per histogram/scatter program (the scatter compares them pairwise)
-
-
-def _plain(kernel):
-    """Launch a kernel as is (eager); ``torch.library.wrap_triton`` is the traceable alternative."""
-    return kernel
 
 
 def _dense(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -130,7 +125,7 @@ def _route_kernel(logits_ptr, weights_ptr, ids_ptr, T, E, stride_t, stride_e,
 
 
 def route(router_logits: torch.Tensor, top_k: int, scoring: str = "softmax_topk", renormalize: bool = False,
-          *, launch=_plain) -> Tuple[torch.Tensor, torch.Tensor]:
+          *, launch=direct) -> Tuple[torch.Tensor, torch.Tensor]:
     """``moe_route`` on the GPU: (topk_weights float32 [T, k], topk_ids int32 [T, k])."""
     t, e = router_logits.shape
     weights = router_logits.new_empty((t, top_k), dtype=torch.float32)
@@ -220,7 +215,7 @@ def _permute_scatter_kernel(ids_ptr, stride_t, stride_k, hist_ptr, offsets_ptr, 
 
 
 def permute(topk_ids: torch.Tensor, num_experts: int, capacity: int = -1, *,
-            launch=_plain) -> Tuple[torch.Tensor, torch.Tensor]:
+            launch=direct) -> Tuple[torch.Tensor, torch.Tensor]:
     """``moe_permute`` on the GPU: (sorted_assignments int32 [S], expert_offsets int64 [E+1])."""
     t, k = topk_ids.shape
     s = t * k
@@ -697,7 +692,7 @@ def default_tiles(x: torch.Tensor, s: int, w_up: torch.Tensor, w_down: torch.Ten
 def up_projection(x: torch.Tensor, sorted_assignments: torch.Tensor, expert_offsets: torch.Tensor,
                   w_up: torch.Tensor, w_up_scales: Optional[torch.Tensor], b_up: Optional[torch.Tensor],
                   top_k: int, activation: str, alpha: float, limit: float, act: torch.Tensor, tiles: dict,
-                  launch=_plain) -> torch.Tensor:
+                  launch=direct) -> torch.Tensor:
     """act [S, F] = the activation of x's rows times w_up (rows of dropped assignments unwritten)."""
     s, d = sorted_assignments.shape[0], x.shape[1]
     num_experts, f = w_up.shape[0], act.shape[1]
@@ -722,7 +717,7 @@ def up_projection(x: torch.Tensor, sorted_assignments: torch.Tensor, expert_offs
 
 def down_projection(act: torch.Tensor, expert_offsets: torch.Tensor, w_down: torch.Tensor,
                     w_down_scales: Optional[torch.Tensor], b_down: Optional[torch.Tensor], y: torch.Tensor,
-                    tiles: dict, launch=_plain, sorted_assignments: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    tiles: dict, launch=direct, sorted_assignments: Optional[torch.Tensor] = None) -> torch.Tensor:
     """y [S, d] = act's rows times w_down plus b_down; the rows of dropped assignments are zeros, and
     so are those whose ``sorted_assignments`` entry is out of range (None: none is)."""
     (s, f), d = act.shape, y.shape[1]
@@ -752,12 +747,11 @@ def experts(x: torch.Tensor, sorted_assignments: torch.Tensor, expert_offsets: t
             w_up: torch.Tensor, w_down: torch.Tensor, w_up_scales: Optional[torch.Tensor] = None,
             w_down_scales: Optional[torch.Tensor] = None, b_up: Optional[torch.Tensor] = None,
             b_down: Optional[torch.Tensor] = None, top_k: int = 1, activation: str = "swiglu",
-            alpha: float = 1.702, limit: float = 7.0, *, launch=_plain,
-            tiles: Optional[Tuple[dict, dict]] = None, out: Optional[torch.Tensor] = None,
-            allow_tma: bool = True) -> torch.Tensor:
+            alpha: float = 1.702, limit: float = 7.0, *, launch=direct,
+            tiles: Optional[Tuple[dict, dict]] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``moe_experts`` on the GPU. ``tiles`` overrides :func:`default_tiles` (tuning sweeps, tests):
     an (up, down) pair of tile configurations of hw.py's form; ``out`` is a contiguous [S, d]
-    output to write (every row is written); ``allow_tma=False`` keeps to the pointer kernels."""
+    output to write (every row is written)."""
     s, d = sorted_assignments.shape[0], x.shape[1]
     quant = w_up_scales is not None
     f = w_down.shape[2] * (2 if quant else 1)
@@ -766,6 +760,10 @@ def experts(x: torch.Tensor, sorted_assignments: torch.Tensor, expert_offsets: t
         return y
     x = x if x.stride(1) == 1 else x.contiguous()
     sorted_assignments, expert_offsets, b_up, b_down = map(_dense, (sorted_assignments, expert_offsets, b_up, b_down))
+    # Traced launches (the triton_op) take no TMA kind: a host-side TensorDescriptor needs concrete
+    # sizes, and Inductor traces with symbolic ones ("Cannot call numel() on tensor with symbolic
+    # sizes", torch 2.11 / Triton 3.6 on an H100). Compiled prefill runs the tensor-core pointer kernel.
+    allow_tma = launch is not torch.library.wrap_triton
     tiles = tiles or default_tiles(x, s, w_up, w_down, quant, activation, allow_tma)
     # The gemv kernel reads its input rows in float32: the activations stay unrounded for it.
     act = x.new_empty((s, f), dtype=torch.float32 if tiles[1]["KIND"] == "gemv" else x.dtype)
@@ -814,7 +812,7 @@ def _combine_kernel(y_ptr, row_of_ptr, offsets_ptr, weights_ptr, out_ptr, T, D, 
 
 
 def combine(y: torch.Tensor, sorted_assignments: torch.Tensor, expert_offsets: torch.Tensor,
-            topk_weights: torch.Tensor, *, launch=_plain, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+            topk_weights: torch.Tensor, *, launch=direct, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``moe_combine`` on the GPU. ``out`` is a contiguous [T, d] output to write (every element is written)."""
     t, k = topk_weights.shape
     s, d = t * k, y.shape[1]
@@ -839,64 +837,11 @@ def combine(y: torch.Tensor, sorted_assignments: torch.Tensor, expert_offsets: t
 
 
 # ---------------------------------------------------------------------------------------------
-# Registration: apt_hal implementations (direct launches) and traceable triton_ops
+# Registration: apt_hal implementations and their traceable triton_ops (registration.py)
 # ---------------------------------------------------------------------------------------------
 
 
-@impl(ops.moe_route, backend="cuda-triton", name="triton", traceable="apt_hal_triton::moe_route")
-def moe_route_triton(router_logits, top_k, scoring="softmax_topk", renormalize=False):
-    return route(router_logits, top_k, scoring, renormalize)
-
-
-@impl(ops.moe_permute, backend="cuda-triton", name="triton", traceable="apt_hal_triton::moe_permute")
-def moe_permute_triton(topk_ids, num_experts, capacity=-1):
-    return permute(topk_ids, num_experts, capacity)
-
-
-@impl(ops.moe_experts, backend="cuda-triton", name="triton", traceable="apt_hal_triton::moe_experts")
-def moe_experts_triton(x, sorted_assignments, expert_offsets, w_up, w_down, w_up_scales=None, w_down_scales=None,
-                       b_up=None, b_down=None, top_k=1, activation="swiglu", alpha=1.702, limit=7.0):
-    return experts(x, sorted_assignments, expert_offsets, w_up, w_down, w_up_scales, w_down_scales,
-                   b_up, b_down, top_k, activation, alpha, limit)
-
-
-@impl(ops.moe_combine, backend="cuda-triton", name="triton", traceable="apt_hal_triton::moe_combine")
-def moe_combine_triton(y, sorted_assignments, expert_offsets, topk_weights):
-    return combine(y, sorted_assignments, expert_offsets, topk_weights)
-
-
-_wrap = torch.library.wrap_triton
-
-
-# The same launches as torch ops whose Triton kernels torch.compile can see; their schemas equal
-# the apt_hal ops' (names, order, defaults), so the apt_hal ops call them under torch.compile.
-
-
-@torch.library.triton_op("apt_hal_triton::moe_route", mutates_args=())
-def moe_route_op(router_logits: torch.Tensor, top_k: int, scoring: str = "softmax_topk",
-                 renormalize: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
-    return route(router_logits, top_k, scoring, renormalize, launch=_wrap)
-
-
-@torch.library.triton_op("apt_hal_triton::moe_permute", mutates_args=())
-def moe_permute_op(topk_ids: torch.Tensor, num_experts: int, capacity: int = -1) -> Tuple[torch.Tensor, torch.Tensor]:
-    return permute(topk_ids, num_experts, capacity, launch=_wrap)
-
-
-@torch.library.triton_op("apt_hal_triton::moe_experts", mutates_args=())
-def moe_experts_op(x: torch.Tensor, sorted_assignments: torch.Tensor, expert_offsets: torch.Tensor,
-                   w_up: torch.Tensor, w_down: torch.Tensor, w_up_scales: Optional[torch.Tensor] = None,
-                   w_down_scales: Optional[torch.Tensor] = None, b_up: Optional[torch.Tensor] = None,
-                   b_down: Optional[torch.Tensor] = None, top_k: int = 1, activation: str = "swiglu",
-                   alpha: float = 1.702, limit: float = 7.0) -> torch.Tensor:
-    # No TMA kind here: a host-side TensorDescriptor needs concrete sizes, and Inductor traces
-    # this body with symbolic ones ("Cannot call numel() on tensor with symbolic sizes", torch
-    # 2.11 / Triton 3.6 on an H100). Compiled prefill runs the tensor-core pointer kernel instead.
-    return experts(x, sorted_assignments, expert_offsets, w_up, w_down, w_up_scales, w_down_scales,
-                   b_up, b_down, top_k, activation, alpha, limit, launch=_wrap, allow_tma=False)
-
-
-@torch.library.triton_op("apt_hal_triton::moe_combine", mutates_args=())
-def moe_combine_op(y: torch.Tensor, sorted_assignments: torch.Tensor, expert_offsets: torch.Tensor,
-                   topk_weights: torch.Tensor) -> torch.Tensor:
-    return combine(y, sorted_assignments, expert_offsets, topk_weights, launch=_wrap)
+moe_route_triton = kernel_op(ops.moe_route)(route)
+moe_permute_triton = kernel_op(ops.moe_permute)(permute)
+moe_experts_triton = kernel_op(ops.moe_experts)(experts)
+moe_combine_triton = kernel_op(ops.moe_combine)(combine)

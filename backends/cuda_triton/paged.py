@@ -33,12 +33,11 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
 
 from apt_hal import ops
 from apt_hal.backends.cuda_triton import hw
+from apt_hal.backends.cuda_triton.registration import direct, kernel_op
 from apt_hal.contract import tracing
-from apt_hal.registry import impl
 
 _WORD_DTYPES = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
 
@@ -76,12 +75,12 @@ def _copy_rows_kernel(src, src_ids, src_id_stride, src_rows, src_row_stride, dst
 
 def launch_copy_rows(src: torch.Tensor, src_ids: Optional[torch.Tensor], dst: torch.Tensor,
                      dst_ids: Optional[torch.Tensor], n_rows: int, row_len: int, *, dst_rows_per_block: int = 1,
-                     kernel=_copy_rows_kernel, tile_bytes: int = hw.STREAM_TILE_BYTES,
+                     launch=direct, tile_bytes: int = hw.STREAM_TILE_BYTES,
                      max_programs: Optional[int] = None, num_warps: Optional[int] = None,
                      skip_bad_src: bool = False) -> None:
     """Copy ``n_rows`` rows of ``row_len`` words between word matrices ``src``/``dst`` (``[blocks,
     block_len]``, dim 0 strided); see the module docstring. The id vectors may have any stride.
-    ``kernel`` is the Triton kernel or its ``wrap_triton`` wrapper. ``max_programs`` caps the grid
+    ``launch`` is registration.direct or ``wrap_triton``. ``max_programs`` caps the grid
     (each program then loops over tiles); ``num_warps`` overrides the warps a tile of ``tile_bytes``
     gets; ``skip_bad_src``: a source id out of range skips its row instead of writing zeros."""
     if n_rows == 0 or row_len == 0:
@@ -96,7 +95,7 @@ def launch_copy_rows(src: torch.Tensor, src_ids: Optional[torch.Tensor], dst: to
         rows //= 2
     tiles = triton.cdiv(n_rows, rows) * col_blocks
     with hw.device_guard(dst):
-        kernel[(min(tiles, max_programs or tiles),)](
+        launch(_copy_rows_kernel)[(min(tiles, max_programs or tiles),)](
             src, src_ids, _stride(src_ids), src.shape[0], src.stride(0), dst, dst_ids, _stride(dst_ids),
             dst.shape[0] * dst_rows_per_block, dst_rows_per_block, dst.stride(0), n_rows, row_len, col_blocks,
             SKIP_BAD_SRC=skip_bad_src, ROWS=rows, COLS=cols,
@@ -131,37 +130,29 @@ def _word_rows(*tensors: torch.Tensor, unit: int) -> list[torch.Tensor]:
 # ---- paged_write ----------------------------------------------------------------------------------
 
 
-def _write(cache, values, slot_mapping, kernel):
+@kernel_op(ops.paged_write)
+def paged_write_triton(cache, values, slot_mapping, *, launch):
     slot_bytes = math.prod(values.shape[1:]) * values.element_size()
     if values.shape[0] == 0 or slot_bytes == 0:
         return
     cache_w, values_w = _word_rows(cache, values, unit=slot_bytes)
     slot_len = slot_bytes // cache_w.element_size()
     launch_copy_rows(values_w, None, cache_w, slot_mapping, values.shape[0], slot_len,
-                     dst_rows_per_block=cache.shape[1], kernel=kernel)
-
-
-@impl(ops.paged_write, backend="cuda-triton", name="triton", traceable="apt_hal_triton::paged_write")
-def paged_write_triton(cache, values, slot_mapping):
-    _write(cache, values, slot_mapping, _copy_rows_kernel)
+                     dst_rows_per_block=cache.shape[1], launch=launch)
 
 
 # ---- paged_gather ---------------------------------------------------------------------------------
 
 
-def _gather(cache, block_table, kernel):
+@kernel_op(ops.paged_gather)
+def paged_gather_triton(cache, block_table, *, launch):
     out = torch.empty((*block_table.shape, *cache.shape[1:]), dtype=cache.dtype, device=cache.device)
     n = block_table.numel()
     if out.numel():
         block_bytes = math.prod(cache.shape[1:]) * cache.element_size()
         cache_w, out_w = _word_rows(cache, out.view(n, *cache.shape[1:]), unit=block_bytes)
-        launch_copy_rows(cache_w, block_table.reshape(n), out_w, None, n, out_w.shape[1], kernel=kernel)
+        launch_copy_rows(cache_w, block_table.reshape(n), out_w, None, n, out_w.shape[1], launch=launch)
     return out
-
-
-@impl(ops.paged_gather, backend="cuda-triton", name="triton", traceable="apt_hal_triton::paged_gather")
-def paged_gather_triton(cache, block_table):
-    return _gather(cache, block_table, _copy_rows_kernel)
 
 
 # ---- paged_copy_blocks ----------------------------------------------------------------------------
@@ -181,13 +172,13 @@ def _host_run(rows: torch.Tensor, ids: torch.Tensor) -> Optional[torch.Tensor]:
 
 
 def read_pinned_host(host_w: torch.Tensor, host_ids: torch.Tensor, dst_w: torch.Tensor, dst_ids: torch.Tensor,
-                     kernel=_copy_rows_kernel, programs: int = hw.HOST_READ_PROGRAMS,
+                     launch=direct, programs: int = hw.HOST_READ_PROGRAMS,
                      tile_bytes: int = hw.HOST_READ_TILE_BYTES, num_warps: Optional[int] = None) -> None:
     """``dst_w[dst_ids] = host_w[host_ids]`` read by the GPU itself from pinned host memory (zero
     copy: no CPU gather, no staging buffer), by a grid of ``programs`` that loops over the blocks;
     see hw.HOST_READ_PROGRAMS. The host blocks are read in stream order."""
     ids = host_ids.to(dst_w.device, non_blocking=True)
-    launch_copy_rows(host_w, ids, dst_w, dst_ids, ids.numel(), dst_w.shape[1], kernel=kernel, tile_bytes=tile_bytes,
+    launch_copy_rows(host_w, ids, dst_w, dst_ids, ids.numel(), dst_w.shape[1], launch=launch, tile_bytes=tile_bytes,
                      max_programs=programs, num_warps=num_warps, skip_bad_src=True)
     # torch's pinned-memory allocator hands a freed block out again only once the copies recorded
     # on it have finished, and a kernel's reads are not recorded: a one-word copy from the same
@@ -195,7 +186,7 @@ def read_pinned_host(host_w: torch.Tensor, host_ids: torch.Tensor, dst_w: torch.
     torch.empty(1, dtype=host_w.dtype, device=dst_w.device).copy_(host_w[0, :1], non_blocking=True)
 
 
-def _gather_blocks(src_w: torch.Tensor, src_ids: torch.Tensor, pin: bool, kernel) -> torch.Tensor:
+def _gather_blocks(src_w: torch.Tensor, src_ids: torch.Tensor, pin: bool, launch) -> torch.Tensor:
     """The blocks ``src_ids`` of word matrix ``src_w`` as one contiguous ``[n, block_len]`` tensor on
     ``src_w``'s device (pinned if asked, on the host)."""
     n, block_len = src_ids.numel(), src_w.shape[1]
@@ -203,11 +194,11 @@ def _gather_blocks(src_w: torch.Tensor, src_ids: torch.Tensor, pin: bool, kernel
     if src_w.device.type == "cpu":
         torch.index_select(src_w, 0, src_ids, out=staged)
     else:
-        launch_copy_rows(src_w, src_ids, staged, None, n, block_len, kernel=kernel)
+        launch_copy_rows(src_w, src_ids, staged, None, n, block_len, launch=launch)
     return staged
 
 
-def copy_blocks_across_devices(src, src_ids, dst, dst_ids, kernel=_copy_rows_kernel) -> None:
+def copy_blocks_across_devices(src, src_ids, dst, dst_ids, launch=direct) -> None:
     """``dst[dst_ids] = src[src_ids]`` for pools on different devices (host <-> GPU, or two GPUs).
 
     To a GPU: a contiguous run of pinned host blocks is its own staging buffer (one copy-engine
@@ -230,15 +221,15 @@ def copy_blocks_across_devices(src, src_ids, dst, dst_ids, kernel=_copy_rows_ker
     src_ids, dst_ids = _drop_invalid_pairs(src_ids, src.shape[0], dst_ids, dst.shape[0])
     src_w, dst_w = _word_rows(src, dst, unit=block_bytes)
     if dst.device.type == "cpu":
-        _copy_to_host(src_w, src_ids, dst_w, dst_ids, kernel)
+        _copy_to_host(src_w, src_ids, dst_w, dst_ids, launch)
         return
     from_host = src.device.type == "cpu"
     run = _host_run(src_w, src_ids) if from_host else None
     if run is None and from_host and src.is_pinned() and hw.PINNED_HOST_READABLE:
-        read_pinned_host(src_w, src_ids, dst_w, dst_ids, kernel)
+        read_pinned_host(src_w, src_ids, dst_w, dst_ids, launch)
         return
-    staged = run if run is not None else _gather_blocks(src_w, src_ids, pin=from_host, kernel=kernel)
-    launch_copy_rows(staged.to(dst.device, non_blocking=True), None, dst_w, dst_ids, n, dst_w.shape[1], kernel=kernel)
+    staged = run if run is not None else _gather_blocks(src_w, src_ids, pin=from_host, launch=launch)
+    launch_copy_rows(staged.to(dst.device, non_blocking=True), None, dst_w, dst_ids, n, dst_w.shape[1], launch=launch)
 
 
 def _drop_invalid_pairs(src_ids: torch.Tensor, src_blocks: int, dst_ids: torch.Tensor,
@@ -253,8 +244,8 @@ def _drop_invalid_pairs(src_ids: torch.Tensor, src_blocks: int, dst_ids: torch.T
     return torch.where(src_ok, src_ids, 0), torch.where(keep, dst_ids, -1)
 
 
-def _copy_to_host(src_w, src_ids, host_w, host_ids, kernel) -> None:
-    staged = _gather_blocks(src_w, src_ids, pin=False, kernel=kernel)
+def _copy_to_host(src_w, src_ids, host_w, host_ids, launch) -> None:
+    staged = _gather_blocks(src_w, src_ids, pin=False, launch=launch)
     run = _host_run(host_w, host_ids)
     if run is not None:
         run.copy_(staged)  # blocking (see copy_blocks_across_devices)
@@ -267,35 +258,14 @@ def _copy_to_host(src_w, src_ids, host_w, host_ids, kernel) -> None:
     host_w.index_copy_(0, host_ids[keep].long(), staged[keep])  # index_copy_ takes int64 ids only
 
 
-def _copy_blocks(src, src_ids, dst, dst_ids, kernel):
+@kernel_op(ops.paged_copy_blocks)
+def paged_copy_blocks_triton(src, src_ids, dst, dst_ids, *, launch):
     if src.device != dst.device:
-        copy_blocks_across_devices(src, src_ids, dst, dst_ids, kernel)
+        copy_blocks_across_devices(src, src_ids, dst, dst_ids, launch)
         return
     block_bytes = math.prod(src.shape[1:]) * src.element_size()
     if src_ids.numel() and block_bytes:
         src_w, dst_w = _word_rows(src, dst, unit=block_bytes)
-        launch_copy_rows(src_w, src_ids, dst_w, dst_ids, src_ids.numel(), src_w.shape[1], kernel=kernel,
+        launch_copy_rows(src_w, src_ids, dst_w, dst_ids, src_ids.numel(), src_w.shape[1], launch=launch,
                          skip_bad_src=True)
 
-
-@impl(ops.paged_copy_blocks, backend="cuda-triton", name="triton")
-def paged_copy_blocks_triton(src, src_ids, dst, dst_ids):
-    _copy_blocks(src, src_ids, dst, dst_ids, _copy_rows_kernel)
-
-
-# ---- the same launches as torch ops whose Triton kernel torch.compile can see -------------------
-
-
-@triton_op("apt_hal_triton::paged_write", mutates_args=("cache",))
-def paged_write_op(cache: torch.Tensor, values: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    _write(cache, values, slot_mapping, wrap_triton(_copy_rows_kernel))
-
-
-@triton_op("apt_hal_triton::paged_gather", mutates_args=())
-def paged_gather_op(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
-    return _gather(cache, block_table, wrap_triton(_copy_rows_kernel))
-
-
-@triton_op("apt_hal_triton::paged_copy_blocks", mutates_args=("dst",))
-def paged_copy_blocks_op(src: torch.Tensor, src_ids: torch.Tensor, dst: torch.Tensor, dst_ids: torch.Tensor) -> None:
-    _copy_blocks(src, src_ids, dst, dst_ids, wrap_triton(_copy_rows_kernel))

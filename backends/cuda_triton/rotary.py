@@ -22,11 +22,10 @@ from typing import Optional, Tuple
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
 
 from apt_hal import ops
 from apt_hal.backends.cuda_triton import hw
-from apt_hal.registry import impl
+from apt_hal.backends.cuda_triton.registration import direct, kernel_op
 
 
 @triton.jit
@@ -106,10 +105,10 @@ def heads_per_program(n_tokens: int, q_heads: int, k_heads: int, head_bytes: int
 
 
 def launch_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
-                  style: str, q_out: torch.Tensor, k_out: torch.Tensor, kernel=_rotary_kernel,
+                  style: str, q_out: torch.Tensor, k_out: torch.Tensor, *, launch=direct,
                   heads: Optional[Tuple[int, int]] = None) -> None:
-    """Rotate ``q``/``k`` into ``q_out``/``k_out`` (the same tensors: in place). ``kernel`` is the
-    Triton kernel or its ``wrap_triton`` wrapper; ``heads`` overrides :func:`heads_per_program`."""
+    """Rotate ``q``/``k`` into ``q_out``/``k_out`` (the same tensors: in place). ``launch`` is
+    registration.direct or ``wrap_triton``; ``heads`` overrides :func:`heads_per_program`."""
     batch, seq, q_heads, dim = q.shape
     k_heads = k.shape[2]
     n_tokens = batch * seq
@@ -123,44 +122,27 @@ def launch_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos
     bq, bk = heads
     grid = (n_tokens, triton.cdiv(q_heads, bq) + triton.cdiv(k_heads, bk))
     with hw.device_guard(q):
-        kernel[grid](q, k, q_out, k_out, positions, cos_sin_cache, cos_sin_cache.shape[0], seq, q_heads, k_heads,
-                     *q.stride()[:3], *k.stride()[:3], *q_out.stride()[:3], *k_out.stride()[:3], *positions.stride(),
-                     HALF=half, HALF_PAD=triton.next_power_of_2(half), TAIL=tail,
-                     TAIL_PAD=triton.next_power_of_2(max(tail, 1)), NEOX=style == "neox", Q_BLOCK_H=bq,
-                     K_BLOCK_H=bk, num_warps=hw.stream_num_warps(max(bq, bk) * dim * q.element_size()))
+        launch(_rotary_kernel)[grid](
+            q, k, q_out, k_out, positions, cos_sin_cache, cos_sin_cache.shape[0], seq, q_heads, k_heads,
+            *q.stride()[:3], *k.stride()[:3], *q_out.stride()[:3], *k_out.stride()[:3], *positions.stride(),
+            HALF=half, HALF_PAD=triton.next_power_of_2(half), TAIL=tail, TAIL_PAD=triton.next_power_of_2(max(tail, 1)),
+            NEOX=style == "neox", Q_BLOCK_H=bq, K_BLOCK_H=bk,
+            num_warps=hw.stream_num_warps(max(bq, bk) * dim * q.element_size()))
 
 
-def _rotary_new(q, k, positions, cos_sin_cache, style, kernel):
+# ---- registration: the apt_hal implementations and their traceable triton_ops (registration.py) ---
+
+
+@kernel_op(ops.rotary)
+def rotary_triton(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
+                  style: str = "neox", *, launch) -> Tuple[torch.Tensor, torch.Tensor]:
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    launch_rotary(q, k, positions, cos_sin_cache, style, q_out, k_out, kernel)
+    launch_rotary(q, k, positions, cos_sin_cache, style, q_out, k_out, launch=launch)
     return q_out, k_out
 
 
-# ---- apt_hal implementations (eager: the kernel is launched directly, no dispatcher hop) --------
-
-
-@impl(ops.rotary, backend="cuda-triton", name="triton", traceable="apt_hal_triton::rotary")
-def rotary_triton(q, k, positions, cos_sin_cache, style="neox"):
-    return _rotary_new(q, k, positions, cos_sin_cache, style, _rotary_kernel)
-
-
-@impl(ops.rotary_, backend="cuda-triton", name="triton", traceable="apt_hal_triton::rotary_")
-def rotary_triton_(q, k, positions, cos_sin_cache, style="neox"):
-    launch_rotary(q, k, positions, cos_sin_cache, style, q, k, _rotary_kernel)
-
-
-# ---- the same launches as torch ops whose Triton kernel torch.compile can see -------------------
-# (wrap_triton also works in eager mode and under TRITON_INTERPRET=1, where it returns the kernel.)
-
-
-@triton_op("apt_hal_triton::rotary", mutates_args=())
-def rotary_op(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
-              style: str = "neox") -> Tuple[torch.Tensor, torch.Tensor]:
-    return _rotary_new(q, k, positions, cos_sin_cache, style, wrap_triton(_rotary_kernel))
-
-
-@triton_op("apt_hal_triton::rotary_", mutates_args=("q", "k"))
-def rotary_op_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
-               style: str = "neox") -> None:
-    launch_rotary(q, k, positions, cos_sin_cache, style, q, k, wrap_triton(_rotary_kernel))
+@kernel_op(ops.rotary_)
+def rotary_triton_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
+                   style: str = "neox", *, launch) -> None:
+    launch_rotary(q, k, positions, cos_sin_cache, style, q, k, launch=launch)

@@ -161,11 +161,11 @@ def gpu_checks() -> None:
             packed, scales = make_weights(1000, k, gen, top_code)
             x = torch.randn(40, k, device="cuda", dtype=torch.bfloat16, generator=gen)
             check(f"fp4_matmul schedule {cfg}, scales up to 2^{top_code - 127}",
-                  kernels.launch(x, packed, scales, config=cfg), x, packed, scales)
+                  kernels.matmul(x, packed, scales, config=cfg), x, packed, scales)
     cfg = kernels.TileConfig(**kernels.hw.FP4_MATMUL_MATERIALIZE_TILE)
     packed, scales = make_weights(1000, 4096 + 32, gen, 130)
     x = torch.randn(40, 4096 + 32, device="cuda", dtype=torch.bfloat16, generator=gen)
-    check(f"fp4_matmul schedule {cfg}", kernels.launch(x, packed, scales, config=cfg), x, packed, scales)
+    check(f"fp4_matmul schedule {cfg}", kernels.matmul(x, packed, scales, config=cfg), x, packed, scales)
     print("gpu checks: fp4_matmul matches the reference (bf16/fp16/fp32, bias, odd K and N, extreme scales, "
           "subnormal x, every schedule)", flush=True)
     packed, scales = make_weights(512, 1024, gen)
@@ -174,7 +174,7 @@ def gpu_checks() -> None:
                                  fullgraph=True, dynamic=False)
         for m in (16, 600):  # decode (split-K), materialize
             x = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16, generator=gen)
-            torch.testing.assert_close(compiled(x), 2 * kernels.launch(x, packed, scales), rtol=0, atol=0)
+            torch.testing.assert_close(compiled(x), 2 * kernels.matmul(x, packed, scales), rtol=0, atol=0)
         print("gpu checks: torch.compile(fullgraph) of torch.ops.apt_hal_triton.fp4_matmul matches eager", flush=True)
     except Exception as e:  # reported, not fatal: it is not a wrong kernel result
         print(f"gpu checks: torch.compile of the triton_op FAILED: {type(e).__name__}: {e}", flush=True)
@@ -291,7 +291,7 @@ def sweep(ceilings: harness.Ceilings, quick: bool = False) -> None:
             configs = list(dict.fromkeys([auto, kernels.TileConfig(**kernels.hw.fp4_matmul_tiles(256)),
                                           kernels.TileConfig(**kernels.hw.FP4_MATMUL_MATERIALIZE_TILE)]))
         for cfg in configs:
-            run_cfg = lambda x, p, s, cfg=cfg: kernels.launch(x, p, s, config=cfg)  # noqa: E731
+            run_cfg = lambda x, p, s, cfg=cfg: kernels.matmul(x, p, s, config=cfg)  # noqa: E731
             try:
                 check("sweep", run_cfg(*sets[0]), *sets[0], elementwise=False)
                 t = harness.time_calls([lambda s=s: run_cfg(*s) for s in sets])
