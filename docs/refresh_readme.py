@@ -19,8 +19,9 @@ A block is marked by an HTML comment (invisible on GitHub) on the line before it
 ``show`` keeps part of a long output: comma-separated 1-based line ranges (``1-5``, ``-3`` = the
 last three lines, ``7``), with ``...`` written between kept parts that are not adjacent. ``mask`` is
 a regular expression for figures that differ between runs (throughput, wall times, versions): each
-match is replaced by ``<~>`` on both sides before comparing, so everything else in the line, the
-losses say, must still match exactly.
+match is replaced by ``<~>`` on both sides before comparing (and runs of spaces are collapsed, since
+a figure of another width shifts the columns after it), so everything else in the line, the losses
+say, must still match exactly.
 
 The test ``tests/test_readme.py`` runs the same blocks and fails when the README no longer matches.
 """
@@ -105,7 +106,9 @@ def select(lines: list[str], show: str) -> list[str]:
 
 
 def _mask(line: str, mask: str) -> str:
-    return re.sub(mask, MASKED, line) if mask else line
+    # A masked figure may change width and shift the columns after it: compare those lines with
+    # runs of spaces collapsed.
+    return re.sub(r" +", " ", re.sub(mask, MASKED, line)) if mask else line
 
 
 def matches(expected: list[str], actual: list[str], mask: str = "") -> tuple[bool, str]:
