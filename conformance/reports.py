@@ -259,7 +259,8 @@ def text_summary(report: dict, limit: int = 20) -> str:
         out += ["", f"problems ({len(found)}, first {min(limit, len(found))}):"]
         out += [f"  {c['status']:<15} {c['backend']} {c['id']}: {_md(c['message'], 300)}" for c in found[:limit]]
     total = counts(report)
-    out += ["", "total: " + ", ".join(f"{total[s]} {s}" for s in status.SEVERITY if total[s])]
+    summary = ", ".join(f"{total[s]} {s}" for s in status.SEVERITY if total[s])
+    out += ["", "total: " + (summary or "no numeric case ran")]
     return "\n".join(out)
 
 
