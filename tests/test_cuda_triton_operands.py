@@ -314,3 +314,15 @@ def test_combine_with_assignments_that_are_not_a_permutation():
                 expected[tok] += weights[tok, j] * y[row]
     got = moe.combine(y, order, offsets, weights)
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_pairs_of_a_cross_device_copy_keep_each_id_on_its_pools_device():
+    # Seen on an H100: every cross-device copy failed ("found at least two devices") because the
+    # source mask was moved to the destination's device and then applied to the source ids. Meta
+    # tensors stand for the other device here, so the check runs without a GPU.
+    from apt_hal.backends.cuda_triton.paged import _drop_invalid_pairs
+
+    src_ids, dst_ids = torch.tensor([0, 5, 1, -1]), torch.tensor([2, 0, 9, 1], device="meta")
+    src, dst = _drop_invalid_pairs(src_ids, 4, dst_ids, 3)
+    assert src.device.type == "cpu" and dst.device.type == "meta"
+    assert src.tolist() == [0, 0, 1, 0]  # out-of-range sources read block 0; their pairs are skipped

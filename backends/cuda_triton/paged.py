@@ -238,9 +238,9 @@ def _drop_invalid_pairs(src_ids: torch.Tensor, src_blocks: int, dst_ids: torch.T
     id becomes 0 (a block that exists, so no gather leaves the pool) and its destination id -1
     (which every scatter skips). Towards a GPU, no host synchronisation: the mask moves like the
     ids; towards the host, the CPU waits for it (that copy waits for its blocks anyway)."""
-    src_ok = (src_ids >= 0) & (src_ids < src_blocks)
-    src_ok = src_ok.to(dst_ids.device, non_blocking=dst_ids.device.type != "cpu")
-    keep = src_ok & (dst_ids >= 0) & (dst_ids < dst_blocks)
+    src_ok = (src_ids >= 0) & (src_ids < src_blocks)  # on the source's device, like src_ids
+    src_ok_at_dst = src_ok.to(dst_ids.device, non_blocking=dst_ids.device.type != "cpu")
+    keep = src_ok_at_dst & (dst_ids >= 0) & (dst_ids < dst_blocks)
     return torch.where(src_ok, src_ids, 0), torch.where(keep, dst_ids, -1)
 
 
