@@ -161,11 +161,10 @@ class Op:
         if _check_level != "none":
             self.check(*args)
         device_type = self._device_type(args)
-        if (_check_level == "values" and self.check_values is not None and device_type != "meta"
-                and value_checks_enabled()):
-            self.check_values(*args)
         if device_type == "meta":
             return self._meta_call(args)
+        if _check_level == "values" and self.check_values is not None and value_checks_enabled():
+            self.check_values(*args)
         try:
             return registry.select(self, device_type, args)(*args)
         except BackendCallError as e:
