@@ -81,11 +81,11 @@ def _throughput(run, batch: int, prompt_len: int, decode_len: int, repeats: int)
     return batch * prompt_len / first, batch * decode_len / max(full - first, 1e-9)
 
 
-def _ours(model, prompts: torch.Tensor):
+def _ours(model, prompts: torch.Tensor, compile_decode: bool = False):
     rows = prompts.tolist()
 
     def run(n):
-        out = generate(model, rows, GenerationConfig(max_new_tokens=n, greedy=True))
+        out = generate(model, rows, GenerationConfig(max_new_tokens=n, greedy=True, compile=compile_decode))
         assert all(len(t) == n for t in out)
     return run
 
@@ -185,8 +185,11 @@ def bench_family(family: str, args, device, bandwidth: float) -> tuple:
                      "static": _throughput(_theirs(static, prompts, **static_options(args.compile)), batch,
                                            args.prompt_len, args.decode_len, args.repeats)}
         for weights, model in variants:
-            ours_tp = _throughput(_ours(model, prompts), batch, args.prompt_len, args.decode_len, args.repeats)
-            measured = {"apt": ours_tp, **baselines}
+            measured = {"apt": _throughput(_ours(model, prompts), batch, args.prompt_len, args.decode_len,
+                                           args.repeats), **baselines}
+            if args.apt_compile:
+                measured["apt compiled"] = _throughput(_ours(model, prompts, compile_decode=True), batch,
+                                                       args.prompt_len, args.decode_len, args.repeats)
             floor = bandwidth / weight_bytes_per_step(model) if batch == 1 else None
             rows.append(Row(f"apt-{family}-{size}", weights, batch, {k: v[0] for k, v in measured.items()},
                             {k: v[1] for k, v in measured.items()}, floor))
@@ -212,6 +215,9 @@ def print_table(rows: list[Row], static: str) -> str:
             "decode x HF eager", f"decode x {static}", "floor tok/s", "% of floor",
             f"target: decode >= {FLOOR_TARGET:.0%} floor and > {static} (batch 1)", "met",
             f"target: prefill >= {PREFILL_TARGET:g}x {static}", "met"]
+    compiled = any("apt compiled" in r.decode for r in rows)
+    if compiled:
+        head += ["decode tok/s apt compiled", "% of floor, apt compiled", f"apt compiled decode x {static}"]
     body = []
     for r in rows:
         p, d = r.prefill, r.decode
@@ -225,6 +231,9 @@ def print_table(rows: list[Row], static: str) -> str:
             cells += [f"{r.floor:.1f}", f"{share:.0%}", f"{share:.0%} of floor, {d['apt'] / d['static']:.2f}x",
                       met(share >= FLOOR_TARGET and d["apt"] > d["static"])]
         cells += [f"{p['apt'] / p['static']:.2f}x", met(p["apt"] >= PREFILL_TARGET * p["static"])]
+        if compiled:
+            c = d["apt compiled"]
+            cells += [f"{c:.1f}", "" if r.floor is None else f"{c / r.floor:.0%}", f"{c / d['static']:.2f}x"]
         body.append(cells)
     return harness.markdown_table(head, body)
 
@@ -241,6 +250,8 @@ def main(argv=None) -> None:
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="let transformers compile its static-cache decode step (default: on a GPU; "
                              "--tiny: off, and the column says NOT compiled)")
+    parser.add_argument("--apt-compile", action="store_true",
+                        help="also time apt_hal with GenerationConfig(compile=True) (torch.compile'd decode step)")
     parser.add_argument("--markdown", help="also write the table to this file")
     args = parser.parse_args(argv)
     defaults = dict(batch=[1, 4], prompt_len=32, decode_len=8, repeats=1, compile=False) if args.tiny else \

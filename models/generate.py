@@ -18,9 +18,11 @@ from the distribution (``torch.multinomial``, seeded by ``seed``), or the argmax
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import operator
-from typing import Optional, Sequence
+import weakref
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -46,6 +48,9 @@ class GenerationConfig:
     seed: Optional[int] = None
     greedy: bool = False
     graphs: bool = True  # replay decode steps as a device graph where the device has one (apt_hal.graphs)
+    # torch.compile the decode step's forward (fixed shapes), which fuses the norms and elementwise
+    # ops between the HAL's kernels; the first generate call per shape pays the compilation.
+    compile: bool = False
 
     def __post_init__(self):
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -114,6 +119,20 @@ class PagedKVCache:
         self.store.unpin(self._ids)
         self.store.free(self._ids)
         self.store.close()
+
+
+# model -> its forward compiled for decode steps (one compilation per model and shape, not per call).
+_COMPILED_FORWARD: "weakref.WeakKeyDictionary[nn.Module, object]" = weakref.WeakKeyDictionary()
+
+
+def compiled_forward(model: nn.Module) -> Callable:
+    """``model``'s forward under ``torch.compile(fullgraph=True, dynamic=False)``, called like
+    ``model``. The compiled function is cached per model; it is the unbound ``forward``, so the
+    cache does not keep the model alive."""
+    fn = _COMPILED_FORWARD.get(model)
+    if fn is None:
+        fn = _COMPILED_FORWARD[model] = torch.compile(type(model).forward, fullgraph=True, dynamic=False)
+    return functools.partial(fn, model)
 
 
 def sampling_probs(logits: torch.Tensor, seen: torch.Tensor, config: GenerationConfig) -> torch.Tensor:
@@ -222,14 +241,14 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]],
         encoder_output = model.encode(*_pad(prompts, device))
         starts = [[cfg.decoder_start_token_id] for _ in prompts]
 
-        def forward(ids, mask, kv, logits_at):
-            return model(decoder_input_ids=ids, decoder_attention_mask=mask, encoder_output=encoder_output,
-                         kv=kv, logits_at=logits_at).logits[:, -1]
+        def forward(ids, mask, kv, logits_at, run=model):
+            return run(decoder_input_ids=ids, decoder_attention_mask=mask, encoder_output=encoder_output,
+                       kv=kv, logits_at=logits_at).logits[:, -1]
     else:
         starts = prompts
 
-        def forward(ids, mask, kv, logits_at):
-            return model(ids, attention_mask=mask, kv=kv, logits_at=logits_at).logits[:, -1]
+        def forward(ids, mask, kv, logits_at, run=model):
+            return run(ids, attention_mask=mask, kv=kv, logits_at=logits_at).logits[:, -1]
 
     batch = len(starts)
     cache = PagedKVCache(cfg, [len(s) + config.max_new_tokens for s in starts], device=device, dtype=dtype)
@@ -244,11 +263,15 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]],
         done = [False] * batch
         rows = torch.arange(batch, device=device)
 
+        # Streamed weights move between steps (hooks), which neither a replayed graph nor a
+        # compiled (fullgraph) step would do.
+        streamed = is_streamed(model)
+        run = compiled_forward(model) if config.compile and not streamed else model
+
         def decode(tokens):  # one new token per sequence: fixed shapes, so one graph serves every step
             positions = cache.lengths[:, None].clone()  # step() advances the lengths in place
-            return forward(tokens, None, cache.step(positions), None)
-        # Streamed weights move between steps (hooks), which a replayed graph would not do.
-        decode_step = apt_hal.graphs.StepGraph(decode, enabled=config.graphs and not is_streamed(model))
+            return forward(tokens, None, cache.step(positions), None, run)
+        decode_step = apt_hal.graphs.StepGraph(decode, enabled=config.graphs and not streamed)
         for _ in range(config.max_new_tokens):
             tokens = choose_tokens(logits, seen, config, generator)
             if record_tokens(tokens, new, done, config):

@@ -3,6 +3,8 @@ over full forward passes; batches of different prompt lengths equal one-by-one r
 draws from the distribution it should (temperature, top-k, top-p, repetition penalty checked
 against transformers' own logits processors); stop tokens; seeds; clear errors."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -171,6 +173,31 @@ def test_the_cuda_triton_kernels_generate_what_the_references_do(family, dev):
     expected = generate(model, PROMPTS[:2], config)
     with apt_hal.use("cuda-triton", strict=True):
         assert generate(copy.deepcopy(model).to(dev), PROMPTS[:2], config) == expected
+
+
+@pytest.mark.slow  # a torch.compile of each model: about 15 s apiece on a 2-core CPU
+@pytest.mark.parametrize("family", ["moe", "seq2seq"])
+def test_a_compiled_decode_step_generates_the_same_tokens(family):
+    model = tiny_model(family, init_std=0.1)
+    eager = generate(model, PROMPTS, GenerationConfig(max_new_tokens=6, greedy=True))
+    compiled = GenerationConfig(max_new_tokens=6, greedy=True, compile=True)
+    assert generate(model, PROMPTS, compiled) == eager
+    assert generate(model, PROMPTS, compiled) == eager  # the cached compilation, new cache tensors
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch.compile traces into the Triton kernels only on a GPU")
+@pytest.mark.parametrize("family", ["dense", "moe"])
+def test_a_compiled_decode_step_on_the_gpu_generates_what_the_references_do(family):
+    import copy
+
+    import apt_hal
+
+    model = tiny_model(family, init_std=0.1)
+    config = GenerationConfig(max_new_tokens=6, greedy=True)
+    expected = generate(model, PROMPTS, config)
+    with apt_hal.use("cuda-triton", strict=True):
+        got = generate(copy.deepcopy(model).to("cuda"), PROMPTS, dataclasses.replace(config, compile=True))
+    assert got == expected
 
 
 @pytest.mark.parametrize("family", FAMILIES)
