@@ -4,9 +4,10 @@ compared with the tokens apt_hal chose.
     python tests/optimum_check.py CASE.json
 
 Runs in a virtual environment with optimum's ONNX Runtime support (see docs/optimum-ci.txt), which
-has no apt_hal: it imports only torch and optimum. CASE.json holds ``folder`` (an ``apt-compile
+has no apt_hal: it imports only torch, transformers and optimum. CASE.json holds ``folder`` (an ``apt-compile
 --target onnx`` output), ``prompts`` (token id lists), ``max_new_tokens`` and ``expected`` (apt_hal's
-new tokens for each prompt, ``apt_hal.models.generate`` with ``greedy=True`` and no stop token).
+new tokens for each prompt, ``apt_hal.models.generate`` with ``greedy=True`` and no stop token; the
+folder's config.json names no end-of-sequence token, as apt-compile writes it without a tokenizer).
 The prompts go in as one left-padded batch. Prints optimum's new tokens as JSON; exit status 0 when
 they equal ``expected``, 1 when they do not.
 """
@@ -27,11 +28,8 @@ def optimum_greedy(folder: str, prompts: list[list[int]], max_new_tokens: int) -
     width = max(map(len, prompts))
     ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    # No end-of-sequence token, so every row gets max_new_tokens as on apt_hal's side; generate()
-    # would otherwise take the config class's default (Llama's 2) from the model's generation_config.
-    model.generation_config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                               eos_token_id=None, pad_token_id=0)
-    out = model.generate(input_ids=ids, attention_mask=mask, generation_config=model.generation_config)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=0)
+    out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
     return out[:, width:].tolist()
 
 

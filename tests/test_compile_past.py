@@ -190,6 +190,14 @@ def test_onnxruntime_genai_generates_from_the_folder(exported):
     assert theirs[:len(ours)] == ours and len(ours) > 0
 
 
+def test_config_json_of_a_model_without_tokenizer_names_no_token_ids(exported):
+    from transformers import AutoConfig
+
+    _, folder, _ = exported("apt-dense-tiny")
+    hf = AutoConfig.from_pretrained(folder)
+    assert hf.model_type == "llama" and (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (None, None, None)
+
+
 OPTIMUM_PYTHON = os.environ.get("APT_HAL_OPTIMUM_PYTHON")
 OPTIMUM_CHECK = Path(__file__).with_name("optimum_check.py")
 # optimum-onnx 0.1.0 reads a Mixtral's KV heads as num_attention_heads (num_key_value_heads only for
