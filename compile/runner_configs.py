@@ -56,7 +56,11 @@ def hf_config(cfg, tokenizer=None) -> Optional[dict]:
         hf = config_to_hf(cfg)
     except ValueError:
         return None
-    return {**hf, "use_cache": True, **_token_ids(tokenizer)}
+    # Without a tokenizer (a preset) no token ends a sequence; saying so keeps transformers from
+    # filling in its class defaults (Llama's and Mixtral's eos_token_id 2), where optimum's
+    # generate would stop while apt_hal's does not.
+    ids = _token_ids(tokenizer) or dict.fromkeys(("bos_token_id", "eos_token_id", "pad_token_id"))
+    return {**hf, "use_cache": True, **ids}
 
 
 def write(output: Path, cfg, tokenizer=None) -> list[Path]:

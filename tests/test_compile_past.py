@@ -5,6 +5,9 @@ runners read (onnxruntime-genai runs the folder)."""
 import contextlib
 import io
 import json
+import os
+import subprocess
+from pathlib import Path
 
 import onnx
 import pytest
@@ -187,6 +190,64 @@ def test_onnxruntime_genai_generates_from_the_folder(exported):
     assert theirs[:len(ours)] == ours and len(ours) > 0
 
 
+def test_config_json_of_a_model_without_tokenizer_names_no_token_ids(exported):
+    from transformers import AutoConfig
+
+    _, folder, _ = exported("apt-dense-tiny")
+    hf = AutoConfig.from_pretrained(folder)
+    assert hf.model_type == "llama" and (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (None, None, None)
+
+
+OPTIMUM_PYTHON = os.environ.get("APT_HAL_OPTIMUM_PYTHON")
+OPTIMUM_CHECK = Path(__file__).with_name("optimum_check.py")
+# optimum-onnx 0.1.0 reads a Mixtral's KV heads as num_attention_heads (num_key_value_heads only for
+# the model types it lists), so a Mixtral loads there only without grouped-query attention.
+MOE_ALL_KV_HEADS = "apt-moe-tiny, n_kv_heads = n_heads"
+
+
+def _tiny_hf_checkpoint(kind, folder):
+    """A tiny Llama or Mixtral made with transformers, saved in ``folder / "hf"`` and apt-compiled
+    into ``folder / "onnx"``; returns that export's folder."""
+    from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
+
+    common = dict(vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, initializer_range=0.2, max_position_embeddings=256)
+    torch.manual_seed(0)
+    hf = (LlamaForCausalLM(LlamaConfig(**common)) if kind == "llama" else
+          MixtralForCausalLM(MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2)))
+    hf.save_pretrained(folder / "hf")
+    result = api.compile_model(str(folder / "hf"), folder / "onnx", **QUIET)
+    assert result.exit_code == api.EXIT_OK, result.verdict
+    return folder / "onnx"
+
+
+@pytest.mark.skipif(not OPTIMUM_PYTHON, reason="APT_HAL_OPTIMUM_PYTHON is not set: it names the python of a "
+                    "virtual environment with optimum-onnx[onnxruntime] (docs/optimum-ci.txt makes one)")
+@pytest.mark.parametrize("source", ["tiny Llama checkpoint", "apt-dense-tiny",
+                                    pytest.param("apt-oss-tiny", marks=pytest.mark.slow),
+                                    pytest.param(MOE_ALL_KV_HEADS, marks=pytest.mark.slow)])
+def test_optimum_ortmodel_generates_the_same_tokens(exported, tmp_path, source):
+    if source == "tiny Llama checkpoint":
+        from apt_hal.models.hf import load_pretrained
+
+        folder = _tiny_hf_checkpoint("llama", tmp_path)
+        model = load_pretrained(tmp_path / "hf")
+    elif source == MOE_ALL_KV_HEADS:
+        model, folder = _model("apt-moe-tiny", n_kv_heads=ModelConfig.preset("apt-moe-tiny").n_heads), tmp_path / "onnx"
+        assert api.compile_model(model, folder, **QUIET).exit_code == api.EXIT_OK
+    else:
+        model, folder, _ = exported(source)
+    prompts = _prompts(7, [6, 11, 1], vocab=model.config.vocab_size)  # one left-padded batch on optimum's side
+    expected = generate(model, prompts, GenerationConfig(max_new_tokens=32, greedy=True))
+    case = tmp_path / "case.json"
+    case.write_text(json.dumps({"folder": str(folder), "prompts": prompts, "max_new_tokens": 32,
+                                "expected": expected}))
+    run = subprocess.run([OPTIMUM_PYTHON, str(OPTIMUM_CHECK), str(case)], capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, f"{OPTIMUM_CHECK.name} exited {run.returncode}:\n{run.stdout}\n{run.stderr[-3000:]}"
+    assert json.loads(run.stdout.splitlines()[-1])["optimum"] == expected
+
+
 # ---------------------------------------------------------------------------------------------
 # Dtypes, checkpoints, the command line
 # ---------------------------------------------------------------------------------------------
@@ -212,23 +273,13 @@ def test_a_bad_dtype_or_a_kv_cache_for_seq2seq_is_a_usage_error(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["llama", "mixtral"])
 def test_tiny_hugging_face_checkpoints_generate_the_same_tokens_on_onnxruntime(tmp_path, kind):
-    from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
-
     from apt_hal.models.hf import load_pretrained
 
-    common = dict(vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, initializer_range=0.2, max_position_embeddings=256)
-    torch.manual_seed(0)
-    hf = (LlamaForCausalLM(LlamaConfig(**common)) if kind == "llama" else
-          MixtralForCausalLM(MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2)))
-    hf.save_pretrained(tmp_path / "hf")
-    result = api.compile_model(str(tmp_path / "hf"), tmp_path / "onnx", **QUIET)
-    assert result.exit_code == api.EXIT_OK, result.verdict
+    folder = _tiny_hf_checkpoint(kind, tmp_path)
     prompts = _prompts(6, [7, 3], vocab=128)
     config = GenerationConfig(max_new_tokens=64, greedy=True)
-    assert OrtCausalLM(tmp_path / "onnx").generate(prompts, config) == generate(
-        load_pretrained(tmp_path / "hf"), prompts, config)
-    assert json.loads((tmp_path / "onnx" / "config.json").read_text())["model_type"] == kind
+    assert OrtCausalLM(folder).generate(prompts, config) == generate(load_pretrained(tmp_path / "hf"), prompts, config)
+    assert json.loads((folder / "config.json").read_text())["model_type"] == kind
 
 
 def test_apt_hal_generate_with_onnx_runs_the_exported_folder(exported, tmp_path):
