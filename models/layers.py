@@ -197,7 +197,7 @@ class AttentionBatch:
         self._masks: dict = {}
         self.memory = memory
         self.memory_mask = None
-        if memory is not None:
+        if memory_valid is not None:  # the memory itself may be absent: its keys and values cached in kv.cross
             mv = memory_valid[:, None, None, :]
             self.memory_mask = mv | ~mv.any(-1, keepdim=True)  # see attention_mask
 
