@@ -42,10 +42,11 @@ SEED = 0
 @dataclasses.dataclass
 class GraphResult:
     """One graph written: what :func:`export_onnx` returned, and for ``--target tensorrt`` its
-    readiness report and "TensorRT build: ..." line."""
+    readiness report (and the file it is written to) and "TensorRT build: ..." line."""
 
     exported: Exported
     readiness: Optional[tensorrt.Readiness] = None
+    readiness_file: str = ""
     tensorrt: str = ""
 
 
@@ -434,8 +435,8 @@ def _tensorrt_stage(result: CompileResult, graph: GraphResult, reference: Path, 
     output = exported.path.parent
     tag = f".{exported.path.stem}" if several else ""
     readiness = tensorrt.readiness(exported.model)
-    graph.readiness = readiness
     report_file, script = output / f"trt_readiness{tag}.md", output / f"build_trt{tag}.sh"
+    graph.readiness, graph.readiness_file = readiness, report_file.name
     atomic_write_text(report_file, readiness.markdown())
     log(f"tensorrt: {exported.path.name} readiness against TensorRT {readiness.tensorrt_version}'s operator list: "
         f"{readiness.verdict}")

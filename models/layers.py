@@ -157,7 +157,8 @@ def default_positions(valid: Optional[torch.Tensor], shape: tuple, device: torch
     so a left-padded sequence gets the positions it would have unpadded (padding gets 0)."""
     if valid is None:
         return torch.arange(shape[1], device=device).expand(shape)
-    return (valid.long().cumsum(1) - 1).clamp(min=0)
+    # Counted in float32 as PastKV.key_positions does: TensorRT's CumSum and Clip are float-only.
+    return (valid.float().cumsum(1) - 1).clamp(min=0).long()
 
 
 def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, k_valid: torch.Tensor, causal: bool,
