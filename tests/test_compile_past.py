@@ -232,21 +232,11 @@ def test_tiny_hugging_face_checkpoints_generate_the_same_tokens_on_onnxruntime(t
 
 
 def test_apt_hal_generate_with_onnx_runs_the_exported_folder(exported, tmp_path):
-    from apt_hal.models.tokenizer import Tokenizer
+    from onnx_generate_cli import generate_on_the_command_line
 
     _, folder, _ = exported("apt-dense-tiny")
-    tokenizer = Tokenizer.train(["the river runs to the sea at night"] * 20, vocab_size=300)
-    for name, content in tokenizer.to_files().items():
-        (folder / name).write_bytes(content)
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = apt_hal_main(["generate", "--onnx", str(folder), "--prompt", "the river", "--greedy",
-                             "--max-new-tokens", "12"])
-    assert code == 0, err.getvalue()
-    ids = tokenizer.encode("the river", bos=True)
-    expected = OrtCausalLM(folder).generate([ids], GenerationConfig(max_new_tokens=12, greedy=True,
-                                                                    stop_tokens=(tokenizer.eos_id,)))[0]
-    assert out.getvalue().strip() == ("the river" + tokenizer.decode(expected)).strip()
+    printed, expected = generate_on_the_command_line(folder, OrtCausalLM)
+    assert printed == expected
     with contextlib.redirect_stderr(io.StringIO()) as err:
         assert apt_hal_main(["generate", "--onnx", str(tmp_path), "--prompt", "x"]) == 2
     assert "apt_model.json" in err.getvalue()

@@ -2,15 +2,12 @@
 wrappers compose to the full forward, each graph validates on unseen shapes, generation on ONNX
 Runtime equals apt_hal's, and the command lines."""
 
-import contextlib
-import io
 import json
 
 import onnx
 import pytest
 import torch
 
-from apt_hal.cli import main as apt_hal_main
 from apt_hal.compile import api, ort_generate, seq2seq_past
 from apt_hal.models import GenerationConfig, ModelConfig, build_model, generate
 
@@ -135,21 +132,11 @@ def test_sampling_options_choose_as_apt_hal_generate(exported):
 
 
 def test_apt_hal_generate_with_onnx_runs_a_seq2seq_folder(exported):
-    from apt_hal.models.tokenizer import Tokenizer
+    from onnx_generate_cli import generate_on_the_command_line
 
     _, folder, _ = exported("tiny")
-    tokenizer = Tokenizer.train(["the river runs to the sea at night"] * 20, vocab_size=300)
-    for name, content in tokenizer.to_files().items():
-        (folder / name).write_bytes(content)
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = apt_hal_main(["generate", "--onnx", str(folder), "--prompt", "the river", "--greedy",
-                             "--max-new-tokens", "12"])
-    assert code == 0, err.getvalue()
-    ids = tokenizer.encode("the river", bos=True)
-    expected = ort_generate.OrtSeq2SeqLM(folder).generate([ids], GenerationConfig(
-        max_new_tokens=12, greedy=True, stop_tokens=(tokenizer.eos_id,)))[0]
-    assert out.getvalue().strip() == ("the river" + tokenizer.decode(expected)).strip()
+    printed, expected = generate_on_the_command_line(folder, ort_generate.OrtSeq2SeqLM)
+    assert printed == expected
 
 
 def test_a_folder_missing_a_seq2seq_graph_is_named(exported, tmp_path):
