@@ -252,12 +252,7 @@ def graph_plans(module: torch.nn.Module, kv_cache: bool, dynamic_batch: bool, dy
     decoder + decoder-with-past graphs (seq2seq), or without ``kv_cache`` the full-sequence graph."""
     cfg, dtype = module.config, module.embed.weight.dtype
     if kv_cache and cfg.family == "seq2seq":
-        s2s = seq2seq_past
-        return [GraphPlan(graph, s2s.module_for(module, graph), s2s.graph_inputs(cfg, graph, dtype, generator),
-                          dict(zip(("input_names", "output_names"), s2s.names(cfg.n_layers, graph)),
-                               dynamic=s2s.dynamic_axes(cfg.n_layers, graph)),
-                          lambda _, graph=graph: s2s.input_sets(cfg, graph, dtype, generator))
-                for graph in s2s.GRAPHS]
+        return [_seq2seq_plan(module, graph, generator) for graph in seq2seq_past.GRAPHS]
     if kv_cache:
         args = past.example_inputs(cfg, past.EXAMPLE_BATCH, past.EXAMPLE_SEQ, past.EXAMPLE_PAST, dtype, generator)
         export = dict(dynamic=past.dynamic_axes(cfg.n_layers), input_names=past.input_names(cfg.n_layers),
@@ -268,6 +263,16 @@ def graph_plans(module: torch.nn.Module, kv_cache: bool, dynamic_batch: bool, dy
     export = dict(dynamic=_dynamic(module, dynamic_batch, dynamic_seq),
                   input_names=["input_ids", "decoder_input_ids"][:len(args)], output_names=["logits"])
     return [GraphPlan(MODEL_FILE, LogitsOf(module), args, export, lambda e: input_sets(module, e, generator))]
+
+
+def _seq2seq_plan(module: torch.nn.Module, graph: str, generator: torch.Generator) -> GraphPlan:
+    cfg, dtype = module.config, module.embed.weight.dtype
+    input_names, output_names = seq2seq_past.names(cfg.n_layers, graph)
+    export = dict(dynamic=seq2seq_past.dynamic_axes(cfg.n_layers, graph), input_names=input_names,
+                  output_names=output_names)
+    return GraphPlan(graph, seq2seq_past.module_for(module, graph),
+                     seq2seq_past.graph_inputs(cfg, graph, dtype, generator), export,
+                     lambda _: seq2seq_past.input_sets(cfg, graph, dtype, generator))
 
 
 def compile_model(model: Union[str, torch.nn.Module], output: Union[str, Path], *, target: str = "onnx",

@@ -46,15 +46,13 @@ from apt_hal.models.seq2seq import EncoderOutput
 ENCODER_FILE = "encoder_model.onnx"
 DECODER_FILE = "decoder_model.onnx"
 DECODER_WITH_PAST_FILE = "decoder_with_past_model.onnx"
+GRAPHS = (ENCODER_FILE, DECODER_FILE, DECODER_WITH_PAST_FILE)
 # optimum's dimension names
 BATCH, ENCODER_SEQ, DECODER_SEQ, PAST_DECODER = past.BATCH, "encoder_sequence_length", "decoder_sequence_length", \
     "past_decoder_sequence_length"
 # Distinct sizes >= 2: torch.export specializes a dimension of size 1, and equal sizes would hide a mix-up.
 EXAMPLE_BATCH, EXAMPLE_ENCODER, EXAMPLE_DECODER, EXAMPLE_PAST = 2, 7, 3, 5
 CACHE_KINDS = ("decoder.key", "decoder.value", "encoder.key", "encoder.value")  # per layer, optimum's order
-
-
-GRAPHS = (ENCODER_FILE, DECODER_FILE, DECODER_WITH_PAST_FILE)
 
 
 def names(n_layers: int, graph: str) -> tuple[list[str], list[str]]:

@@ -304,6 +304,9 @@ class Attention(nn.Module):
         cached = batch.kv.cross.get(self.layer_idx) if batch.kv is not None else None
         if cached is None:
             m = batch.memory
+            if m is None:
+                raise ValueError(f"cross-attention of decoder layer {self.layer_idx}: give the encoder output "
+                                 "(encoder_output.hidden) or its cached keys and values (kv.cross)")
             kv = self.kv_proj(m).view(m.shape[0], m.shape[1], 2 * self.n_kv_heads, self.head_dim)
             cached = kv.split((self.n_kv_heads, self.n_kv_heads), dim=2)
             if batch.kv is not None:

@@ -10,6 +10,7 @@ import torch
 
 from apt_hal.compile import api, ort_generate, seq2seq_past
 from apt_hal.models import GenerationConfig, ModelConfig, build_model, generate
+from apt_hal.models.seq2seq import EncoderOutput
 
 QUIET = dict(log=lambda *a: None)
 # Weights large enough that greedy decoding of a random model does not settle on one token.
@@ -68,6 +69,18 @@ def test_encoder_then_decoder_steps_over_the_cache_equal_one_full_forward(varian
     cfg = model.config
     assert cache[0].shape == (2, cfg.n_kv_heads, 8, cfg.head_dim) and cache[2].shape == (2, cfg.n_kv_heads, 9,
                                                                                            cfg.head_dim)
+
+
+def test_a_decoder_step_with_neither_the_encoder_output_nor_its_cached_keys_is_refused():
+    model = _model()
+    n, cfg = model.config.n_layers, model.config
+    past = tuple(torch.zeros(1, cfg.n_kv_heads, 2, cfg.head_dim) for _ in range(4 * n))
+    step = seq2seq_past.Seq2SeqDecoderWithPast(model)
+    with pytest.raises(ValueError, match="past_key_values must hold 4 tensors"):
+        step(torch.tensor([[5]]), torch.ones(1, 2, dtype=torch.int64), past[:-1])
+    memory = EncoderOutput(None, torch.ones(1, 2, dtype=torch.bool), [])
+    with pytest.raises(ValueError, match="cross-attention of decoder layer 0"):
+        model(decoder_input_ids=torch.tensor([[5]]), encoder_output=memory)
 
 
 def _dims(path):
