@@ -157,7 +157,8 @@ def default_positions(valid: Optional[torch.Tensor], shape: tuple, device: torch
     so a left-padded sequence gets the positions it would have unpadded (padding gets 0)."""
     if valid is None:
         return torch.arange(shape[1], device=device).expand(shape)
-    # Counted in float32 as PastKV.key_positions does: TensorRT's CumSum and Clip are float-only.
+    # Counted in float32 (exact below 2^24 tokens) as PastKV.key_positions does: TensorRT's CumSum and
+    # Clip are float-only.
     return (valid.float().cumsum(1) - 1).clamp(min=0).long()
 
 
