@@ -13,8 +13,9 @@ Modules: :mod:`~apt_hal.compile.lowering` (the lowering table: every apt_hal op 
 compare with eager), :mod:`~apt_hal.compile.tensorrt` (readiness report, build script, engine),
 :mod:`~apt_hal.compile.api` (the whole pipeline), :mod:`~apt_hal.compile.cli` (``apt-compile``),
 :mod:`~apt_hal.compile.past` (the past/present KV-cache graph of decoder-only models),
+:mod:`~apt_hal.compile.seq2seq_past` (the encoder + decoder + decoder-with-past graphs of seq2seq models),
 :mod:`~apt_hal.compile.ort_generate` (generation on ONNX Runtime from an exported folder:
-``OrtCausalLM(folder).generate(prompts, GenerationConfig(...))``), :mod:`~apt_hal.compile.runner_configs`
+``ort_generate.load(folder).generate(prompts, GenerationConfig(...))``), :mod:`~apt_hal.compile.runner_configs`
 (``config.json`` and ``genai_config.json`` beside the graph).
 
 Needs the ``export`` extra (onnx, onnxscript, onnxruntime): ``pip install "apt-hal[export]"``.
@@ -26,7 +27,7 @@ import importlib
 _WHERE = {"compile_model": "api", "load_model": "api", "CompileResult": "api", "export_onnx": "export",
           "Exported": "export", "ExportError": "export", "LOWERINGS": "lowering", "PROFILES": "lowering",
           "InputSet": "validate", "Validation": "validate", "tolerance": "validate", "OrtCausalLM": "ort_generate",
-          "CausalLMWithPast": "past"}
+          "OrtSeq2SeqLM": "ort_generate", "CausalLMWithPast": "past"}
 
 __all__ = sorted(_WHERE)
 

@@ -18,14 +18,14 @@ import json
 import os
 import stat
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 from torch.utils import _pytree
 
 from apt_hal.atomic import atomic_write_text
 from apt_hal.cli_errors import check_writable_folder
-from apt_hal.compile import lowering, past, tensorrt, validate
+from apt_hal.compile import lowering, past, seq2seq_past, tensorrt, validate
 from apt_hal.compile.export import DimRange, Exported, ExportError, export_onnx, external_data_path
 
 EXIT_OK = 0
@@ -35,9 +35,19 @@ EXIT_OUT_OF_TOLERANCE = 4  # exported, but validation failed (an output out of t
 EXIT_TRT_REQUIRED = 5  # --require-trt, and no TensorRT engine was built and checked
 
 MODEL_FILE = "model.onnx"
-DECODE_FILE = "model.decode.onnx"  # the tensorrt graph with MXFP4 decoded: what ONNX Runtime runs
 EXAMPLE_BATCH, EXAMPLE_SEQ = 2, 8
 SEED = 0
+
+
+@dataclasses.dataclass
+class GraphResult:
+    """One graph written: what :func:`export_onnx` returned, and for ``--target tensorrt`` its
+    readiness report (and the file it is written to) and "TensorRT build: ..." line."""
+
+    exported: Exported
+    readiness: Optional[tensorrt.Readiness] = None
+    readiness_file: str = ""
+    tensorrt: str = ""
 
 
 @dataclasses.dataclass
@@ -45,10 +55,35 @@ class CompileResult:
     exit_code: int
     verdict: str  # one line
     files: list[Path] = dataclasses.field(default_factory=list)
-    exported: Optional[Exported] = None
+    graphs: list[GraphResult] = dataclasses.field(default_factory=list)  # seq2seq: encoder, decoder, with past
     validations: list[validate.Validation] = dataclasses.field(default_factory=list)
-    readiness: Optional[tensorrt.Readiness] = None
-    tensorrt: str = ""  # "TensorRT build: ..." line, for --target tensorrt
+
+    # The first graph's (the only one, but for a seq2seq model's encoder + decoders).
+    @property
+    def exported(self) -> Optional[Exported]:
+        return self.graphs[0].exported if self.graphs else None
+
+    @property
+    def readiness(self) -> Optional[tensorrt.Readiness]:
+        return self.graphs[0].readiness if self.graphs else None
+
+    @property
+    def tensorrt(self) -> str:
+        return self.graphs[0].tensorrt if self.graphs else ""
+
+
+@dataclasses.dataclass
+class GraphPlan:
+    """One graph to export: ``module(*args)`` traced into ``file`` with :func:`export_onnx`'s
+    ``dynamic``, ``input_names`` and ``output_names`` (``export``), then validated on
+    ``input_sets(exported)``; ``empty_ok``: the dimensions a TensorRT profile lets reach 0."""
+
+    file: str
+    module: torch.nn.Module
+    args: tuple
+    export: dict
+    input_sets: Callable[[Exported], list[validate.InputSet]]
+    empty_ok: frozenset = frozenset()
 
 
 class LogitsOf(torch.nn.Module):
@@ -211,6 +246,35 @@ def trt_profiles(exported: Exported, args: tuple, value_ranges: dict, empty_ok=(
     return profiles
 
 
+def graph_plans(module: torch.nn.Module, kv_cache: bool, dynamic_batch: bool, dynamic_seq: bool,
+                generator: torch.Generator) -> list[GraphPlan]:
+    """What :func:`compile_model` exports: the past/present graph (decoder-only) or the encoder +
+    decoder + decoder-with-past graphs (seq2seq), or without ``kv_cache`` the full-sequence graph."""
+    cfg, dtype = module.config, module.embed.weight.dtype
+    if kv_cache and cfg.family == "seq2seq":
+        return [_seq2seq_plan(module, graph, generator) for graph in seq2seq_past.GRAPHS]
+    if kv_cache:
+        args = past.example_inputs(cfg, past.EXAMPLE_BATCH, past.EXAMPLE_SEQ, past.EXAMPLE_PAST, dtype, generator)
+        export = dict(dynamic=past.dynamic_axes(cfg.n_layers), input_names=past.input_names(cfg.n_layers),
+                      output_names=past.output_names(cfg.n_layers))
+        return [GraphPlan(MODEL_FILE, past.CausalLMWithPast(module), args, export,
+                          lambda _: past.input_sets(cfg, dtype, generator), frozenset({past.PAST}))]
+    args = _example_inputs(module, EXAMPLE_BATCH, min(EXAMPLE_SEQ, cfg.max_position), generator)
+    export = dict(dynamic=_dynamic(module, dynamic_batch, dynamic_seq),
+                  input_names=["input_ids", "decoder_input_ids"][:len(args)], output_names=["logits"])
+    return [GraphPlan(MODEL_FILE, LogitsOf(module), args, export, lambda e: input_sets(module, e, generator))]
+
+
+def _seq2seq_plan(module: torch.nn.Module, graph: str, generator: torch.Generator) -> GraphPlan:
+    cfg, dtype = module.config, module.embed.weight.dtype
+    input_names, output_names = seq2seq_past.names(cfg.n_layers, graph)
+    export = dict(dynamic=seq2seq_past.dynamic_axes(cfg.n_layers, graph), input_names=input_names,
+                  output_names=output_names)
+    return GraphPlan(graph, seq2seq_past.module_for(module, graph),
+                     seq2seq_past.graph_inputs(cfg, graph, dtype, generator), export,
+                     lambda _: seq2seq_past.input_sets(cfg, graph, dtype, generator))
+
+
 def compile_model(model: Union[str, torch.nn.Module], output: Union[str, Path], *, target: str = "onnx",
                   opset: Optional[int] = None, fp4: Optional[str] = None, dynamic_batch: bool = False,
                   dynamic_seq: bool = False, validate_graph: bool = True, require_trt: bool = False,
@@ -218,10 +282,11 @@ def compile_model(model: Union[str, torch.nn.Module], output: Union[str, Path], 
     """Everything ``apt-compile`` does; the CLI only parses arguments and prints the result.
     ``model`` is a spec for :func:`load_model` or an APT model (``.config``, output ``.logits``).
 
-    ``kv_cache`` (default: True for the decoder-only families): export the past/present graph of
-    :mod:`apt_hal.compile.past`, dynamic in batch, sequence and past length whatever
-    ``dynamic_batch``/``dynamic_seq`` say, and write beside it what runners need to generate from
-    the folder (:func:`write_runner_files`). False: the full-sequence ``logits`` graph.
+    ``kv_cache`` (default True): export the past/present graph of :mod:`apt_hal.compile.past`
+    (decoder-only) or the encoder + decoder + decoder-with-past graphs of
+    :mod:`apt_hal.compile.seq2seq_past` (seq2seq), dynamic in batch, sequence and past length
+    whatever ``dynamic_batch``/``dynamic_seq`` say, and write beside them what runners need to
+    generate from the folder (:func:`write_runner_files`). False: the full-sequence ``logits`` graph.
     ``dtype`` ("float32", "float16", "bfloat16"): cast the weights, and so the computation, first
     (a module passed in is cast in place)."""
     output = Path(output)
@@ -233,35 +298,42 @@ def compile_model(model: Union[str, torch.nn.Module], output: Union[str, Path], 
         cast = _dtype(dtype)
         log("load: " + (model if isinstance(model, str) else type(model).__name__))
         module, what = load_model(model) if isinstance(model, str) else (model.eval(), type(model).__name__)
-        with_past = module.config.family in past.FAMILIES if kv_cache is None else kv_cache
-        if with_past and module.config.family not in past.FAMILIES:
-            raise ValueError(f"--kv-cache: a past/present graph is built for the decoder-only families "
-                             f"({', '.join(past.FAMILIES)}), not {module.config.family!r}")
     except (ValueError, OSError) as e:
         return CompileResult(EXIT_USAGE, f"cannot start: {e}")
     log(f"  {what}")
     if cast is not None:
         module = module.to(cast)
         log(f"  weights and computation cast to {dtype}")
-    cfg, weight_dtype = module.config, module.embed.weight.dtype
-    generator = torch.Generator().manual_seed(SEED)
-    if with_past:
-        wrapper = past.CausalLMWithPast(module)
-        args = past.example_inputs(cfg, past.EXAMPLE_BATCH, past.EXAMPLE_SEQ, past.EXAMPLE_PAST, weight_dtype,
-                                   generator)
-        export = dict(target=target, opset=opset, dynamic=past.dynamic_axes(cfg.n_layers),
-                      input_names=past.input_names(cfg.n_layers), output_names=past.output_names(cfg.n_layers))
-    else:
-        wrapper = LogitsOf(module)
-        args = _example_inputs(module, EXAMPLE_BATCH, min(EXAMPLE_SEQ, cfg.max_position), generator)
-        export = dict(target=target, opset=opset, dynamic=_dynamic(module, dynamic_batch, dynamic_seq),
-                      input_names=["input_ids", "decoder_input_ids"][:len(args)], output_names=["logits"])
+    with_past = kv_cache is not False
+    plans = graph_plans(module, with_past, dynamic_batch, dynamic_seq, torch.Generator().manual_seed(SEED))
     result = CompileResult(EXIT_OK, "")
+    for plan in plans:
+        if not _compile_graph(result, plan, output, target, opset, fp4, validate_graph, len(plans) > 1, log):
+            return result
+    if with_past:
+        result.files += write_runner_files(output, module, model if isinstance(model, str) else None)
+    _write_report(result, output)
+    _set_verdict(result, require_trt)
+    return result
 
-    log(f"export: target {target}")
+
+def decoded_twin(path: Path) -> Path:
+    """Where the MXFP4-decoded twin of the graph at ``path`` goes: what ONNX Runtime runs when the
+    graph holds FP4 DequantizeLinear."""
+    return path.with_name(path.stem + ".decode.onnx")
+
+
+def _compile_graph(result: CompileResult, plan: GraphPlan, output: Path, target: str, opset: Optional[int], fp4: str,
+                   validate_graph: bool, several: bool, log) -> bool:
+    """Export, validate and (tensorrt) prepare one graph into ``result``; False when the export failed."""
+    cfg = plan.module.model.config
+    log(f"export: {plan.file}, target {target}")
     try:
-        exported = export_onnx(wrapper, args, output / MODEL_FILE, fp4=fp4, log=log, **export)
-        result.exported, result.files = exported, [exported.path]
+        exported = export_onnx(plan.module, plan.args, output / plan.file, target=target, opset=opset, fp4=fp4,
+                               log=log, **plan.export)
+        graph = GraphResult(exported)
+        result.graphs.append(graph)
+        result.files.append(exported.path)
         if external_data_path(exported.path).exists():
             result.files.append(external_data_path(exported.path))
         for name, d in exported.dims.items():
@@ -270,40 +342,37 @@ def compile_model(model: Union[str, torch.nn.Module], output: Union[str, Path], 
                                              "length" if narrowed else ""))
         reference = exported.path  # the graph ONNX Runtime runs: this one, or its MXFP4-decoded twin
         if any(n.op_type == "DequantizeLinear" for n in exported.model.graph.node):
-            log(f"export: {DECODE_FILE}, MXFP4 decoded in the graph (ONNX Runtime has no FP4 DequantizeLinear)")
-            reference = export_onnx(wrapper, args, output / DECODE_FILE, fp4="decode", log=lambda *a: None,
-                                    **export).path
+            twin = decoded_twin(exported.path)
+            log(f"export: {twin.name}, MXFP4 decoded in the graph (ONNX Runtime has no FP4 DequantizeLinear)")
+            reference = export_onnx(plan.module, plan.args, twin, target=target, opset=opset, fp4="decode",
+                                    log=lambda *a: None, **plan.export).path
             result.files.append(reference)
             if external_data_path(reference).exists():
                 result.files.append(external_data_path(reference))
     except (ExportError, ValueError) as e:
-        result.exit_code, result.verdict = EXIT_EXPORT_FAILED, f"export failed: {e}"
-        return result
+        result.exit_code = EXIT_EXPORT_FAILED
+        result.verdict = f"export failed{f' ({plan.file})' if several else ''}: {e}"
+        return False
 
-    sets = past.input_sets(cfg, weight_dtype, generator) if with_past else input_sets(module, exported, generator)
-    if with_past:
-        result.files += write_runner_files(output, module, model if isinstance(model, str) else None)
+    sets = plan.input_sets(exported)
     if validate_graph:
         runs = [("onnxruntime", exported.path)] if reference == exported.path else \
             [("onnx.reference", exported.path), ("onnxruntime", reference)]
         for runtime, path in runs:
             log(f"validate: {path.name} on {runtime}, {len(sets)} input sets")
-            v = validate.validate(path, wrapper, sets, exported.output_names, op="model", runtime=runtime)
+            v = validate.validate(path, plan.module, sets, exported.output_names, op="model", runtime=runtime)
             v.runtime = f"{runtime}, {path.name}"
             result.validations.append(v)
     else:
         log("validate: skipped (--no-validate)")
     if target == "tensorrt":
         with torch.no_grad():
-            logit_scale = float(_pytree.tree_leaves(wrapper(*args))[0].float().abs().max())
+            output_scale = float(_pytree.tree_leaves(plan.module(*plan.args))[0].float().abs().max())
         ids = (0, cfg.vocab_size - 1)
         value_ranges = {"input_ids": ids, "decoder_input_ids": ids, "attention_mask": (1, 1),
-                        "position_ids": (0, cfg.max_position - 1)}
-        _tensorrt_stage(result, exported, reference, args, sets, value_ranges, logit_scale, log,
-                        empty_ok={past.PAST} if with_past else set())
-    _write_report(result, output)
-    _set_verdict(result, require_trt)
-    return result
+                        "encoder_attention_mask": (1, 1), "position_ids": (0, cfg.max_position - 1)}
+        _tensorrt_stage(result, graph, reference, plan, sets, value_ranges, output_scale, several, log)
+    return True
 
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -355,34 +424,41 @@ def _set_verdict(result: CompileResult, require_trt: bool) -> None:
         result.exit_code = EXIT_OUT_OF_TOLERANCE
         result.verdict = "exported, but validation FAILED: " + "; ".join(
             v.error or f"{sum(not r.passed for r in v.rows)} output(s) out of tolerance on {v.runtime}" for v in failed)
-    elif require_trt and not result.tensorrt.startswith("TensorRT build: OK"):
-        result.exit_code, result.verdict = EXIT_TRT_REQUIRED, f"--require-trt: {result.tensorrt}"
+    elif require_trt and any(not g.tensorrt.startswith("TensorRT build: OK") for g in result.graphs):
+        missing = next(g for g in result.graphs if not g.tensorrt.startswith("TensorRT build: OK"))
+        result.exit_code, result.verdict = EXIT_TRT_REQUIRED, f"--require-trt: {missing.tensorrt}"
     else:
         checked = "validated within tolerance" if result.validations else "not validated (--no-validate)"
         result.verdict = f"exported and {checked}"
 
 
-def _tensorrt_stage(result: CompileResult, exported: Exported, reference: Path, args: tuple, sets,
-                    value_ranges: dict, logit_scale: float, log, empty_ok: set) -> None:
+def _tensorrt_stage(result: CompileResult, graph: GraphResult, reference: Path, plan: GraphPlan, sets,
+                    value_ranges: dict, output_scale: float, several: bool, log) -> None:
+    """The readiness report, the build script and (TensorRT and a GPU present) the engine of one
+    graph; with several graphs each gets its own report and script, named after it."""
+    exported = graph.exported
     output = exported.path.parent
+    tag = f".{exported.path.stem}" if several else ""
     readiness = tensorrt.readiness(exported.model)
-    result.readiness = readiness
-    atomic_write_text(output / "trt_readiness.md", readiness.markdown())
-    log(f"tensorrt: readiness against TensorRT {readiness.tensorrt_version}'s operator list: {readiness.verdict}")
-    profiles = trt_profiles(exported, args, value_ranges, empty_ok)
+    report_file, script = output / f"trt_readiness{tag}.md", output / f"build_trt{tag}.sh"
+    graph.readiness, graph.readiness_file = readiness, report_file.name
+    atomic_write_text(report_file, readiness.markdown())
+    log(f"tensorrt: {exported.path.name} readiness against TensorRT {readiness.tensorrt_version}'s operator list: "
+        f"{readiness.verdict}")
+    profiles = trt_profiles(exported, plan.args, value_ranges, plan.empty_ok)
     # polygraphy checks |got - ref| <= atol elementwise: the model's relaxed rel_inf band times the
-    # largest logit of the export example is that band in absolute terms.
-    _, relaxed = validate.tolerance("model", "logits", torch.float32).bands()
-    script = output / "build_trt.sh"
-    atomic_write_text(script, tensorrt.build_script(exported.path.name, profiles, rtol=0.0, atol=relaxed * logit_scale,
-                                            reference_file=None if reference == exported.path else reference.name))
+    # largest first output (the logits) of the export example is that band in absolute terms.
+    _, relaxed = validate.tolerance("model", exported.output_names[0], torch.float32).bands()
+    atomic_write_text(script, tensorrt.build_script(exported.path.name, profiles, rtol=0.0, atol=relaxed * output_scale,
+                                                    reference_file=None if reference == exported.path
+                                                    else reference.name))
     script.chmod(script.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
-    result.files += [output / "trt_readiness.md", script]
+    result.files += [report_file, script]
 
     available, why = tensorrt.availability()
     if not available:
-        result.tensorrt = f"TensorRT build: SKIPPED ({why}; run {script.name} on a machine with TensorRT)"
-        log("tensorrt: " + result.tensorrt)
+        graph.tensorrt = f"TensorRT build: SKIPPED ({why}; run {script.name} on a machine with TensorRT)"
+        log("tensorrt: " + graph.tensorrt)
         return
     engine_graph = exported.path if reference == exported.path or tensorrt.supports_fp4() else reference
     log(f"tensorrt: {why}; building {engine_graph.name}")
@@ -390,32 +466,40 @@ def _tensorrt_stage(result: CompileResult, exported: Exported, reference: Path, 
         v = tensorrt.build_and_compare(engine_graph, reference, profiles, sets, exported.output_names,
                                        lambda name, dtype: validate.tolerance("model", name, dtype), log)
     except Exception as e:  # a parser or builder error: reported, never an engine claimed
-        result.tensorrt = f"TensorRT build: FAILED ({e})"
-        log("tensorrt: " + result.tensorrt)
+        graph.tensorrt = f"TensorRT build: FAILED ({e})"
+        log("tensorrt: " + graph.tensorrt)
         return
     result.validations.append(v)
     engine = engine_graph.with_suffix(".engine")
     result.files.append(engine)
-    result.tensorrt = f"TensorRT build: OK ({engine.name}, {'matches' if v.passed else 'DIFFERS FROM'} ONNX Runtime)"
-    log("tensorrt: " + result.tensorrt)
+    graph.tensorrt = f"TensorRT build: OK ({engine.name}, {'matches' if v.passed else 'DIFFERS FROM'} ONNX Runtime)"
+    log("tensorrt: " + graph.tensorrt)
 
 
 def _write_report(result: CompileResult, output: Path) -> None:
-    """``compile_report.json``: what was written and every check's numbers, for CI and diffing."""
+    """``compile_report.json``: what was written and every check's numbers, for CI and diffing.
+    Each graph's inputs, outputs, dynamic dimensions, lowered ops and TensorRT results sit at the
+    top level for one graph, under ``graphs`` (by file name) for several (seq2seq)."""
     e = result.exported
-    report = {
-        "target": e.target.profile.name, "opset": e.target.opset, "ir_version": e.model.ir_version,
-        "fp4": e.target.fp4, "inputs": e.input_names, "outputs": e.output_names,
-        "dynamic": {n: dataclasses.asdict(d) for n, d in e.dims.items()},
-        "apt_hal_ops": {n: {"nodes": c, "lowering": lowering.LOWERINGS[e.target.profile.name][n].how}
-                        for n, c in sorted(e.apt_hal_ops.items())},
-        "validations": [{"runtime": v.runtime, "passed": v.passed, "error": v.error,
-                         "rows": [dataclasses.asdict(r) for r in v.rows]}
-                        for v in result.validations],
-        "tensorrt": result.tensorrt or None,
-        "readiness": result.readiness.to_dict() if result.readiness else None,
-    }
+    report = {"target": e.target.profile.name, "opset": e.target.opset, "ir_version": e.model.ir_version,
+              "fp4": e.target.fp4}
+    graphs = {g.exported.path.name: _graph_report(g) for g in result.graphs}
+    report.update(graphs.popitem()[1] if len(graphs) == 1 else {"graphs": graphs})
+    report["validations"] = [{"runtime": v.runtime, "passed": v.passed, "error": v.error,
+                              "rows": [dataclasses.asdict(r) for r in v.rows]} for v in result.validations]
     path = output / "compile_report.json"
     result.files.append(path)
     report["files"] = {str(f.name): f.stat().st_size if f.exists() else None for f in result.files if f != path}
     atomic_write_text(path, json.dumps(report, indent=1, default=str) + "\n")
+
+
+def _graph_report(graph: GraphResult) -> dict:
+    e = graph.exported
+    return {
+        "inputs": e.input_names, "outputs": e.output_names,
+        "dynamic": {n: dataclasses.asdict(d) for n, d in e.dims.items()},
+        "apt_hal_ops": {n: {"nodes": c, "lowering": lowering.LOWERINGS[e.target.profile.name][n].how}
+                        for n, c in sorted(e.apt_hal_ops.items())},
+        "tensorrt": graph.tensorrt or None,
+        "readiness": graph.readiness.to_dict() if graph.readiness else None,
+    }

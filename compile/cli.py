@@ -21,8 +21,10 @@ A decoder-only model (dense, moe, oss) exports the past/present graph that gener
 input_ids, attention_mask, position_ids, past_key_values.{i}.key/value -> logits, present.{i}.key/value
 (optimum's names and layout; dynamic batch, sequence and past length; empty past = prefill), with
 apt_model.json, config.json and genai_config.json beside it: 'apt-hal generate --onnx DIR' runs it.
-With --no-kv-cache (and for seq2seq) the graph takes input_ids [batch, seq] (and decoder_input_ids
-for seq2seq) and returns logits.
+A seq2seq model exports optimum's three graphs instead: encoder_model.onnx, decoder_model.onnx (the
+first decoder step) and decoder_with_past_model.onnx (docs/export.md), with apt_model.json.
+With --no-kv-cache the graph takes input_ids [batch, seq] (and decoder_input_ids for seq2seq) and
+returns logits.
 
 Validation (on by default) runs the graph on ONNX Runtime's CPU provider on several input sets,
 including dynamic sizes the export never saw and size 1, and compares each output with eager
@@ -66,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "graph that ONNX Runtime's CPU provider runs); default: the model's own")
     p.add_argument("--no-kv-cache", action="store_true",
                    help="export the full-sequence logits graph instead of the past/present (KV cache) graph of a "
-                        "decoder-only model")
+                        "decoder-only model or the encoder + decoder-with-past graphs of a seq2seq model")
     p.add_argument("--list-lowerings", action="store_true", help="print the lowering table of every target and exit")
     return p
 
@@ -92,31 +94,40 @@ def print_lowerings() -> None:
 
 
 def print_summary(result, model: str) -> None:
+    from apt_hal.compile import lowering
+
     print("\n== apt-compile summary ==")
     e = result.exported
     if e is not None:
         t = e.target
+        several = len(result.graphs) > 1
         print(f"model     {model}")
         print(f"target    {t.profile.name} ({t.profile.description}); opset {t.opset}, IR version "
               f"{e.model.ir_version}, MXFP4 as {t.fp4}")
-        print("dynamic   " + ("; ".join(f"{n} {d}" for n, d in e.dims.items()) or "none (static shapes)"))
+        for g in result.graphs:
+            name = f"{g.exported.path.name}: " if several else ""
+            print("dynamic   " + name + ("; ".join(f"{n} {d}" for n, d in g.exported.dims.items())
+                                         or "none (static shapes)"))
         print("files")
         for f in result.files:
             print(f"  {str(f):<48} {_size(f.stat().st_size) if f.exists() else '(missing)'}")
-        from apt_hal.compile import lowering
-
         table = lowering.LOWERINGS[t.profile.name]
         print("lowered")
-        for op, count in sorted(e.apt_hal_ops.items()):
-            print(f"  {op} x{count}: {table[op].how}")
+        for g in result.graphs:
+            for op, count in sorted(g.exported.apt_hal_ops.items()):
+                print(f"  {g.exported.path.name + ': ' if several else ''}{op} x{count}: {table[op].how}")
         for v in result.validations:
             print()
             print(v.table())
-        if result.readiness is not None:
-            print(f"\nTensorRT {result.readiness.tensorrt_version} readiness: {result.readiness.verdict} "
-                  "(trt_readiness.md)")
-        if result.tensorrt:
-            print(result.tensorrt)
+        if any(g.readiness for g in result.graphs):
+            print()
+        for g in result.graphs:
+            name = f"{g.exported.path.name}: " if several else ""
+            if g.readiness is not None:
+                print(f"{name}TensorRT {g.readiness.tensorrt_version} readiness: {g.readiness.verdict} "
+                      f"({g.readiness_file})")
+            if g.tensorrt:
+                print(name + g.tensorrt)
     print(f"\nresult: {result.verdict} (exit {result.exit_code})")
 
 

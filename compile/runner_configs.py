@@ -4,7 +4,8 @@
   ``use_cache``, which ``optimum.onnxruntime.ORTModelForCausalLM`` reads with the graph's
   optimum-style input and output names. Written when the config has a Hugging Face form.
 * ``genai_config.json``: onnxruntime-genai's description of the decoder graph (names, heads,
-  context length, token ids) and its default search options.
+  context length, token ids) and its default search options; decoder-only models only (genai has
+  no model type for apt-seq2seq's encoder + decoder-with-past folder).
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ def hf_config(cfg, tokenizer=None) -> Optional[dict]:
 def write(output: Path, cfg, tokenizer=None) -> list[Path]:
     """Write both files into ``output``; returns the paths written."""
     written = []
-    files = ((HF_CONFIG_FILE, hf_config(cfg, tokenizer)), (GENAI_CONFIG_FILE, genai_config(cfg, tokenizer)))
+    genai = genai_config(cfg, tokenizer) if cfg.family in _GENAI_TYPES else None
+    files = ((HF_CONFIG_FILE, hf_config(cfg, tokenizer)), (GENAI_CONFIG_FILE, genai))
     for name, content in files:
         if content is not None:
             (output / name).write_text(json.dumps(content, indent=1) + "\n")

@@ -89,7 +89,8 @@ def _cut_at_stops(text: str, stops: Sequence[str]) -> str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_sampling_arguments(p, checkpoint_required=False)
     p.add_argument("--onnx", metavar="DIR", help="instead of --checkpoint: generate on ONNX Runtime's CPU provider "
-                                                 "with the past/present graph apt-compile wrote to DIR")
+                                                 "with the KV-cache graphs apt-compile wrote to DIR (decoder-only "
+                                                 "or seq2seq)")
     p.add_argument("--prompt", required=True, help="the text to continue")
     p.add_argument("--stop", nargs="+", default=[], metavar="TEXT", help="end the output after the first TEXT")
 
@@ -105,9 +106,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         if args.onnx:
-            from apt_hal.compile.ort_generate import OrtCausalLM
+            from apt_hal.compile import ort_generate
 
-            runner = OrtCausalLM(args.onnx)
+            runner = ort_generate.load(args.onnx)
             tokenizer, generate_tokens = runner.tokenizer(), runner.generate
         else:
             model, tokenizer = load(args)

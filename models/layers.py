@@ -157,7 +157,9 @@ def default_positions(valid: Optional[torch.Tensor], shape: tuple, device: torch
     so a left-padded sequence gets the positions it would have unpadded (padding gets 0)."""
     if valid is None:
         return torch.arange(shape[1], device=device).expand(shape)
-    return (valid.long().cumsum(1) - 1).clamp(min=0)
+    # Counted in float32 (exact below 2^24 tokens) as PastKV.key_positions does: TensorRT's CumSum and
+    # Clip are float-only.
+    return (valid.float().cumsum(1) - 1).clamp(min=0).long()
 
 
 def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, k_valid: torch.Tensor, causal: bool,
@@ -197,7 +199,7 @@ class AttentionBatch:
         self._masks: dict = {}
         self.memory = memory
         self.memory_mask = None
-        if memory is not None:
+        if memory_valid is not None:  # the memory itself may be absent: its keys and values cached in kv.cross
             mv = memory_valid[:, None, None, :]
             self.memory_mask = mv | ~mv.any(-1, keepdim=True)  # see attention_mask
 
@@ -303,6 +305,9 @@ class Attention(nn.Module):
         cached = batch.kv.cross.get(self.layer_idx) if batch.kv is not None else None
         if cached is None:
             m = batch.memory
+            if m is None:
+                raise ValueError(f"cross-attention of decoder layer {self.layer_idx}: give the encoder output "
+                                 "(encoder_output.hidden) or its cached keys and values (kv.cross)")
             kv = self.kv_proj(m).view(m.shape[0], m.shape[1], 2 * self.n_kv_heads, self.head_dim)
             cached = kv.split((self.n_kv_heads, self.n_kv_heads), dim=2)
             if batch.kv is not None:

@@ -31,7 +31,9 @@ from apt_hal.models.layers import AttentionBatch, Block, KVStep, PastKV, RMSNorm
 
 @dataclasses.dataclass
 class EncoderOutput:
-    hidden: torch.Tensor  # [B, L, d], after the encoder's final norm
+    # [B, L, d], after the encoder's final norm; None for a decoder step whose every cross-attention
+    # layer finds its keys and values already in ``kv.cross`` (an exported decoder-with-past graph)
+    hidden: Optional[torch.Tensor]
     valid: torch.Tensor  # [B, L] bool, True = real token
     moe_losses: list  # (load_balance_loss, z_loss) of each encoder MoE layer
 
@@ -97,8 +99,8 @@ class Seq2SeqLM(nn.Module):
             raise ValueError(f"labels must be shaped like decoder_input_ids {tuple(decoder_input_ids.shape)} "
                              f"(and logits computed everywhere), got {tuple(labels.shape)}")
         valid = check_padding_mask("decoder_attention_mask", decoder_attention_mask, decoder_input_ids)
-        if encoder_output.hidden.shape[0] != decoder_input_ids.shape[0]:
-            raise ValueError(f"the encoder output has batch {encoder_output.hidden.shape[0]}, "
+        if encoder_output.valid.shape[0] != decoder_input_ids.shape[0]:
+            raise ValueError(f"the encoder output has batch {encoder_output.valid.shape[0]}, "
                              f"decoder_input_ids has {decoder_input_ids.shape[0]}")
         x = self.embed(decoder_input_ids)
         batch = AttentionBatch(tuple(decoder_input_ids.shape), valid, self.rotary.on(x.device), kv=kv,
