@@ -479,11 +479,23 @@ def choose_config(m: int, n: int, k: int, x_dtype: torch.dtype = torch.bfloat16)
     cfg = TileConfig(**hw.fp4_matmul_tiles(m, _X_PARTS[x_dtype]))
     if cfg.materialize:
         return cfg
+    return dataclasses.replace(cfg, split_k=split_to_fill(cfg, m, n, k), fused_reduce=hw.FP4_MATMUL_FUSED_REDUCE)
+
+
+def split_to_fill(cfg: TileConfig, m: int, n: int, k: int) -> int:
+    """choose_config's split-K for the tiles of ``cfg`` (see there)."""
     tiles_mn = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
     per_sm = hw.FP4_MATMUL_GEMV_PROGRAMS_PER_SM if cfg.cuda_core else hw.FP4_MATMUL_PROGRAMS_PER_SM
     want = hw.device_properties()["sm_count"] * per_sm
     split = min(want // tiles_mn, k // (16 * m), triton.cdiv(k, cfg.block_k), hw.FP4_MATMUL_MAX_SPLIT_K)
-    return dataclasses.replace(cfg, split_k=max(split, 1), fused_reduce=hw.FP4_MATMUL_FUSED_REDUCE)
+    return max(split, 1)
+
+
+def effective_split(cfg: TileConfig, k: int) -> int:
+    """The split-K a launch uses: ``cfg.split_k`` lowered to a divisor of the number of K blocks,
+    so that all splits cover equal K ranges."""
+    k_blocks = triton.cdiv(k, cfg.block_k)
+    return max(d for d in range(1, cfg.split_k + 1) if k_blocks % d == 0)
 
 
 def permute_k(x: torch.Tensor, block_k: int) -> torch.Tensor:
@@ -495,8 +507,8 @@ def permute_k(x: torch.Tensor, block_k: int) -> torch.Tensor:
 def matmul(x: torch.Tensor, w_packed: torch.Tensor, w_scales: torch.Tensor, bias: Optional[torch.Tensor] = None,
            *, config: Optional[TileConfig] = None, launch: Callable = direct) -> torch.Tensor:
     """fp4_matmul on arguments the contract has checked. ``config`` overrides the schedule of
-    :func:`choose_config` (benchmark sweeps, tests); its ``split_k`` is lowered to a divisor of
-    the number of K blocks so that all splits cover equal K ranges. ``launch`` is
+    :func:`choose_config` (benchmark sweeps, tests); its ``split_k`` is lowered by
+    :func:`effective_split`. ``launch`` is
     registration.direct or ``torch.library.wrap_triton`` (the traced triton_op)."""
     k = x.shape[-1]
     n = w_packed.shape[0]
@@ -527,7 +539,7 @@ def matmul(x: torch.Tensor, w_packed: torch.Tensor, w_scales: torch.Tensor, bias
     if cfg.cuda_core and cfg.block_m not in (1, 2, 4):
         raise ValueError(f"the cuda_core schedule takes block_m 1, 2 or 4 rows, got {cfg.block_m}")
     k_blocks = triton.cdiv(k, cfg.block_k)
-    split = max(d for d in range(1, cfg.split_k + 1) if k_blocks % d == 0)  # equal K ranges
+    split = effective_split(cfg, k)
     x_permuted = cfg.swap_ab and cfg.x_permuted and k % cfg.block_k == 0 and not cfg.cuda_core
     if x_permuted:
         x2 = permute_k(x2, cfg.block_k)
