@@ -20,13 +20,34 @@ Schedules, chosen per call by the tile table in ``hw.py``:
 * **decode** (M <= 64; weights are the only bytes that matter): "swap AB", the weight tile is the
   left operand (``out^T = W x^T``, from registers) so the tensor core's 64-row side is spent on N,
   not on the tiny M; K is split across programs (``split_k``) so that every SM streams weights,
-  and the partial sums are added in a fixed order by a second small kernel (deterministic).
+  and the partial sums are added in a fixed order (deterministic), by default by a second small
+  kernel (:func:`_split_k_sum_kernel`).
   Inside a tile K is visited in a permuted order (:func:`_mma_k_order`; a dot product does not
   depend on the order of its terms), chosen so that each thread's share of the weight operand is
   a run of contiguous words, and each of its operand registers one pair of codes of
   :func:`~.mxfp4_decode.dequantize_mma_words`.
   ``x`` gets the same order, in registers per tile or, with ``x_permuted``, once before the
   launch (its tiles then go straight to shared memory).
+* **fused reduction** (``fused_reduce``; ``hw.FP4_MATMUL_FUSED_REDUCE``, off until measured):
+  the split-K partials are added by the tile's last program instead of a second kernel
+  (:func:`_epilogue`): each program stores its float32 partial to the workspace, then counts its
+  arrival on the tile's int32 counter (an acquire-release atomic, after a barrier so that the
+  whole program's stores are released); the program that arrives last loads all partials through
+  L2 and adds them in split order, the same code and order as the second kernel, hence the same
+  bits, then adds the bias, rounds, stores, and resets the counter to zero. Why: at ~20 us a
+  call, the second launch and its pass over the partials are a measurable part of decode.
+  The counters are one zeroed buffer per device (:func:`split_counters`), left at zero by every
+  launch, so CUDA-graph replays reuse it; launches running at the same time on two streams of one
+  device must not both use the fused reduction (they would share counters).
+* **CUDA-core GEMV** (``cuda_core``; ``hw.FP4_MATMUL_GEMV_MAX_M``, off until measured): for
+  M <= 4 the tensor cores' 16-row tile is mostly padding, and feeding them costs operand shuffles.
+  :func:`_fp4_gemv_kernel` gives each program ``block_n`` weight rows and a K range (split-K as
+  above, either reduction); a thread loads 16-byte runs of a row (4 words: the 32 codes of one
+  MX block), decodes them with the float16-pair trick
+  (:func:`~.mxfp4_decode.float32_codes_from_words`, 3 instructions per code), multiplies them
+  by x in float32, sums each MX block (products exact for bf16 and fp16 x; fp32 products are
+  rounded once, within the contract's float32 accumulation), and scales each block sum once
+  (:func:`~.mxfp4_decode.scaled_block_sums`). Every x dtype; ``block_m`` 1, 2 or 4 rows.
 * **prefill** (larger M): ``out = x W^T`` with the dequantized ``W^T`` tile staged in shared
   memory for the tensor cores, grouped tile order for L2 reuse.
 * **materialize** (bf16 x, M >= ``hw.FP4_MATMUL_MATERIALIZE_MIN_M``): one kernel writes the exact
