@@ -41,7 +41,7 @@ Schedules, chosen per call by the tile table in ``hw.py``:
   device must not both use the fused reduction (they would share counters).
 * **CUDA-core GEMV** (``cuda_core``; ``hw.FP4_MATMUL_GEMV_MAX_M``, off until measured): for
   M <= 4 the tensor cores' 16-row tile is mostly padding, and feeding them costs operand shuffles.
-  :func:`_fp4_gemv_kernel` gives each program ``block_n`` weight rows and a K range (split-K as
+  :func:`_gemv_k_loop` gives each program ``block_n`` weight rows and a K range (split-K as
   above, either reduction); a thread loads 16-byte runs of a row (4 words: the 32 codes of one
   MX block), decodes them with the float16-pair trick
   (:func:`~.mxfp4_decode.float32_codes_from_words`, 3 instructions per code), multiplies them
@@ -314,70 +314,15 @@ def _epilogue(acc, out_ptr, part_ptr, counter_ptr, bias_ptr, offs_m, offs_n, M, 
 
 
 @triton.jit
-def _fp4_matmul_kernel(
-    x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, part_ptr, counter_ptr,
-    M, N, K, stride_xm, stride_wn, stride_sn, stride_om, stride_bias,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_STEPS: tl.constexpr,
-    X_PARTS: tl.constexpr, SWAP_AB: tl.constexpr, X_PERMUTED: tl.constexpr, SPLIT_K: tl.constexpr,
-    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, FUSED_REDUCE: tl.constexpr,
-    INTERPRETER: tl.constexpr,
-):
-    """out[M, N] = x[M, K] @ dequantize(w)[N, K]^T (+ bias) on tensor cores. Program (.., s) covers
-    K_STEPS blocks of BLOCK_K starting at block s * K_STEPS; with SPLIT_K > 1 its partial sum goes
-    through :func:`_epilogue`. K_STEPS is a compile-time constant: one compiled variant per
-    (K, split), and a loop bound that Triton's interpreter (which needs Python ints) can run.
-    w_ptr: the packed weights as 32-bit words, stride_wn words per row; bias: stride_bias apart."""
-    pid = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    if SWAP_AB:  # decode: few M tiles; consecutive programs walk N
-        pid_m = pid // num_n
-        pid_n = pid % num_n
-    else:  # prefill: groups of GROUP_M tile rows share weight tiles in L2
-        group = pid // (GROUP_M * num_n)
-        first_m = group * GROUP_M
-        rows = tl.minimum(num_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % (GROUP_M * num_n)) % rows
-        pid_n = (pid % (GROUP_M * num_n)) // rows
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    rows_n = offs_n % N  # weight rows past N re-read row n % N (unmasked loads); never stored
-
-    k0 = pid_k * (K_STEPS * BLOCK_K)
-    x_tile, w_tile, s_tile = _first_tiles(x_ptr, w_ptr, s_ptr, offs_m, rows_n, k0, stride_xm, stride_wn, stride_sn,
-                                          BLOCK_K)
-
-    if SWAP_AB:
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    # Scale factors are one multiplication per weight pair while every scale is at most 2 (code
-    # 128; real weights' scales are below 1), two otherwise: the tile is computed the fast way,
-    # and again the exact way in the rare case that it read a larger (or NaN) scale.
-    result, top = _k_loop(acc, x_tile, w_tile, s_tile, mask_m, K, k0, BLOCK_K, K_STEPS, X_PARTS, SWAP_AB,
-                          X_PERMUTED, EVEN_K, False, INTERPRETER)
-    if top > 128:
-        result, top = _k_loop(acc, x_tile, w_tile, s_tile, mask_m, K, k0, BLOCK_K, K_STEPS, X_PARTS, SWAP_AB,
-                              X_PERMUTED, EVEN_K, True, INTERPRETER)
-    acc = result
-
-    if SWAP_AB:
-        acc = acc.T
-    _epilogue(acc, out_ptr, part_ptr, counter_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, stride_bias, pid, pid_k,
-              SPLIT_K, FUSED_REDUCE, HAS_BIAS)
-
-
-@triton.jit
 def _gemv_k_loop(x_tile, w_tile, s_tile, mask_m, K, k0, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
                  K_STEPS: tl.constexpr, EVEN_K: tl.constexpr, INTERPRETER: tl.constexpr):
     """[BLOCK_N, BLOCK_M] float32: the products of a tile's weight rows and x rows over K_STEPS
     blocks of BLOCK_K from K offset k0, on CUDA cores. Each MX block's 32 products are summed
     first (codes times x: exact for bf16 and fp16 x, and at most one rounding for fp32 x), then
     scaled once (:func:`~.mxfp4_decode.scaled_block_sums`); the block sums stay in each thread's
-    registers, one accumulator per block column, until one reduction at the end."""
+    registers, one accumulator per block column, until one reduction at the end. Each weight row
+    is BLOCK_K / 8 contiguous 32-bit words per step: the loads vectorize to 16 bytes a thread, 4
+    words, the 32 codes of one MX block."""
     R: tl.constexpr = w_tile.shape[0]
     KB: tl.constexpr = BLOCK_K // 32
     offs_kw = tl.arange(0, BLOCK_K // 8)
@@ -405,29 +350,72 @@ def _gemv_k_loop(x_tile, w_tile, s_tile, mask_m, K, k0, BLOCK_M: tl.constexpr, B
 
 
 @triton.jit
-def _fp4_gemv_kernel(
+def _mma_tile(x_tile, w_tile, s_tile, mask_m, K, k0, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr, K_STEPS: tl.constexpr, X_PARTS: tl.constexpr, SWAP_AB: tl.constexpr,
+              X_PERMUTED: tl.constexpr, EVEN_K: tl.constexpr, INTERPRETER: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] float32: the tile's products over K_STEPS blocks of BLOCK_K from K offset
+    k0, on tensor cores (:func:`_k_loop`)."""
+    if SWAP_AB:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # Scale factors are one multiplication per weight pair while every scale is at most 2 (code
+    # 128; real weights' scales are below 1), two otherwise: the tile is computed the fast way,
+    # and again the exact way in the rare case that it read a larger (or NaN) scale.
+    result, top = _k_loop(acc, x_tile, w_tile, s_tile, mask_m, K, k0, BLOCK_K, K_STEPS, X_PARTS, SWAP_AB,
+                          X_PERMUTED, EVEN_K, False, INTERPRETER)
+    if top > 128:
+        result, top = _k_loop(acc, x_tile, w_tile, s_tile, mask_m, K, k0, BLOCK_K, K_STEPS, X_PARTS, SWAP_AB,
+                              X_PERMUTED, EVEN_K, True, INTERPRETER)
+    if SWAP_AB:
+        result = result.T
+    return result
+
+
+@triton.jit
+def _fp4_matmul_kernel(
     x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, part_ptr, counter_ptr,
     M, N, K, stride_xm, stride_wn, stride_sn, stride_om, stride_bias,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_STEPS: tl.constexpr,
-    SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, FUSED_REDUCE: tl.constexpr,
-    INTERPRETER: tl.constexpr,
+    X_PARTS: tl.constexpr, SWAP_AB: tl.constexpr, X_PERMUTED: tl.constexpr, SPLIT_K: tl.constexpr,
+    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, FUSED_REDUCE: tl.constexpr,
+    CUDA_CORE: tl.constexpr, INTERPRETER: tl.constexpr,
 ):
-    """The decode GEMV on CUDA cores (M <= 4; BLOCK_M is 1, 2 or 4): out[M, N] = x[M, K] @
-    dequantize(w)[N, K]^T (+ bias), program (t, s) computing output tile t over split s of K as
-    :func:`_fp4_matmul_kernel` does. Arguments as there. Each row of the weight tile is BLOCK_K / 8
-    contiguous 32-bit words per step: the loads vectorize to 16 bytes a thread, 4 words, which are
-    the 32 codes of one MX block."""
+    """out[M, N] = x[M, K] @ dequantize(w)[N, K]^T (+ bias), on tensor cores or (CUDA_CORE, M <= 4)
+    CUDA cores (:func:`_gemv_k_loop`). Program (.., s) covers K_STEPS blocks of BLOCK_K starting at
+    block s * K_STEPS; with SPLIT_K > 1 its partial sum goes through :func:`_epilogue`. K_STEPS is
+    a compile-time constant: one compiled variant per (K, split), and a loop bound that Triton's
+    interpreter (which needs Python ints) can run. w_ptr: the packed weights as 32-bit words,
+    stride_wn words per row; bias: stride_bias apart."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
+    num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
-    offs_m = pid // num_n * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid % num_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if SWAP_AB or CUDA_CORE:  # decode: few M tiles; consecutive programs walk N
+        pid_m = pid // num_n
+        pid_n = pid % num_n
+    else:  # prefill: groups of GROUP_M tile rows share weight tiles in L2
+        group = pid // (GROUP_M * num_n)
+        first_m = group * GROUP_M
+        rows = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % (GROUP_M * num_n)) % rows
+        pid_n = (pid % (GROUP_M * num_n)) // rows
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
     rows_n = offs_n % N  # weight rows past N re-read row n % N (unmasked loads); never stored
+
     k0 = pid_k * (K_STEPS * BLOCK_K)
     x_tile, w_tile, s_tile = _first_tiles(x_ptr, w_ptr, s_ptr, offs_m, rows_n, k0, stride_xm, stride_wn, stride_sn,
                                           BLOCK_K)
-    acc = _gemv_k_loop(x_tile, w_tile, s_tile, offs_m < M, K, k0, BLOCK_M, BLOCK_K, K_STEPS, EVEN_K, INTERPRETER)
-    _epilogue(acc.T, out_ptr, part_ptr, counter_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, stride_bias, pid, pid_k,
+
+    if CUDA_CORE:
+        acc = _gemv_k_loop(x_tile, w_tile, s_tile, mask_m, K, k0, BLOCK_M, BLOCK_K, K_STEPS, EVEN_K, INTERPRETER).T
+    else:
+        acc = _mma_tile(x_tile, w_tile, s_tile, mask_m, K, k0, BLOCK_M, BLOCK_N, BLOCK_K, K_STEPS, X_PARTS, SWAP_AB,
+                        X_PERMUTED, EVEN_K, INTERPRETER)
+    _epilogue(acc, out_ptr, part_ptr, counter_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, stride_bias, pid, pid_k,
               SPLIT_K, FUSED_REDUCE, HAS_BIAS)
 
 
@@ -570,18 +558,15 @@ def matmul(x: torch.Tensor, w_packed: torch.Tensor, w_scales: torch.Tensor, bias
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
     fused = split > 1 and cfg.fused_reduce
     counters = split_counters(x.device, grid[0], launch) if fused else None
-    args = (x2, words, scales, bias, out, partials, counters, m, n, k, x2.stride(0), k // 8, k // mxfp4.BLOCK, n,
-            bias_stride)
-    shared = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, K_STEPS=k_blocks // split,
-                  SPLIT_K=split, EVEN_K=k % cfg.block_k == 0, HAS_BIAS=bias is not None, FUSED_REDUCE=fused,
-                  INTERPRETER=hw.pure_triton(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                  **hw.launch_options())
     with hw.device_guard(x):
-        if cfg.cuda_core:
-            launch(_fp4_gemv_kernel)[grid](*args, **shared)
-        else:
-            launch(_fp4_matmul_kernel)[grid](*args, X_PARTS=_X_PARTS[x.dtype], SWAP_AB=cfg.swap_ab,
-                                             X_PERMUTED=x_permuted, GROUP_M=cfg.group_m, **shared)
+        launch(_fp4_matmul_kernel)[grid](
+            x2, words, scales, bias, out, partials, counters, m, n, k, x2.stride(0), k // 8, k // mxfp4.BLOCK, n,
+            bias_stride, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, K_STEPS=k_blocks // split,
+            X_PARTS=_X_PARTS[x.dtype], SWAP_AB=cfg.swap_ab and not cfg.cuda_core, X_PERMUTED=x_permuted,
+            SPLIT_K=split, GROUP_M=cfg.group_m, EVEN_K=k % cfg.block_k == 0, HAS_BIAS=bias is not None,
+            FUSED_REDUCE=fused, CUDA_CORE=cfg.cuda_core, INTERPRETER=hw.pure_triton(), num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages, **hw.launch_options(),
+        )
         if split > 1 and not fused:
             block = 1024
             launch(_split_k_sum_kernel)[(triton.cdiv(m * n, block),)](
