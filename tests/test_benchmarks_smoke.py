@@ -2,6 +2,7 @@
 column of their tables; the gpt-oss-shaped checkpoint they write loads in transformers with the
 same logits. (The numbers are the GPU session's; here only the plumbing is checked.)"""
 
+import dataclasses
 import sys
 
 import pytest
@@ -147,12 +148,11 @@ def test_fp4_matmul_decode_sweep_candidates_are_labelled_and_few():
     in all (each compiles anew: a few seconds each on the GPU host)."""
     total = 0
     for m, k, n in fp4_matmul.DECODE_SWEEP_SHAPES:
-        configs = fp4_matmul._candidates(m, k, n)
-        if m > 16:
-            configs = configs[:2]
+        configs = fp4_matmul.sweep_configs(m, k, n, decode_only=True)
         auto = fp4_matmul.kernels.choose_config(m, n, k)
-        assert configs[0] == auto and len(set(configs)) == len(configs)
-        assert any(c.fused_reduce for c in configs) == (auto.split_k > 1 or m <= 16)
+        assert configs[0] == dataclasses.replace(auto, split_k=fp4_matmul.kernels.effective_split(auto, k))
+        assert len(set(configs)) == len(configs)
+        assert any(c.fused_reduce for c in configs) == (configs[0].split_k > 1 or m <= 16)
         assert any(c.cuda_core for c in configs) == (m <= 4)
         for c in configs:
             assert c.split_k == fp4_matmul.kernels.effective_split(c, k)

@@ -172,7 +172,6 @@ def gpu_checks() -> None:
             x = torch.randn(40, k, device="cuda", dtype=torch.bfloat16, generator=gen)
             check(f"fp4_matmul schedule {cfg}, scales up to 2^{top_code - 127}",
                   kernels.matmul(x, packed, scales, config=cfg), x, packed, scales)
-    _check_decode_schedules(gen)
     cfg = kernels.TileConfig(**kernels.hw.FP4_MATMUL_MATERIALIZE_TILE)
     packed, scales = make_weights(1000, 4096 + 32, gen, 130)
     x = torch.randn(40, 4096 + 32, device="cuda", dtype=torch.bfloat16, generator=gen)
@@ -189,26 +188,6 @@ def gpu_checks() -> None:
         print("gpu checks: torch.compile(fullgraph) of torch.ops.apt_hal_triton.fp4_matmul matches eager", flush=True)
     except Exception as e:  # reported, not fatal: it is not a wrong kernel result
         print(f"gpu checks: torch.compile of the triton_op FAILED: {type(e).__name__}: {e}", flush=True)
-
-
-def _check_decode_schedules(gen: torch.Generator) -> None:
-    """The fused split-K reduction gives the bits of the two-kernel one, with all SMs racing for
-    the counters, and leaves the counters at zero; the CUDA-core GEMV matches the reference for
-    every x dtype, with a bias and a partial last K tile."""
-    for cfg in (_config(16, 128, 128, 8, 4, True, 8), _gemv(1, 32, 512, 4, 1, 4), _gemv(4, 32, 256, 4, 1, 4)):
-        m = 3 if cfg.block_m == 4 else 1 if cfg.cuda_core else 16
-        packed, scales = make_weights(1000, 4096 + 64, gen, 130)
-        for dtype in (torch.bfloat16, torch.float16, torch.float32):
-            x = torch.randn(m, 4096 + 64, device="cuda", dtype=dtype, generator=gen)
-            bias = torch.randn(1000, device="cuda", dtype=dtype, generator=gen)
-            fused = kernels.matmul(x, packed, scales, bias, config=cfg)
-            separate = kernels.matmul(x, packed, scales, bias, config=dataclasses.replace(cfg, fused_reduce=False))
-            name = f"fp4_matmul {describe(cfg)} {dtype} M={m}"
-            if not torch.equal(fused, separate):
-                raise AssertionError(f"{name}: the fused reduction differs from the two-kernel one")
-            if any(c.any() for held in kernels._SPLIT_COUNTERS.values() for c in held):
-                raise AssertionError(f"{name}: split-K counters not left at zero")
-            check(name, fused, x, packed, scales, bias)
 
 
 # ---- timing -------------------------------------------------------------------------------------
@@ -262,6 +241,37 @@ def run(ceilings: harness.Ceilings, quick: bool = False, tiny: bool = False) -> 
 
 
 # ---- tuning data ----------------------------------------------------------------------------------
+
+
+def check_decode_schedules() -> None:
+    """Before the sweep, at GPU sizes (a bias, N = 1000, a partial last K tile): the fused
+    split-K reduction gives the bits of the two-kernel one with all SMs racing for the counters,
+    and leaves them at zero; the CUDA-core GEMV matches the reference for every x dtype. A failure
+    is printed, not raised: these schedules are off by default, and the sweep goes on (its lines
+    for a failing schedule say FAILED)."""
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    k, n = 8192 - 64, 1000  # every tile below splits K as asked: 64, 16 and 32 K tiles, the last partial
+    packed, scales = make_weights(n, k, gen, 130)
+    cases = [(_config(16, 128, 128, 8, 4, True, 8, fused=True), 16, torch.bfloat16),
+             (_gemv(1, 32, 512, 4, 1, 4), 1, torch.bfloat16), (_gemv(1, 32, 512, 4, 1, 4), 1, torch.float32),
+             (_gemv(4, 32, 256, 4, 1, 4), 3, torch.float16)]
+    for cfg, m, dtype in cases:
+        assert kernels.effective_split(cfg, k) == cfg.split_k
+        name = f"sweep check fp4_matmul {describe(cfg)} {dtype} M={m}"
+        try:
+            x = torch.randn(m, k, device="cuda", dtype=dtype, generator=gen)
+            bias = torch.randn(n, device="cuda", dtype=dtype, generator=gen)
+            fused = kernels.matmul(x, packed, scales, bias, config=cfg)
+            check(name, fused, x, packed, scales, bias)
+            if any(c.any() for held in kernels._SPLIT_COUNTERS.values() for c in held):
+                raise AssertionError("split-K counters not left at zero")
+            if dtype == torch.bfloat16:
+                separate = kernels.matmul(x, packed, scales, bias, config=dataclasses.replace(cfg, fused_reduce=False))
+                if not torch.equal(fused, separate):
+                    raise AssertionError("the fused reduction differs from the two-kernel one")
+            print(f"{name}: ok", flush=True)
+        except Exception as e:
+            print(f"{name}: FAILED {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}", flush=True)
 
 
 def _config(bm, bn, bk, warps, stages, swap, split, x_permuted=False, fused=False):
@@ -339,9 +349,11 @@ def sweep(ceilings: harness.Ceilings, quick: bool = False, decode_only: bool = F
     """Time other tile schedules, each checked against the reference first (element-wise bound
     for M <= 128, norm bound beyond), with rotating inputs as in the table; one line per schedule,
     with its speed-up over bf16 cuBLAS timed on the same shape. From M = 256 up, only the default
-    and the materialize schedule (where fused and materialized cross over). ``decode_only``: the
-    shapes of DECODE_SWEEP_SHAPES, no side kernels."""
+    and the materialize schedule (where fused and materialized cross over); a fused reduction must
+    also give the same bits twice. ``decode_only``: the shapes of DECODE_SWEEP_SHAPES (at M = 128,
+    the default with and without the fused reduction), no side kernels."""
     shapes = DECODE_SWEEP_SHAPES if decode_only else SWEEP_SHAPES
+    check_decode_schedules()
     for m, k, n in (shapes[:2] if quick else shapes):
         gen = torch.Generator(device="cuda").manual_seed(1)
 
@@ -353,17 +365,15 @@ def sweep(ceilings: harness.Ceilings, quick: bool = False, decode_only: bool = F
         cublas = _time_cublas(sets[0], m, k, n)
         label = f"sweep fp4_matmul M={m} K={k} N={n}"
         print(f"{label} bf16 cuBLAS: {cublas:8.1f} us", flush=True)
-        auto = kernels.choose_config(m, n, k)
-        configs = _candidates(m, k, n)
-        if decode_only and m > 16:
-            configs = configs[:2]  # the default and the same with the fused reduction
-        if 256 <= m < 4096:
-            configs = list(dict.fromkeys([auto, kernels.TileConfig(**kernels.hw.fp4_matmul_tiles(256)),
-                                          kernels.TileConfig(**kernels.hw.FP4_MATMUL_MATERIALIZE_TILE)]))
+        configs = sweep_configs(m, k, n, decode_only)
+        auto = configs[0]
         for cfg in configs:
             run_cfg = lambda x, p, s, cfg=cfg: kernels.matmul(x, p, s, config=cfg)  # noqa: E731
             try:
-                check("sweep", run_cfg(*sets[0]), *sets[0], elementwise=m <= 128)
+                out = run_cfg(*sets[0])
+                check("sweep", out, *sets[0], elementwise=m <= 128)
+                if cfg.fused_reduce and not torch.equal(run_cfg(*sets[0]), out):
+                    raise AssertionError("the fused reduction gave other bits on a second call")
                 t = harness.time_calls([lambda s=s: run_cfg(*s) for s in sets])
             except Exception as e:  # a schedule that does not compile or fit is tuning data too
                 print(f"{label} {describe(cfg)}: FAILED {type(e).__name__}: "
@@ -377,6 +387,19 @@ def sweep(ceilings: harness.Ceilings, quick: bool = False, decode_only: bool = F
                   f"{'  (default)' if cfg == auto else ''}", flush=True)
     if not decode_only:
         _sweep_side_kernels(ceilings)
+
+
+def sweep_configs(m: int, k: int, n: int, decode_only: bool = False) -> list[kernels.TileConfig]:
+    """The schedules the sweep times on one shape, choose_config's first (its split-K lowered as
+    the launch lowers it): see :func:`sweep`."""
+    auto = kernels.choose_config(m, n, k)
+    auto = dataclasses.replace(auto, split_k=kernels.effective_split(auto, k))
+    if decode_only and m > 16:
+        return [auto] + ([dataclasses.replace(auto, fused_reduce=True)] if auto.split_k > 1 else [])
+    if 256 <= m < 4096:
+        return list(dict.fromkeys([auto, kernels.TileConfig(**kernels.hw.fp4_matmul_tiles(256)),
+                                   kernels.TileConfig(**kernels.hw.FP4_MATMUL_MATERIALIZE_TILE)]))
+    return list(dict.fromkeys([auto] + _candidates(m, k, n)))
 
 
 def _time_cublas(inputs, m: int, k: int, n: int) -> float:
