@@ -264,14 +264,13 @@ def _first_tiles(x_ptr, w_ptr, s_ptr, offs_m, rows_n, k0, stride_xm, stride_wn, 
 
 
 @triton.jit
-def _sum_partials(part_tile, split_stride, mask, SPLIT_K: tl.constexpr):
+def _sum_partials(part_tile, split_stride, mask, SPLIT_K: tl.constexpr, CACHE: tl.constexpr):
     """The SPLIT_K float32 partial sums at part_tile + s * split_stride, added in split order s = 0,
-    1, ... (the same bits whichever kernel adds them). Loaded through L2 only (".cg"): in the
-    fused reduction they were written by other SMs, whose stores this SM's L1 has not seen."""
-    total = tl.load(part_tile, mask=mask, other=0.0, cache_modifier=".cg")
+    1, ... (the same bits whichever kernel adds them). CACHE: the loads' cache modifier."""
+    total = tl.load(part_tile, mask=mask, other=0.0, cache_modifier=CACHE)
     for _ in tl.static_range(1, SPLIT_K):
         part_tile += split_stride  # pointer steps: s * split_stride could pass 2^31
-        total += tl.load(part_tile, mask=mask, other=0.0, cache_modifier=".cg")
+        total += tl.load(part_tile, mask=mask, other=0.0, cache_modifier=CACHE)
     return total
 
 
@@ -308,7 +307,9 @@ def _epilogue(acc, out_ptr, part_ptr, counter_ptr, bias_ptr, offs_m, offs_n, M, 
             tl.debug_barrier()
             arrived = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel", scope="gpu")
             if arrived == SPLIT_K - 1:
-                total = _sum_partials(part_tile, M * N, mask, SPLIT_K)
+                # Through L2 only (".cg"): other SMs wrote these partials during this launch,
+                # and this SM's L1 is not kept coherent with their stores.
+                total = _sum_partials(part_tile, M * N, mask, SPLIT_K, ".cg")
                 _store_output(total, out_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, stride_bias, HAS_BIAS)
                 tl.store(counter_ptr + tile, 0)  # every program of the tile has arrived: no race
 
@@ -443,7 +444,7 @@ def _split_k_sum_kernel(part_ptr, bias_ptr, out_ptr, MN, N, stride_bias, SPLIT_K
     """out = sum over s of part[s] (+ bias), in split order (deterministic), rounded once."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < MN
-    acc = _sum_partials(part_ptr + offs, MN, mask, SPLIT_K)
+    acc = _sum_partials(part_ptr + offs, MN, mask, SPLIT_K, "")
     if HAS_BIAS:
         acc += tl.load(bias_ptr + (offs % N) * stride_bias, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
