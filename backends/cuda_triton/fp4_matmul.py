@@ -315,6 +315,26 @@ def _epilogue(acc, out_ptr, part_ptr, counter_ptr, bias_ptr, offs_m, offs_n, M, 
 
 
 @triton.jit
+def _gemv_operands(x_tile, w_tile, s_tile, mask_m, k_left, present, EVEN_K: tl.constexpr):
+    """One K step's x [BLOCK_M, BLOCK_K], weight words [BLOCK_N, BLOCK_K / 8] and scale codes
+    [BLOCK_N, BLOCK_K / 32], k_left of K from its start on; nothing is read unless ``present``
+    (the step after the last; the values are then unused)."""
+    BLOCK_K: tl.constexpr = x_tile.shape[1]
+    if EVEN_K:
+        w_ok = present
+        s_ok = present
+        x_ok = mask_m[:, None] & present
+    else:
+        w_ok = (tl.arange(0, BLOCK_K // 8) < k_left // 8)[None, :] & present
+        s_ok = (tl.arange(0, BLOCK_K // 32) < k_left // 32)[None, :] & present
+        x_ok = mask_m[:, None] & (tl.arange(0, BLOCK_K) < k_left)[None, :] & present
+    words = tl.load(w_tile, mask=w_ok, other=0, eviction_policy="evict_first")
+    scale_codes = tl.load(s_tile, mask=s_ok, other=127, eviction_policy="evict_first")
+    xv = tl.load(x_tile, mask=x_ok, other=0.0)
+    return xv, words, scale_codes
+
+
+@triton.jit
 def _gemv_k_loop(x_tile, w_tile, s_tile, mask_m, K, k0, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
                  K_STEPS: tl.constexpr, EVEN_K: tl.constexpr, INTERPRETER: tl.constexpr):
     """[BLOCK_N, BLOCK_M] float32: the products of a tile's weight rows and x rows over K_STEPS
@@ -323,30 +343,23 @@ def _gemv_k_loop(x_tile, w_tile, s_tile, mask_m, K, k0, BLOCK_M: tl.constexpr, B
     scaled once (:func:`~.mxfp4_decode.scaled_block_sums`); the block sums stay in each thread's
     registers, one accumulator per block column, until one reduction at the end. Each weight row
     is BLOCK_K / 8 contiguous 32-bit words per step: the loads vectorize to 16 bytes a thread, 4
-    words, the 32 codes of one MX block."""
+    words, the 32 codes of one MX block. The next step's operands are loaded before this step's
+    arithmetic (Triton's pipeliner stages only loads that feed tl.dot), so that the weights of
+    one step stream in while the previous one is decoded."""
     R: tl.constexpr = w_tile.shape[0]
     KB: tl.constexpr = BLOCK_K // 32
-    offs_kw = tl.arange(0, BLOCK_K // 8)
-    offs_ks = tl.arange(0, KB)
-    offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros([R, KB, BLOCK_M], dtype=tl.float32)
+    next_operands = _gemv_operands(x_tile, w_tile, s_tile, mask_m, K - k0, True, EVEN_K)
     for i in range(0, K_STEPS):
-        if EVEN_K:
-            words = tl.load(w_tile, eviction_policy="evict_first")
-            scale_codes = tl.load(s_tile, eviction_policy="evict_first")
-            xv = tl.load(x_tile, mask=mask_m[:, None], other=0.0)
-        else:
-            k_left = K - (k0 + i * BLOCK_K)
-            words = tl.load(w_tile, mask=offs_kw[None, :] < k_left // 8, other=0, eviction_policy="evict_first")
-            scale_codes = tl.load(s_tile, mask=offs_ks[None, :] < k_left // 32, other=127,
-                                  eviction_policy="evict_first")
-            xv = tl.load(x_tile, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
+        xv, words, scale_codes = next_operands
+        x_tile += BLOCK_K
+        w_tile += BLOCK_K // 8
+        s_tile += BLOCK_K // 32
+        next_operands = _gemv_operands(x_tile, w_tile, s_tile, mask_m, K - (k0 + (i + 1) * BLOCK_K),
+                                       i + 1 < K_STEPS, EVEN_K)
         codes = tl.reshape(float32_codes_from_words(words.to(tl.uint32, bitcast=True), INTERPRETER), [R, KB, 32])
         sums = row_block_sums(codes, tl.reshape(xv.to(tl.float32), [BLOCK_M, KB, 32]), BLOCK_M)
         acc += scaled_block_sums(sums, scale_codes)
-        w_tile += BLOCK_K // 8
-        s_tile += BLOCK_K // 32
-        x_tile += BLOCK_K
     return tl.sum(acc, axis=1)
 
 

@@ -194,10 +194,11 @@ def _env_choice(name: str, default: str, allowed: tuple) -> str:
 #   instead of a second kernel; same bits.
 # * GEMV_MAX_M: up to this many rows (0 to 4), the CUDA-core GEMV schedule (FP4_MATMUL_GEMV_TILE,
 #   split-K filling FP4_MATMUL_GEMV_PROGRAMS_PER_SM programs per SM), which needs no tensor-core
-#   tile padded to 16 rows. Tile from the MoE decode GEMV (MOE_GEMV_TILES), not yet measured here.
+#   tile padded to 16 rows. Tile: the MoE decode GEMV's up projection (MOE_GEMV_TILES), not yet
+#   measured here; 92 registers at M = 1 (ptxas, sm_90a), so 5 programs fit an SM.
 FP4_MATMUL_FUSED_REDUCE = _env_choice("APT_HAL_FP4_MATMUL_FUSED_REDUCE", "0", ("0", "1")) == "1"
 FP4_MATMUL_GEMV_MAX_M = int(_env_choice("APT_HAL_FP4_MATMUL_GEMV_MAX_M", "0", ("0", "1", "2", "3", "4")))
-FP4_MATMUL_GEMV_TILE = dict(block_n=32, block_k=512, num_warps=4, num_stages=1, swap_ab=False, cuda_core=True)
+FP4_MATMUL_GEMV_TILE = dict(block_n=32, block_k=256, num_warps=4, num_stages=1, swap_ab=False, cuda_core=True)
 FP4_MATMUL_GEMV_PROGRAMS_PER_SM = 4
 
 

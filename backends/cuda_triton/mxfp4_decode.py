@@ -178,10 +178,12 @@ def scaled_block_sums(sums, scale_codes):
     second factor 2^(code - 240) follows 2^127 (NaN for code 0xFF). Each multiplication is by a
     power of two, so the result is rounded at most once (where it leaves float32's range), and no
     intermediate overflows unless the result does."""
-    c = scale_codes.to(tl.int32)
+    # Widened to [R, KB, 1] first: the factors then take the sums' register layout from the codes
+    # alone (one layout conversion per K step instead of one per factor).
+    c = scale_codes.to(tl.int32)[:, :, None]
     f1 = ((tl.minimum(c, 240) + 14) << 23).to(tl.float32, bitcast=True)
     f2 = tl.where(c == 255, 0x7FC00000, (tl.maximum(c, 240) - 113) << 23).to(tl.float32, bitcast=True)
-    return sums * f1[:, :, None] * f2[:, :, None]
+    return sums * f1 * f2
 
 
 @triton.jit

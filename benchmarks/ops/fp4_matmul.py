@@ -250,10 +250,10 @@ def check_decode_schedules() -> None:
     is printed, not raised: these schedules are off by default, and the sweep goes on (its lines
     for a failing schedule say FAILED)."""
     gen = torch.Generator(device="cuda").manual_seed(3)
-    k, n = 8192 - 64, 1000  # every tile below splits K as asked: 64, 16 and 32 K tiles, the last partial
+    k, n = 8192 - 64, 1000  # every tile below splits K as asked: 64, 32 or 16 K tiles, the last partial
     packed, scales = make_weights(n, k, gen, 130)
     cases = [(_config(16, 128, 128, 8, 4, True, 8, fused=True), 16, torch.bfloat16),
-             (_gemv(1, 32, 512, 4, 1, 4), 1, torch.bfloat16), (_gemv(1, 32, 512, 4, 1, 4), 1, torch.float32),
+             (_gemv(1, 32, 256, 4, 1, 4), 1, torch.bfloat16), (_gemv(1, 32, 512, 4, 1, 4), 1, torch.float32),
              (_gemv(4, 32, 256, 4, 1, 4), 3, torch.float16)]
     for cfg, m, dtype in cases:
         assert kernels.effective_split(cfg, k) == cfg.split_k
@@ -284,10 +284,12 @@ def _gemv(bm, bn, bk, warps, stages, split):
                               swap_ab=False, split_k=split, fused_reduce=True, cuda_core=True)
 
 
-# CUDA-core GEMV tiles (block_n, block_k, warps, stages) for M <= 4: the MoE decode GEMV's tiles
-# (hw.MOE_GEMV_TILES) and their neighbours, each with the split-K of choose_config's rule for it
-# (None) and whole rows of K (1: no partial sums at all).
-GEMV_TILES = [(32, 512, 4, 1), (32, 256, 4, 1), (16, 512, 4, 1), (32, 512, 4, 2)]
+# CUDA-core GEMV tiles (block_n, block_k, warps, stages) for M <= 4: hw.FP4_MATMUL_GEMV_TILE, the
+# MoE decode GEMV's tiles (hw.MOE_GEMV_TILES) and their neighbours, each with the split-K of
+# choose_config's rule and with whole rows of K (split 1: no partial sums at all). One stage:
+# Triton pipelines only loads that feed tl.dot (more stages compile to the same code); the
+# kernel loads one step ahead itself. ptxas (sm_90a, M = 1): 92, 160, 95 and 145 registers.
+GEMV_TILES = [(32, 256, 4, 1), (32, 512, 4, 1), (16, 512, 4, 1), (64, 256, 4, 1)]
 
 
 def _decode_candidates(m: int, k: int, n: int) -> list[kernels.TileConfig]:
