@@ -299,7 +299,7 @@ def _decode_candidates(m: int, k: int, n: int) -> list[kernels.TileConfig]:
     auto = kernels.choose_config(m, n, k)
     configs = [auto, dataclasses.replace(auto, fused_reduce=True)]
     tc = [(16, 128, 128, 8, 4, split) for split in (2, 8)] + [(16, 64, 128, 4, 4, 8), (16, 64, 256, 4, 3, 8)]
-    configs += [_config(*tile[:5], True, tile[5], fused=True) for tile in (tc if m == 1 else tc[1:3])]
+    configs += [_config(*tile[:5], True, tile[5], fused=True) for tile in tc]
     if m <= 4:
         block_m = 1 if m <= 1 else 2 if m <= 2 else 4
         for bn, bk, warps, stages in GEMV_TILES:
