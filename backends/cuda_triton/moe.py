@@ -44,11 +44,10 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from apt_hal import ops
 from apt_hal.backends.cuda_triton import hw
 from apt_hal.backends.cuda_triton.mxfp4_decode import (
-    WORD_CODE_SCALE,
     dequantize_tile,
-    e8m0_to_float32,
     float32_codes_from_words,
     row_block_sums,
+    scaled_block_sums,
 )
 from apt_hal.backends.cuda_triton.registration import direct, kernel_op
 from apt_hal.contracts.moe_dispatch import ACTIVATIONS
@@ -527,7 +526,7 @@ def _gemv_step(acc, w_e, s_e, w_rows, x_ptr, x_rows, k0, K: tl.constexpr, BLOCK_
     codes = tl.reshape(float32_codes_from_words(words, INTERPRETER), [R, KB, 32])
     sums = row_block_sums(codes, tl.reshape(xs.to(tl.float32), [BLOCK_M, KB, 32]), BLOCK_M)
     # Codes are values * 2^-14: undo that exactly before the scale (which may be large).
-    return acc + (sums * WORD_CODE_SCALE) * e8m0_to_float32(scales)[:, :, None]
+    return acc + scaled_block_sums(sums, scales)
 
 
 @triton.jit
