@@ -25,11 +25,12 @@ def tile_kernel(p_ptr, s_ptr, out_ptr, N: tl.constexpr, K: tl.constexpr, INTERPR
 
 @triton.jit
 def words_kernel(p_ptr, s_ptr, out_ptr, N: tl.constexpr, K: tl.constexpr, INTERPRETER: tl.constexpr):
-    """:func:`float32_codes_from_words` scaled as the MoE decode GEMV scales its sums."""
+    """:func:`float32_codes_from_words` scaled by :func:`scaled_block_sums` as the decode GEMVs
+    (MoE, fp4_matmul) scale their block sums: each code stands for a sum here."""
     words = tl.load(p_ptr.to(tl.pointer_type(tl.uint32)) + _offsets(N, K // 8))
     scales = tl.load(s_ptr + _offsets(N, K // 32))
     codes = tl.reshape(mxfp4_decode.float32_codes_from_words(words, INTERPRETER), [N, K // 32, 32])
-    values = (codes * mxfp4_decode.WORD_CODE_SCALE) * mxfp4_decode.e8m0_to_float32(scales)[:, :, None]
+    values = mxfp4_decode.scaled_block_sums(codes, scales)
     tl.store(out_ptr + _offsets(N, K), mxfp4_decode.decoded_to(tl.reshape(values, [N, K]), out_ptr.dtype.element_ty,
                                                                 INTERPRETER))
 

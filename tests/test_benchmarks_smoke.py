@@ -2,6 +2,7 @@
 column of their tables; the gpt-oss-shaped checkpoint they write loads in transformers with the
 same logits. (The numbers are the GPU session's; here only the plumbing is checked.)"""
 
+import dataclasses
 import sys
 
 import pytest
@@ -139,3 +140,37 @@ def test_a_gemlite_failure_fills_its_column_and_leaves_the_run_going(monkeypatch
         return torch.randn(1, 64, dtype=torch.bfloat16), packed, scales
     assert fp4_matmul.time_gemlite(make, "M=1", 1024) == "failed (RuntimeError)"
     assert "gemlite M=1: FAILED RuntimeError: no kernel for this GPU" in capsys.readouterr().out
+
+
+def test_fp4_matmul_decode_sweep_candidates_are_labelled_and_few():
+    """--sweep decode times, per shape, the default first, the same with the fused reduction, and
+    for M = 1 the CUDA-core GEMV tiles; labels tell the reductions apart; at most 60 schedules
+    in all (each compiles anew: a few seconds each on the GPU host)."""
+    total = 0
+    for m, k, n in fp4_matmul.DECODE_SWEEP_SHAPES:
+        configs = fp4_matmul.sweep_configs(m, k, n, decode_only=True)
+        auto = fp4_matmul.kernels.choose_config(m, n, k)
+        assert configs[0] == dataclasses.replace(auto, split_k=fp4_matmul.kernels.effective_split(auto, k))
+        assert len(set(configs)) == len(configs)
+        assert any(c.fused_reduce for c in configs) == (configs[0].split_k > 1 or m <= 16)
+        assert any(c.cuda_core for c in configs) == (m <= 4)
+        for c in configs:
+            assert c.split_k == fp4_matmul.kernels.effective_split(c, k)
+            label = fp4_matmul.describe(c)
+            assert ("fused" in label) == c.fused_reduce and ("+sum-kernel" in label) == (c.split_k > 1 and
+                                                                                        not c.fused_reduce)
+            assert label.startswith("gemv" if c.cuda_core else "mma")
+        total += len(configs)
+    assert total <= 60
+
+
+@pytest.mark.parametrize("tile", fp4_matmul.GEMV_TILES)
+def test_fp4_matmul_sweep_gemv_tiles_run(tile):
+    """Each GEMV tile of the sweep launches and matches the reference (interpreter, one K step of
+    a small problem, split in two)."""
+    bn, bk, warps, stages = tile
+    gen = torch.Generator().manual_seed(bn + bk)
+    packed, scales = fp4_matmul.make_weights(bn + 3, 2 * bk, gen)
+    x = torch.randn(1, 2 * bk, generator=gen, dtype=torch.bfloat16)
+    cfg = fp4_matmul._gemv(1, bn, bk, warps, stages, 2)
+    fp4_matmul.check("gemv tile", fp4_matmul.kernels.matmul(x, packed, scales, config=cfg), x, packed, scales)

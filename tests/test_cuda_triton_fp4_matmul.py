@@ -15,6 +15,8 @@ stores truncate: up to one bf16 ulp). Hence, with ulp the relative spacing of x'
     rounding, plus two float32 summation orders (typical error ~ sqrt(K) 2^-24 of sum |terms|).
 """
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -282,3 +284,156 @@ def test_config_choice_splits_k_only_when_tiles_are_few():
     assert kernels.choose_config(4096, 8192, 8192).materialize
     fused = kernels.choose_config(4096, 8192, 8192, torch.float16)
     assert not fused.materialize and not fused.swap_ab and fused.split_k == 1
+
+
+# ---- decode schedules: fused split-K reduction, CUDA-core GEMV ---------------------------------
+
+
+def _decode_config(kind: str, m: int, split_k: int, fused_reduce: bool) -> kernels.TileConfig:
+    """A decode-sized schedule of each kernel: "swap" (tensor cores, weight tile left), "prefill"
+    (tensor cores, x tile left) or "gemv" (CUDA cores, block_m rounded up to 1, 2 or 4)."""
+    bk = 64 if not GPU else 128
+    if kind == "gemv":
+        return kernels.TileConfig(block_m=1 if m <= 1 else 2 if m <= 2 else 4, block_n=16, block_k=bk, num_warps=4,
+                                  num_stages=1, swap_ab=False, split_k=split_k, fused_reduce=fused_reduce,
+                                  cuda_core=True)
+    return kernels.TileConfig(block_m=16, block_n=32 if not GPU else 64, block_k=bk, num_warps=4, num_stages=2,
+                              swap_ab=kind == "swap", split_k=split_k, fused_reduce=fused_reduce)
+
+
+def _nan_empty(monkeypatch):
+    """Make torch.empty return NaN-filled floating tensors (outputs and split-K partials): an
+    element no kernel writes stays NaN."""
+    real_empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+
+
+def _counters_are_zero():
+    return all(int(c.abs().sum()) == 0 for held in kernels._SPLIT_COUNTERS.values() for c in held)
+
+
+@pytest.mark.parametrize("kind", ["swap", "prefill", "gemv"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_fused_reduce_equals_the_two_kernel_sum_bit_for_bit(kind, dtype, monkeypatch):
+    """The last program of each tile adds the partials in split order: the same bits as the
+    separate sum kernel, every output written (outputs and partials start as NaN), and the
+    counters back at zero after each call (a captured CUDA graph replays on the same buffer).
+    K: 7 blocks of 32 more than 3 whole K tiles (a partial last tile, split 3 lowered to 2)."""
+    _nan_empty(monkeypatch)
+    gen = torch.Generator().manual_seed(30)
+    m = 3 if kind == "gemv" else 5
+    n, k = 71, 7 * (64 if not GPU else 128) // 2
+    packed, scales = make_weights(n, k, gen, top_code=130)
+    x = torch.randn(m, k, generator=gen).to(DEV, dtype)
+    bias = torch.randn(n, generator=gen).to(DEV, dtype)
+    for with_bias in (None, bias):
+        separate = kernels.matmul(x, packed, scales, with_bias, config=_decode_config(kind, m, 3, False))
+        for _ in range(2):  # the second call reuses the counters the first left at zero
+            fused = kernels.matmul(x, packed, scales, with_bias, config=_decode_config(kind, m, 3, True))
+            assert _counters_are_zero()
+            assert torch.equal(fused, separate)
+        check(fused, x, packed, scales, with_bias)
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 6])  # 6: two row tiles of 4
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("split_k,fused_reduce", [(1, False), (3, False), (2, True)])
+def test_cuda_core_schedule_matches_reference(m, dtype, split_k, fused_reduce):
+    """The CUDA-core GEMV on odd N with a bias, K 3.5 tiles (a partial last tile), scales up to 8
+    (codes above 128, which only the tensor-core kernel treats separately)."""
+    gen = torch.Generator().manual_seed(40 + m + split_k)
+    cfg = _decode_config("gemv", m, split_k, fused_reduce)
+    n, k = 37, 7 * cfg.block_k // 2
+    packed, scales = make_weights(n, k, gen, top_code=130)
+    x = torch.randn(m, k, generator=gen).to(DEV, dtype)
+    bias = torch.randn(n, generator=gen).to(DEV, dtype)
+    check(kernels.matmul(x, packed, scales, bias, config=cfg), x, packed, scales, bias)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cuda_core_extreme_scales_nan_blocks_and_special_x(dtype):
+    """Scale codes 0 (2^-127), 1 and 245 (above 240: the two-factor scaling), a NaN scale block
+    (NaN in exactly its outputs), Inf and NaN in x as in the reference."""
+    gen = torch.Generator().manual_seed(50)
+    cfg = _decode_config("gemv", 4, 2, True)
+    n, k = 8, 2 * cfg.block_k
+    packed, scales = make_weights(n, k, gen)
+    scales[0] = 0
+    scales[1] = 1
+    scales[2] = 245
+    scales[3, 1] = mxfp4.E8M0_NAN
+    x = torch.rand(4, k, generator=gen).to(DEV, dtype) + 0.5
+    x[1, 7] = float("inf")
+    x[2, 9] = float("nan")
+    out = kernels.matmul(x, packed, scales, config=cfg)
+    ref = apt_hal.ops.fp4_matmul.reference(x, packed, scales)
+    assert torch.isnan(out[:, 3]).all()
+    assert torch.equal(torch.isnan(out), torch.isnan(ref))
+    assert torch.equal(torch.isinf(out), torch.isinf(ref))
+    finite = torch.isfinite(ref)
+    excess = elementwise_excess(out, ref, x, packed, scales)[finite]
+    assert (excess <= 0).all(), f"worst excess {excess.max().item():.3g}"
+
+
+def test_cuda_core_large_x_times_small_scales_does_not_overflow():
+    """x near 2^125 with scales 2^-27: every product and sum is a finite float32, and so must be
+    each block's scaled sum (scaling the block sum by 2^14 before the scale would overflow)."""
+    gen = torch.Generator().manual_seed(51)
+    cfg = _decode_config("gemv", 1, 1, False)
+    n, k = 16, cfg.block_k
+    packed, scales = make_weights(n, k, gen)
+    packed.fill_(0x77)  # every code 6.0: the largest block sums
+    scales.fill_(100)
+    x = torch.full((1, k), 2.0 ** 125, device=DEV)
+    out = kernels.matmul(x, packed, scales, config=cfg)
+    assert torch.isfinite(out).all()
+    check(out, x, packed, scales)
+
+
+def test_cuda_core_schedule_rejects_other_row_counts():
+    cfg = dataclasses.replace(_decode_config("gemv", 1, 1, False), block_m=8)
+    gen = torch.Generator().manual_seed(52)
+    packed, scales = make_weights(16, 64, gen)
+    with pytest.raises(ValueError, match="block_m 1, 2 or 4"):
+        kernels.matmul(torch.randn(1, 64, device=DEV), packed, scales, config=cfg)
+
+
+def test_default_decode_schedule_is_the_two_kernel_tensor_core_one():
+    """Until a GPU sweep says otherwise (hw.FP4_MATMUL_FUSED_REDUCE, hw.FP4_MATMUL_GEMV_MAX_M)."""
+    for m in (1, 4, 16):
+        cfg = kernels.choose_config(m, 1024, 8192)
+        assert cfg.swap_ab and not cfg.cuda_core and not cfg.fused_reduce and cfg.split_k > 1
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_switches_select_the_decode_schedules(dtype, monkeypatch):
+    """With the hw switches on, M <= GEMV_MAX_M takes the CUDA-core GEMV (every x dtype, rows per
+    tile 1, 2 or 4), larger decode M the tensor cores, both with the fused reduction; the
+    registered op then matches the reference and leaves the counters at zero."""
+    monkeypatch.setattr(kernels.hw, "FP4_MATMUL_FUSED_REDUCE", True)
+    monkeypatch.setattr(kernels.hw, "FP4_MATMUL_GEMV_MAX_M", 4)
+    for m, block_m in [(1, 1), (2, 2), (3, 4), (4, 4)]:
+        cfg = kernels.choose_config(m, 1024, 8192, dtype)
+        assert cfg.cuda_core and cfg.block_m == block_m and cfg.fused_reduce and cfg.split_k > 1
+    cfg = kernels.choose_config(5, 1024, 8192, dtype)
+    assert cfg.swap_ab and not cfg.cuda_core and cfg.fused_reduce
+    gen = torch.Generator().manual_seed(53)
+    k = 4096 if GPU else 256
+    packed, scales = make_weights(70, k, gen)
+    bias = torch.randn(70, generator=gen).to(DEV, dtype)
+    for m in (1, 3, 5):
+        assert kernels.choose_config(m, 70, k, dtype).split_k > 1
+        x = torch.randn(m, k, generator=gen).to(DEV, dtype)
+        check(run(x, packed, scales, bias), x, packed, scales, bias)
+        assert _counters_are_zero()
+
+
+def test_bad_schedule_switch_in_the_environment_is_rejected(monkeypatch):
+    monkeypatch.setenv("APT_HAL_FP4_MATMUL_GEMV_MAX_M", "8")
+    with pytest.raises(ValueError, match="APT_HAL_FP4_MATMUL_GEMV_MAX_M must be one of 0, 1, 2, 3, 4"):
+        kernels.hw._env_choice("APT_HAL_FP4_MATMUL_GEMV_MAX_M", "0", ("0", "1", "2", "3", "4"))

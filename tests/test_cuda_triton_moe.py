@@ -250,6 +250,23 @@ def test_experts_nan_scale_poisons_its_block_only():
     assert_experts_close(others, torch.cat([ref[:, :3], ref[:, 4:]], dim=1))
 
 
+def test_gemv_large_activations_times_small_scales_stay_finite():
+    """float32 rows near 2^125 through MXFP4 experts with scales near 2^-30 (gelu): every product
+    and output is a finite float32, so each block sum scaled to its weights must be too (scaling
+    a block sum by 2^14 before the scale overflowed)."""
+    args = list(experts_args(1, 2, 1, -1, "gelu", False, dtype=torch.float32, bias=False, seed=14))
+    g = gen(15)
+    w_up = torch.randn(2, 96, 64, generator=g) * 2.0 ** -30
+    w_down = torch.randn(2, 64, 96, generator=g) * 2.0 ** -30
+    (args[3], args[5]), (args[4], args[6]) = [[t.to(DEV) for t in mxfp4.quantize(w)] for w in (w_up, w_down)]
+    args[0] = args[0] * 2.0 ** 125
+    tiles = tuple(dict(t, num_warps=4, num_stages=1) for t in TILINGS["gemv-bm1"])
+    y = moe.experts(*args, tiles=tiles)
+    ref = ops.moe_experts.reference(*args)
+    assert torch.isfinite(ref).all() and torch.isfinite(y).all()
+    assert_experts_close(y, ref)
+
+
 @triton.jit
 def _decode_kernel(packed_ptr, scales_ptr, out_ptr, N: tl.constexpr, K: tl.constexpr, INTERPRETER: tl.constexpr):
     n = tl.arange(0, N)[:, None]

@@ -20,13 +20,34 @@ Schedules, chosen per call by the tile table in ``hw.py``:
 * **decode** (M <= 64; weights are the only bytes that matter): "swap AB", the weight tile is the
   left operand (``out^T = W x^T``, from registers) so the tensor core's 64-row side is spent on N,
   not on the tiny M; K is split across programs (``split_k``) so that every SM streams weights,
-  and the partial sums are added in a fixed order by a second small kernel (deterministic).
+  and the partial sums are added in a fixed order (deterministic), by default by a second small
+  kernel (:func:`_split_k_sum_kernel`).
   Inside a tile K is visited in a permuted order (:func:`_mma_k_order`; a dot product does not
   depend on the order of its terms), chosen so that each thread's share of the weight operand is
   a run of contiguous words, and each of its operand registers one pair of codes of
   :func:`~.mxfp4_decode.dequantize_mma_words`.
   ``x`` gets the same order, in registers per tile or, with ``x_permuted``, once before the
   launch (its tiles then go straight to shared memory).
+* **fused reduction** (``fused_reduce``; ``hw.FP4_MATMUL_FUSED_REDUCE``, off until measured):
+  the split-K partials are added by the tile's last program instead of a second kernel
+  (:func:`_epilogue`): each program stores its float32 partial to the workspace, then counts its
+  arrival on the tile's int32 counter (an acquire-release atomic, after a barrier so that the
+  whole program's stores are released); the program that arrives last loads all partials through
+  L2 and adds them in split order, the same code and order as the second kernel, hence the same
+  bits, then adds the bias, rounds, stores, and resets the counter to zero. Why: at ~20 us a
+  call, the second launch and its pass over the partials are a measurable part of decode.
+  The counters are one zeroed buffer per device (:func:`split_counters`), left at zero by every
+  launch, so CUDA-graph replays reuse it; launches running at the same time on two streams of one
+  device must not both use the fused reduction (they would share counters).
+* **CUDA-core GEMV** (``cuda_core``; ``hw.FP4_MATMUL_GEMV_MAX_M``, off until measured): for
+  M <= 4 the tensor cores' 16-row tile is mostly padding, and feeding them costs operand shuffles.
+  :func:`_gemv_k_loop` gives each program ``block_n`` weight rows and a K range (split-K as
+  above, either reduction); a thread loads 16-byte runs of a row (4 words: the 32 codes of one
+  MX block), decodes them with the float16-pair trick
+  (:func:`~.mxfp4_decode.float32_codes_from_words`, 3 instructions per code), multiplies them
+  by x in float32, sums each MX block (products exact for bf16 and fp16 x; fp32 products are
+  rounded once, within the contract's float32 accumulation), and scales each block sum once
+  (:func:`~.mxfp4_decode.scaled_block_sums`). Every x dtype; ``block_m`` 1, 2 or 4 rows.
 * **prefill** (larger M): ``out = x W^T`` with the dequantized ``W^T`` tile staged in shared
   memory for the tensor cores, grouped tile order for L2 reuse.
 * **materialize** (bf16 x, M >= ``hw.FP4_MATMUL_MATERIALIZE_MIN_M``): one kernel writes the exact
@@ -63,7 +84,13 @@ import triton.language as tl
 
 from apt_hal import mxfp4, ops
 from apt_hal.backends.cuda_triton import hw
-from apt_hal.backends.cuda_triton.mxfp4_decode import decoded_to, dequantize_mma_words
+from apt_hal.backends.cuda_triton.mxfp4_decode import (
+    decoded_to,
+    dequantize_mma_words,
+    float32_codes_from_words,
+    row_block_sums,
+    scaled_block_sums,
+)
 from apt_hal.backends.cuda_triton.registration import direct, kernel_op
 
 # Number of bf16 parts that represent each activation dtype exactly (8 significant bits each).
@@ -84,6 +111,8 @@ class TileConfig:
     group_m: int = 8  # prefill: tiles visited in groups of group_m rows (L2 reuse of weights)
     x_permuted: bool = False  # swap_ab: x permuted into the kernel's K order before the launch
     materialize: bool = False  # bf16 x, large M: dequantize to bf16 (block_n x block_k tiles), cuBLAS
+    fused_reduce: bool = False  # split_k > 1: the last split program of a tile adds the partials (one launch)
+    cuda_core: bool = False  # M <= 4: fp32 dot products on CUDA cores (block_m: 1, 2 or 4 rows), no tensor cores
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,44 +253,122 @@ def _k_loop(acc, x_tile, w_tile, s_tile, mask_m, K, k0, BLOCK_K: tl.constexpr, K
 
 
 @triton.jit
-def _fp4_matmul_kernel(
-    x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr,
-    M, N, K, stride_xm, stride_wn, stride_sn, stride_om, stride_bias,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_STEPS: tl.constexpr,
-    X_PARTS: tl.constexpr, SWAP_AB: tl.constexpr, X_PERMUTED: tl.constexpr, SPLIT_K: tl.constexpr,
-    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, INTERPRETER: tl.constexpr,
-):
-    """out[M, N] = x[M, K] @ dequantize(w)[N, K]^T (+ bias). Program (.., s) covers K_STEPS blocks
-    of BLOCK_K starting at block s * K_STEPS; with SPLIT_K > 1 it writes its fp32 partial sum to
-    out_ptr + s * M * N (no bias). K_STEPS is a compile-time constant: one compiled variant per
-    (K, split), and a loop bound that Triton's interpreter (which needs Python ints) can run.
-    w_ptr: the packed weights as 32-bit words, stride_wn words per row; bias: stride_bias apart."""
-    pid = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    if SWAP_AB:  # decode: few M tiles; consecutive programs walk N
-        pid_m = pid // num_n
-        pid_n = pid % num_n
-    else:  # prefill: groups of GROUP_M tile rows share weight tiles in L2
-        group = pid // (GROUP_M * num_n)
-        first_m = group * GROUP_M
-        rows = tl.minimum(num_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % (GROUP_M * num_n)) % rows
-        pid_n = (pid % (GROUP_M * num_n)) // rows
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    rows_n = offs_n % N  # weight rows past N re-read row n % N (unmasked loads); never stored
-
-    k0 = pid_k * (K_STEPS * BLOCK_K)
+def _first_tiles(x_ptr, w_ptr, s_ptr, offs_m, rows_n, k0, stride_xm, stride_wn, stride_sn, BLOCK_K: tl.constexpr):
+    """Pointers to a program's first K step: x [BLOCK_M, BLOCK_K], the weight words [BLOCK_N,
+    BLOCK_K / 8] and their scales [BLOCK_N, BLOCK_K / 32], K offset k0."""
     # int64 row offsets: N * K/8 and M * stride_xm can pass 2^31.
     w_tile = w_ptr + rows_n[:, None].to(tl.int64) * stride_wn + (k0 // 8 + tl.arange(0, BLOCK_K // 8))[None, :]
     s_tile = s_ptr + rows_n[:, None].to(tl.int64) * stride_sn + (k0 // 32 + tl.arange(0, BLOCK_K // 32))[None, :]
     x_tile = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + (k0 + tl.arange(0, BLOCK_K))[None, :]
+    return x_tile, w_tile, s_tile
 
+
+@triton.jit
+def _sum_partials(part_tile, split_stride, mask, SPLIT_K: tl.constexpr, CACHE: tl.constexpr):
+    """The SPLIT_K float32 partial sums at part_tile + s * split_stride, added in split order s = 0,
+    1, ... (the same bits whichever kernel adds them). CACHE: the loads' cache modifier."""
+    total = tl.load(part_tile, mask=mask, other=0.0, cache_modifier=CACHE)
+    for _ in tl.static_range(1, SPLIT_K):
+        part_tile += split_stride  # pointer steps: s * split_stride could pass 2^31
+        total += tl.load(part_tile, mask=mask, other=0.0, cache_modifier=CACHE)
+    return total
+
+
+@triton.jit
+def _store_output(acc, out_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, stride_bias, HAS_BIAS: tl.constexpr):
+    """out tile = acc [BLOCK_M, BLOCK_N] (float32) + bias, rounded once to out's dtype."""
+    mask_n = offs_n < N
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    out_tile = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+    tl.store(out_tile, acc.to(out_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _epilogue(acc, out_ptr, part_ptr, counter_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, stride_bias, tile,
+              pid_k, SPLIT_K: tl.constexpr, FUSED_REDUCE: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Finish output tile ``tile`` from this program's float32 sum acc [BLOCK_M, BLOCK_N] over its K range.
+
+    Without split-K: add the bias, round, store. With split-K the sum goes to the workspace
+    part_ptr [SPLIT_K, M, N] at split pid_k; then either :func:`_split_k_sum_kernel` adds the
+    partials after this kernel, or (FUSED_REDUCE) the tile's last program to arrive does, here:
+    each program counts its arrival on the tile's int32 counter, and the one that sees SPLIT_K - 1
+    earlier arrivals adds all partials in split order (:func:`_sum_partials`), so the result does
+    not depend on which program came last, and resets the counter to zero for the next call."""
+    if SPLIT_K == 1:
+        _store_output(acc, out_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, stride_bias, HAS_BIAS)
+    else:
+        mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+        part_tile = part_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+        tl.store(part_tile + pid_k.to(tl.int64) * M * N, acc, mask=mask)
+        if FUSED_REDUCE:
+            # All threads' partial stores precede the arrival (one thread performs the atomic; its
+            # release then covers them); the acquire makes the other programs' partials visible.
+            tl.debug_barrier()
+            arrived = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel", scope="gpu")
+            if arrived == SPLIT_K - 1:
+                # Through L2 only (".cg"): other SMs wrote these partials during this launch,
+                # and this SM's L1 is not kept coherent with their stores.
+                total = _sum_partials(part_tile, M * N, mask, SPLIT_K, ".cg")
+                _store_output(total, out_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, stride_bias, HAS_BIAS)
+                tl.store(counter_ptr + tile, 0)  # every program of the tile has arrived: no race
+
+
+@triton.jit
+def _gemv_operands(x_tile, w_tile, s_tile, mask_m, k_left, present, EVEN_K: tl.constexpr):
+    """One K step's x [BLOCK_M, BLOCK_K], weight words [BLOCK_N, BLOCK_K / 8] and scale codes
+    [BLOCK_N, BLOCK_K / 32], k_left of K from its start on; nothing is read unless ``present``
+    (the step after the last; the values are then unused)."""
+    BLOCK_K: tl.constexpr = x_tile.shape[1]
+    if EVEN_K:
+        w_ok = present
+        s_ok = present
+        x_ok = mask_m[:, None] & present
+    else:
+        w_ok = (tl.arange(0, BLOCK_K // 8) < k_left // 8)[None, :] & present
+        s_ok = (tl.arange(0, BLOCK_K // 32) < k_left // 32)[None, :] & present
+        x_ok = mask_m[:, None] & (tl.arange(0, BLOCK_K) < k_left)[None, :] & present
+    words = tl.load(w_tile, mask=w_ok, other=0, eviction_policy="evict_first")
+    scale_codes = tl.load(s_tile, mask=s_ok, other=127, eviction_policy="evict_first")
+    xv = tl.load(x_tile, mask=x_ok, other=0.0)
+    return xv, words, scale_codes
+
+
+@triton.jit
+def _gemv_k_loop(x_tile, w_tile, s_tile, mask_m, K, k0, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                 K_STEPS: tl.constexpr, EVEN_K: tl.constexpr, INTERPRETER: tl.constexpr):
+    """[BLOCK_N, BLOCK_M] float32: the products of a tile's weight rows and x rows over K_STEPS
+    blocks of BLOCK_K from K offset k0, on CUDA cores. Each MX block's 32 products are summed
+    first (codes times x: exact for bf16 and fp16 x, and at most one rounding for fp32 x), then
+    scaled once (:func:`~.mxfp4_decode.scaled_block_sums`); the block sums stay in each thread's
+    registers, one accumulator per block column, until one reduction at the end. Each weight row
+    is BLOCK_K / 8 contiguous 32-bit words per step: the loads vectorize to 16 bytes a thread, 4
+    words, the 32 codes of one MX block. The next step's operands are loaded before this step's
+    arithmetic (Triton's pipeliner stages only loads that feed tl.dot), so that the weights of
+    one step stream in while the previous one is decoded."""
+    R: tl.constexpr = w_tile.shape[0]
+    KB: tl.constexpr = BLOCK_K // 32
+    acc = tl.zeros([R, KB, BLOCK_M], dtype=tl.float32)
+    next_operands = _gemv_operands(x_tile, w_tile, s_tile, mask_m, K - k0, True, EVEN_K)
+    for i in range(0, K_STEPS):
+        xv, words, scale_codes = next_operands
+        x_tile += BLOCK_K
+        w_tile += BLOCK_K // 8
+        s_tile += BLOCK_K // 32
+        next_operands = _gemv_operands(x_tile, w_tile, s_tile, mask_m, K - (k0 + (i + 1) * BLOCK_K),
+                                       i + 1 < K_STEPS, EVEN_K)
+        codes = tl.reshape(float32_codes_from_words(words.to(tl.uint32, bitcast=True), INTERPRETER), [R, KB, 32])
+        sums = row_block_sums(codes, tl.reshape(xv.to(tl.float32), [BLOCK_M, KB, 32]), BLOCK_M)
+        acc += scaled_block_sums(sums, scale_codes)
+    return tl.sum(acc, axis=1)
+
+
+@triton.jit
+def _mma_tile(x_tile, w_tile, s_tile, mask_m, K, k0, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr, K_STEPS: tl.constexpr, X_PARTS: tl.constexpr, SWAP_AB: tl.constexpr,
+              X_PERMUTED: tl.constexpr, EVEN_K: tl.constexpr, INTERPRETER: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] float32: the tile's products over K_STEPS blocks of BLOCK_K from K offset
+    k0, on tensor cores (:func:`_k_loop`)."""
     if SWAP_AB:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
@@ -274,18 +381,56 @@ def _fp4_matmul_kernel(
     if top > 128:
         result, top = _k_loop(acc, x_tile, w_tile, s_tile, mask_m, K, k0, BLOCK_K, K_STEPS, X_PARTS, SWAP_AB,
                               X_PERMUTED, EVEN_K, True, INTERPRETER)
-    acc = result
-
     if SWAP_AB:
-        acc = acc.T
-    out_tile = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
-    if SPLIT_K > 1:
-        out_tile += pid_k.to(tl.int64) * M * N
-        tl.store(out_tile, acc, mask=mask_m[:, None] & mask_n[None, :])
+        result = result.T
+    return result
+
+
+@triton.jit
+def _fp4_matmul_kernel(
+    x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, part_ptr, counter_ptr,
+    M, N, K, stride_xm, stride_wn, stride_sn, stride_om, stride_bias,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_STEPS: tl.constexpr,
+    X_PARTS: tl.constexpr, SWAP_AB: tl.constexpr, X_PERMUTED: tl.constexpr, SPLIT_K: tl.constexpr,
+    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, FUSED_REDUCE: tl.constexpr,
+    CUDA_CORE: tl.constexpr, INTERPRETER: tl.constexpr,
+):
+    """out[M, N] = x[M, K] @ dequantize(w)[N, K]^T (+ bias), on tensor cores or (CUDA_CORE, M <= 4)
+    CUDA cores (:func:`_gemv_k_loop`). Program (.., s) covers K_STEPS blocks of BLOCK_K starting at
+    block s * K_STEPS; with SPLIT_K > 1 its partial sum goes through :func:`_epilogue`. K_STEPS is
+    a compile-time constant: one compiled variant per (K, split), and a loop bound that Triton's
+    interpreter (which needs Python ints) can run. w_ptr: the packed weights as 32-bit words,
+    stride_wn words per row; bias: stride_bias apart."""
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    if SWAP_AB or CUDA_CORE:  # decode: few M tiles; consecutive programs walk N
+        pid_m = pid // num_n
+        pid_n = pid % num_n
+    else:  # prefill: groups of GROUP_M tile rows share weight tiles in L2
+        group = pid // (GROUP_M * num_n)
+        first_m = group * GROUP_M
+        rows = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % (GROUP_M * num_n)) % rows
+        pid_n = (pid % (GROUP_M * num_n)) // rows
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    rows_n = offs_n % N  # weight rows past N re-read row n % N (unmasked loads); never stored
+
+    k0 = pid_k * (K_STEPS * BLOCK_K)
+    x_tile, w_tile, s_tile = _first_tiles(x_ptr, w_ptr, s_ptr, offs_m, rows_n, k0, stride_xm, stride_wn, stride_sn,
+                                          BLOCK_K)
+
+    if CUDA_CORE:
+        acc = _gemv_k_loop(x_tile, w_tile, s_tile, mask_m, K, k0, BLOCK_M, BLOCK_K, K_STEPS, EVEN_K, INTERPRETER).T
     else:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_tile, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+        acc = _mma_tile(x_tile, w_tile, s_tile, mask_m, K, k0, BLOCK_M, BLOCK_N, BLOCK_K, K_STEPS, X_PARTS, SWAP_AB,
+                        X_PERMUTED, EVEN_K, INTERPRETER)
+    _epilogue(acc, out_ptr, part_ptr, counter_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, stride_bias, pid, pid_k,
+              SPLIT_K, FUSED_REDUCE, HAS_BIAS)
 
 
 @triton.jit
@@ -309,12 +454,10 @@ def _dequantize_kernel(w_ptr, s_ptr, out_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK
 @triton.jit
 def _split_k_sum_kernel(part_ptr, bias_ptr, out_ptr, MN, N, stride_bias, SPLIT_K: tl.constexpr,
                         BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """out = sum over s of part[s] (+ bias), in a fixed order (deterministic), rounded once."""
+    """out = sum over s of part[s] (+ bias), in split order (deterministic), rounded once."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < MN
-    acc = tl.load(part_ptr + offs, mask=mask, other=0.0)
-    for s in tl.static_range(1, SPLIT_K):
-        acc += tl.load(part_ptr + s * MN + offs, mask=mask, other=0.0)
+    acc = _sum_partials(part_ptr + offs, MN, mask, SPLIT_K, "")
     if HAS_BIAS:
         acc += tl.load(bias_ptr + (offs % N) * stride_bias, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
@@ -325,18 +468,57 @@ def _split_k_sum_kernel(part_ptr, bias_ptr, out_ptr, MN, N, stride_bias, SPLIT_K
 # ---------------------------------------------------------------------------------------------
 
 
+# Arrival counters of the fused split-K reduction, per device: int32 zeros, and every launch
+# leaves them at zero (each tile's last program resets its counter), so one buffer serves every
+# call, eager or replayed from a CUDA graph. A buffer outgrown is kept, not freed: a captured graph
+# may still point at it. Limitation: launches that run at the same time on two streams of one
+# device would share counters (wrong sums); the fused reduction is for one stream per device (or
+# graphs replayed one after another), as decode runs.
+_SPLIT_COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
+_MIN_SPLIT_COUNTERS = 4096  # output tiles: N / block_n of decode shapes, with room
+
+
+def split_counters(device: torch.device, tiles: int, launch: Callable = direct) -> torch.Tensor:
+    """At least ``tiles`` zeroed int32 counters on ``device`` for the fused split-K reduction."""
+    if launch is not direct:  # traced by torch.compile: a fresh buffer is an op of the graph, no global state
+        return torch.zeros(tiles, dtype=torch.int32, device=device)
+    held = _SPLIT_COUNTERS.setdefault(device, [])
+    if held and held[-1].numel() >= tiles:
+        return held[-1]
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        # The zeros would be written only when the graph replays: this buffer belongs to the graph.
+        return torch.zeros(tiles, dtype=torch.int32, device=device)
+    held.append(torch.zeros(max(tiles, _MIN_SPLIT_COUNTERS), dtype=torch.int32, device=device))
+    return held[-1]
+
+
 def choose_config(m: int, n: int, k: int, x_dtype: torch.dtype = torch.bfloat16) -> TileConfig:
     """The schedule for an (M, N, K) problem: the tile table of hw.py, plus split-K when the M x N
-    tiles are too few to fill the GPU (one wave of hw.FP4_MATMUL_PROGRAMS_PER_SM programs per SM).
+    tiles are too few to fill the GPU (one wave of hw.FP4_MATMUL_PROGRAMS_PER_SM programs per SM,
+    hw.FP4_MATMUL_GEMV_PROGRAMS_PER_SM for the CUDA-core GEMV), its partials added as
+    hw.FP4_MATMUL_FUSED_REDUCE says.
     The fp32 partial sums cost 8 * split * M * N bytes of traffic; split is kept to at most
     K / (16 M), which bounds that by the weight bytes (N * K * 17/32)."""
     cfg = TileConfig(**hw.fp4_matmul_tiles(m, _X_PARTS[x_dtype]))
     if cfg.materialize:
         return cfg
+    return dataclasses.replace(cfg, split_k=split_to_fill(cfg, m, n, k), fused_reduce=hw.FP4_MATMUL_FUSED_REDUCE)
+
+
+def split_to_fill(cfg: TileConfig, m: int, n: int, k: int) -> int:
+    """choose_config's split-K for the tiles of ``cfg`` (see there)."""
     tiles_mn = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
-    want = hw.device_properties()["sm_count"] * hw.FP4_MATMUL_PROGRAMS_PER_SM
+    per_sm = hw.FP4_MATMUL_GEMV_PROGRAMS_PER_SM if cfg.cuda_core else hw.FP4_MATMUL_PROGRAMS_PER_SM
+    want = hw.device_properties()["sm_count"] * per_sm
     split = min(want // tiles_mn, k // (16 * m), triton.cdiv(k, cfg.block_k), hw.FP4_MATMUL_MAX_SPLIT_K)
-    return dataclasses.replace(cfg, split_k=max(split, 1))
+    return max(split, 1)
+
+
+def effective_split(cfg: TileConfig, k: int) -> int:
+    """The split-K a launch uses: ``cfg.split_k`` lowered to a divisor of the number of K blocks,
+    so that all splits cover equal K ranges."""
+    k_blocks = triton.cdiv(k, cfg.block_k)
+    return max(d for d in range(1, cfg.split_k + 1) if k_blocks % d == 0)
 
 
 def permute_k(x: torch.Tensor, block_k: int) -> torch.Tensor:
@@ -348,8 +530,8 @@ def permute_k(x: torch.Tensor, block_k: int) -> torch.Tensor:
 def matmul(x: torch.Tensor, w_packed: torch.Tensor, w_scales: torch.Tensor, bias: Optional[torch.Tensor] = None,
            *, config: Optional[TileConfig] = None, launch: Callable = direct) -> torch.Tensor:
     """fp4_matmul on arguments the contract has checked. ``config`` overrides the schedule of
-    :func:`choose_config` (benchmark sweeps, tests); its ``split_k`` is lowered to a divisor of
-    the number of K blocks so that all splits cover equal K ranges. ``launch`` is
+    :func:`choose_config` (benchmark sweeps, tests); its ``split_k`` is lowered by
+    :func:`effective_split`. ``launch`` is
     registration.direct or ``torch.library.wrap_triton`` (the traced triton_op)."""
     k = x.shape[-1]
     n = w_packed.shape[0]
@@ -377,28 +559,32 @@ def matmul(x: torch.Tensor, w_packed: torch.Tensor, w_scales: torch.Tensor, bias
                 words, scales, w, n, k, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, INTERPRETER=hw.pure_triton(),
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         return torch.nn.functional.linear(x2, w, bias).reshape(*x.shape[:-1], n)
+    if cfg.cuda_core and cfg.block_m not in (1, 2, 4):
+        raise ValueError(f"the cuda_core schedule takes block_m 1, 2 or 4 rows, got {cfg.block_m}")
     k_blocks = triton.cdiv(k, cfg.block_k)
-    split = max(d for d in range(1, cfg.split_k + 1) if k_blocks % d == 0)  # equal K ranges
-    x_permuted = cfg.swap_ab and cfg.x_permuted and k % cfg.block_k == 0
+    split = effective_split(cfg, k)
+    x_permuted = cfg.swap_ab and cfg.x_permuted and k % cfg.block_k == 0 and not cfg.cuda_core
     if x_permuted:
         x2 = permute_k(x2, cfg.block_k)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     bias_stride = 0 if bias is None else bias.stride(0)
-    target = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
+    partials = None if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
+    fused = split > 1 and cfg.fused_reduce
+    counters = split_counters(x.device, grid[0], launch) if fused else None
     with hw.device_guard(x):
         launch(_fp4_matmul_kernel)[grid](
-            x2, words, scales, bias, target, m, n, k, x2.stride(0), k // 8, k // mxfp4.BLOCK, n, bias_stride,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, K_STEPS=k_blocks // split,
-            X_PARTS=_X_PARTS[x.dtype], SWAP_AB=cfg.swap_ab, X_PERMUTED=x_permuted, SPLIT_K=split,
-            GROUP_M=cfg.group_m, EVEN_K=k % cfg.block_k == 0, HAS_BIAS=bias is not None,
-            INTERPRETER=hw.pure_triton(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            **hw.launch_options(),
+            x2, words, scales, bias, out, partials, counters, m, n, k, x2.stride(0), k // 8, k // mxfp4.BLOCK, n,
+            bias_stride, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, K_STEPS=k_blocks // split,
+            X_PARTS=_X_PARTS[x.dtype], SWAP_AB=cfg.swap_ab and not cfg.cuda_core, X_PERMUTED=x_permuted,
+            SPLIT_K=split, GROUP_M=cfg.group_m, EVEN_K=k % cfg.block_k == 0, HAS_BIAS=bias is not None,
+            FUSED_REDUCE=fused, CUDA_CORE=cfg.cuda_core, INTERPRETER=hw.pure_triton(), num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages, **hw.launch_options(),
         )
-        if split > 1:
+        if split > 1 and not fused:
             block = 1024
             launch(_split_k_sum_kernel)[(triton.cdiv(m * n, block),)](
-                target, bias, out, m * n, n, bias_stride, SPLIT_K=split, BLOCK=block, HAS_BIAS=bias is not None,
+                partials, bias, out, m * n, n, bias_stride, SPLIT_K=split, BLOCK=block, HAS_BIAS=bias is not None,
                 num_warps=4)
     return out.reshape(*x.shape[:-1], n)
 

@@ -180,10 +180,33 @@ FP4_MATMUL_MATERIALIZE_TILE = dict(block_m=1, block_n=32, block_k=256, num_warps
                                    materialize=True)
 
 
+def _env_choice(name: str, default: str, allowed: tuple) -> str:
+    value = os.environ.get(name, default)
+    if value not in allowed:
+        raise ValueError(f"environment variable {name} must be one of {', '.join(allowed)}, got {value!r}")
+    return value
+
+
+# Decode schedule switches (see fp4_matmul.py's module docstring), off until a GPU sweep
+# (``python -m benchmarks.ops.fp4_matmul --sweep``) shows them faster; the environment variables
+# set them at import, tests and sweeps set these attributes.
+# * FUSED_REDUCE: split-K partial sums added by the last program of each tile (one launch)
+#   instead of a second kernel; same bits.
+# * GEMV_MAX_M: up to this many rows (0 to 4), the CUDA-core GEMV schedule (FP4_MATMUL_GEMV_TILE,
+#   split-K filling FP4_MATMUL_GEMV_PROGRAMS_PER_SM programs per SM), which needs no tensor-core
+#   tile padded to 16 rows. Tile: the MoE decode GEMV's up projection (MOE_GEMV_TILES), not yet
+#   measured here; 92 registers at M = 1 (ptxas, sm_90a), so 5 programs fit an SM.
+FP4_MATMUL_FUSED_REDUCE = _env_choice("APT_HAL_FP4_MATMUL_FUSED_REDUCE", "0", ("0", "1")) == "1"
+FP4_MATMUL_GEMV_MAX_M = int(_env_choice("APT_HAL_FP4_MATMUL_GEMV_MAX_M", "0", ("0", "1", "2", "3", "4")))
+FP4_MATMUL_GEMV_TILE = dict(block_n=32, block_k=256, num_warps=4, num_stages=1, swap_ab=False, cuda_core=True)
+FP4_MATMUL_GEMV_PROGRAMS_PER_SM = 4
+
+
 def fp4_matmul_tiles(m: int, x_parts: int = 1) -> dict:
     """Tile schedule of the fp4_matmul kernel (fields of its TileConfig) by the number of rows M
     and the number of bf16 parts of x (1 bf16, 2 fp16, 3 fp32).
 
+    * M <= FP4_MATMUL_GEMV_MAX_M (off by default): the CUDA-core GEMV.
     * M <= 16 (decode): weight tile on the left of the tensor-core product (64 rows per
       warpgroup), M padded to 16 (8 would make Triton use mma.sync and stage the dequantized
       weights in shared memory); 128 x 128 weight tiles: 121 registers, 40 KB shared memory,
@@ -200,6 +223,11 @@ def fp4_matmul_tiles(m: int, x_parts: int = 1) -> dict:
     """
     if x_parts == 1 and m >= FP4_MATMUL_MATERIALIZE_MIN_M:
         return dict(FP4_MATMUL_MATERIALIZE_TILE)
+    if m <= FP4_MATMUL_GEMV_MAX_M:
+        block_m = 1 if m <= 1 else 2 if m <= 2 else 4
+        if interpreter_tiles():
+            return dict(FP4_MATMUL_GEMV_TILE, block_m=block_m, block_n=16, block_k=64)
+        return dict(FP4_MATMUL_GEMV_TILE, block_m=block_m)
     if interpreter_tiles():
         if m <= 16:
             return dict(block_m=16, block_n=32, block_k=64, num_warps=4, num_stages=1, swap_ab=True)

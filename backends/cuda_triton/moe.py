@@ -44,10 +44,10 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from apt_hal import ops
 from apt_hal.backends.cuda_triton import hw
 from apt_hal.backends.cuda_triton.mxfp4_decode import (
-    WORD_CODE_SCALE,
     dequantize_tile,
-    e8m0_to_float32,
     float32_codes_from_words,
+    row_block_sums,
+    scaled_block_sums,
 )
 from apt_hal.backends.cuda_triton.registration import direct, kernel_op
 from apt_hal.contracts.moe_dispatch import ACTIVATIONS
@@ -504,28 +504,6 @@ def _moe_down_kernel(act, assign_ptr, offsets_ptr, w, w_scales_ptr, b_ptr, y_ptr
 
 
 @triton.jit
-def _row_sums(codes, x, BLOCK_M: tl.constexpr):
-    """codes [R, KB, 32] and x [BLOCK_M, KB, 32] -> [R, KB, BLOCK_M]: per row of x, the sums over
-    the last axis of codes * x. Each x row is split off with split/join (no 4-D broadcast: that
-    would spread the 32 summed values over a warp's lanes instead of one thread's registers)."""
-    if BLOCK_M == 1:
-        sums = tl.sum(codes * tl.reshape(x, [x.shape[1], 32])[None, :, :], axis=2)[:, :, None]
-    elif BLOCK_M == 2:
-        x0, x1 = tl.split(tl.permute(x, (1, 2, 0)))
-        sums = tl.join(tl.sum(codes * x0[None, :, :], axis=2), tl.sum(codes * x1[None, :, :], axis=2))
-    else:
-        tl.static_assert(BLOCK_M == 4, "gemv tiles take 1, 2 or 4 rows")
-        # Row m = 2*hi + lo: split off lo, then hi.
-        x_lo0, x_lo1 = tl.split(tl.permute(tl.reshape(x, [2, 2, x.shape[1], 32]), (0, 2, 3, 1)))
-        x0, x2 = tl.split(tl.permute(x_lo0, (1, 2, 0)))
-        x1, x3 = tl.split(tl.permute(x_lo1, (1, 2, 0)))
-        s01 = tl.join(tl.sum(codes * x0[None, :, :], axis=2), tl.sum(codes * x1[None, :, :], axis=2))
-        s23 = tl.join(tl.sum(codes * x2[None, :, :], axis=2), tl.sum(codes * x3[None, :, :], axis=2))
-        sums = tl.reshape(tl.permute(tl.join(s01, s23), (0, 1, 3, 2)), [codes.shape[0], codes.shape[1], 4])
-    return sums
-
-
-@triton.jit
 def _gemv_step(acc, w_e, s_e, w_rows, x_ptr, x_rows, k0, K: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_K: tl.constexpr, MASKED: tl.constexpr, INTERPRETER: tl.constexpr):
     """acc [R, BLOCK_K/32, BLOCK_M] plus the products of columns k0..k0+BLOCK_K (per MX block)."""
@@ -546,9 +524,9 @@ def _gemv_step(acc, w_e, s_e, w_rows, x_ptr, x_rows, k0, K: tl.constexpr, BLOCK_
         scales = tl.load(scale_ptrs)
         xs = tl.load(x_ptrs)
     codes = tl.reshape(float32_codes_from_words(words, INTERPRETER), [R, KB, 32])
-    sums = _row_sums(codes, tl.reshape(xs.to(tl.float32), [BLOCK_M, KB, 32]), BLOCK_M)
+    sums = row_block_sums(codes, tl.reshape(xs.to(tl.float32), [BLOCK_M, KB, 32]), BLOCK_M)
     # Codes are values * 2^-14: undo that exactly before the scale (which may be large).
-    return acc + (sums * WORD_CODE_SCALE) * e8m0_to_float32(scales)[:, :, None]
+    return acc + scaled_block_sums(sums, scales)
 
 
 @triton.jit

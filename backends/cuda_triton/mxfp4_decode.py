@@ -9,8 +9,9 @@ The paths, one per way a kernel consumes weights (tests/test_mxfp4_decode.py che
 :func:`apt_hal.mxfp4.dequantize`):
 
 * :func:`dequantize_tile`: a ``[N, K]`` tile in the dot's dtype (the MoE expert GEMMs);
-* :func:`float32_codes_from_words` with :func:`e8m0_to_float32`: codes for dot products on CUDA
-  cores (the MoE decode GEMV);
+* :func:`float32_codes_from_words` with :func:`e8m0_to_float32` or :func:`scaled_block_sums`:
+  codes for dot products on CUDA cores (the MoE decode GEMV, fp4_matmul's CUDA-core GEMV), summed
+  per MX block by :func:`row_block_sums`;
 * :func:`dequantize_mma_words`: bf16 tensor-core operands from 32-bit words (fp4_matmul).
 
 ``INTERPRETER`` (a constexpr every path takes) is :func:`apt_hal.backends.cuda_triton.hw.pure_triton`:
@@ -145,6 +146,44 @@ def float32_codes_from_words(words, INTERPRETER: tl.constexpr):
                     tl.join(_float16_code_pair(words, 2, INTERPRETER), _float16_code_pair(words, 3, INTERPRETER)))
     # pairs[r, w, a, j0, j1] is code 4a + 2j1 + j0 of word w (each join appends its axis last).
     return tl.reshape(tl.permute(pairs, (0, 1, 2, 4, 3)), [words.shape[0], words.shape[1] * 8])
+
+
+@triton.jit
+def row_block_sums(codes, x, BLOCK_M: tl.constexpr):
+    """codes [R, KB, 32] and x [BLOCK_M, KB, 32] -> [R, KB, BLOCK_M]: per row of x, the sums over
+    the last axis of codes * x. Each x row is split off with split/join (no 4-D broadcast: that
+    would spread the 32 summed values over a warp's lanes instead of one thread's registers)."""
+    if BLOCK_M == 1:
+        sums = tl.sum(codes * tl.reshape(x, [x.shape[1], 32])[None, :, :], axis=2)[:, :, None]
+    elif BLOCK_M == 2:
+        x0, x1 = tl.split(tl.permute(x, (1, 2, 0)))
+        sums = tl.join(tl.sum(codes * x0[None, :, :], axis=2), tl.sum(codes * x1[None, :, :], axis=2))
+    else:
+        tl.static_assert(BLOCK_M == 4, "gemv tiles take 1, 2 or 4 rows")
+        # Row m = 2*hi + lo: split off lo, then hi.
+        x_lo0, x_lo1 = tl.split(tl.permute(tl.reshape(x, [2, 2, x.shape[1], 32]), (0, 2, 3, 1)))
+        x0, x2 = tl.split(tl.permute(x_lo0, (1, 2, 0)))
+        x1, x3 = tl.split(tl.permute(x_lo1, (1, 2, 0)))
+        s01 = tl.join(tl.sum(codes * x0[None, :, :], axis=2), tl.sum(codes * x1[None, :, :], axis=2))
+        s23 = tl.join(tl.sum(codes * x2[None, :, :], axis=2), tl.sum(codes * x3[None, :, :], axis=2))
+        sums = tl.reshape(tl.permute(tl.join(s01, s23), (0, 1, 3, 2)), [codes.shape[0], codes.shape[1], 4])
+    return sums
+
+
+@triton.jit
+def scaled_block_sums(sums, scale_codes):
+    """Block sums of codes from :func:`float32_codes_from_words` times x (values * 2^-14), [R, KB,
+    BLOCK_M], times their E8M0 scales [R, KB]: the blocks' contributions in float32. The factor
+    2^14 * 2^(code - 127) = 2^(code - 113) is a normal float32 for codes up to 240; above, a
+    second factor 2^(code - 240) follows 2^127 (NaN for code 0xFF). Each multiplication is by a
+    power of two, so the result is rounded at most once (where it leaves float32's range), and no
+    intermediate overflows unless the result does."""
+    # Widened to [R, KB, 1] first: the factors then take the sums' register layout from the codes
+    # alone (one layout conversion per K step instead of one per factor).
+    c = scale_codes.to(tl.int32)[:, :, None]
+    f1 = ((tl.minimum(c, 240) + 14) << 23).to(tl.float32, bitcast=True)
+    f2 = tl.where(c == 255, 0x7FC00000, (tl.maximum(c, 240) - 113) << 23).to(tl.float32, bitcast=True)
+    return sums * f1 * f2
 
 
 @triton.jit

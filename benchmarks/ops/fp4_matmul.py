@@ -21,15 +21,25 @@ every schedule -- x permuted or not, materialize -- with scales up to 1 and up t
 kernel computes in one and two passes) and torch.compile of the triton_op (decode, materialize).
 
 Run from the repository root on a GPU:
-``python -m benchmarks.ops.fp4_matmul [--quick] [--sweep]``; ``--tiny`` is a CPU smoke test
-(K = N = 256, M = 1 and 16, host clock, no GPU checks). ``--sweep`` also times other tile
-schedules on the shapes of SWEEP_SHAPES (tuning data for hw.fp4_matmul_tiles), and what decode
-spends outside its main kernel.
+``python -m benchmarks.ops.fp4_matmul [--quick] [--sweep [all|decode]] [--no-table]``; ``--tiny`` is
+a CPU smoke test (K = N = 256, M = 1 and 16, host clock, no GPU checks). ``--sweep`` also times
+other tile schedules on the shapes of SWEEP_SHAPES (tuning data for hw.fp4_matmul_tiles), and
+what decode spends outside its main kernel; ``--sweep decode`` only the decode shapes of issue 16
+(DECODE_SWEEP_SHAPES: the three (K, N) at M = 1 and 16, and M = 128 at K = N = 8192), and
+``--no-table`` skips the GPU checks and the table. Each sweep line is one schedule
+(:func:`describe`): ``mma`` the tensor-core kernel (``swap=1``: the decode schedule, weight tile on
+the left; ``xperm=1``: x permuted before the launch), ``gemv`` the CUDA-core GEMV; ``bm bn bk``
+its tile (M rows, N rows, K per step), ``warps`` and ``stages`` its launch, ``split`` the split-K
+programs per tile, then how their partials are added: ``+sum-kernel`` by a second kernel,
+``fused`` by the last program of each tile; then microseconds per call, % of the copy ceiling
+(M <= 16) or TFLOP/s, the speed-up over bf16 cuBLAS (timed on the same shape, printed first),
+and ``(default)`` on choose_config's choice.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import torch
 import torch.nn.functional as F
@@ -233,24 +243,81 @@ def run(ceilings: harness.Ceilings, quick: bool = False, tiny: bool = False) -> 
 # ---- tuning data ----------------------------------------------------------------------------------
 
 
-def _config(bm, bn, bk, warps, stages, swap, split, x_permuted=False):
+def check_decode_schedules() -> None:
+    """Before the sweep, at GPU sizes (a bias, N = 1000, a partial last K tile): the fused
+    split-K reduction gives the bits of the two-kernel one with all SMs racing for the counters,
+    and leaves them at zero; the CUDA-core GEMV matches the reference for every x dtype. A failure
+    is printed, not raised: these schedules are off by default, and the sweep goes on (its lines
+    for a failing schedule say FAILED)."""
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    k, n = 8192 - 64, 1000  # every tile below splits K as asked: 64, 32 or 16 K tiles, the last partial
+    packed, scales = make_weights(n, k, gen, 130)
+    cases = [(_config(16, 128, 128, 8, 4, True, 8, fused=True), 16, torch.bfloat16),
+             (_gemv(1, 32, 256, 4, 1, 4), 1, torch.bfloat16), (_gemv(1, 32, 512, 4, 1, 4), 1, torch.float32),
+             (_gemv(4, 32, 256, 4, 1, 4), 3, torch.float16)]
+    for cfg, m, dtype in cases:
+        assert kernels.effective_split(cfg, k) == cfg.split_k
+        name = f"sweep check fp4_matmul {describe(cfg)} {dtype} M={m}"
+        try:
+            x = torch.randn(m, k, device="cuda", dtype=dtype, generator=gen)
+            bias = torch.randn(n, device="cuda", dtype=dtype, generator=gen)
+            fused = kernels.matmul(x, packed, scales, bias, config=cfg)
+            check(name, fused, x, packed, scales, bias)
+            if any(c.any() for held in kernels._SPLIT_COUNTERS.values() for c in held):
+                raise AssertionError("split-K counters not left at zero")
+            if dtype == torch.bfloat16:
+                separate = kernels.matmul(x, packed, scales, bias, config=dataclasses.replace(cfg, fused_reduce=False))
+                if not torch.equal(fused, separate):
+                    raise AssertionError("the fused reduction differs from the two-kernel one")
+            print(f"{name}: ok", flush=True)
+        except Exception as e:
+            print(f"{name}: FAILED {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}", flush=True)
+
+
+def _config(bm, bn, bk, warps, stages, swap, split, x_permuted=False, fused=False):
     return kernels.TileConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages,
-                              swap_ab=swap, split_k=split, x_permuted=x_permuted)
+                              swap_ab=swap, split_k=split, x_permuted=x_permuted, fused_reduce=fused)
+
+
+def _gemv(bm, bn, bk, warps, stages, split):
+    return kernels.TileConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages,
+                              swap_ab=False, split_k=split, fused_reduce=True, cuda_core=True)
+
+
+# CUDA-core GEMV tiles (block_n, block_k, warps, stages) for M <= 4: hw.FP4_MATMUL_GEMV_TILE, the
+# MoE decode GEMV's tiles (hw.MOE_GEMV_TILES) and their neighbours, each with the split-K of
+# choose_config's rule and with whole rows of K (split 1: no partial sums at all). One stage:
+# Triton pipelines only loads that feed tl.dot (more stages compile to the same code); the
+# kernel loads one step ahead itself. ptxas (sm_90a, M = 1): 92, 160, 95 and 145 registers.
+GEMV_TILES = [(32, 256, 4, 1), (32, 512, 4, 1), (16, 512, 4, 1), (64, 256, 4, 1)]
+
+
+def _decode_candidates(m: int, k: int, n: int) -> list[kernels.TileConfig]:
+    """Issue 16's decode candidates (M <= 16): the default (two kernels: split-K partials, then
+    their sum), the same with the fused reduction, fused tensor-core tiles around it, and for
+    M <= 4 the CUDA-core GEMV with the fused reduction."""
+    auto = kernels.choose_config(m, n, k)
+    configs = [auto, dataclasses.replace(auto, fused_reduce=True)]
+    tc = [(16, 128, 128, 8, 4, split) for split in (2, 8)] + [(16, 64, 128, 4, 4, 8), (16, 64, 256, 4, 3, 8)]
+    configs += [_config(*tile[:5], True, tile[5], fused=True) for tile in tc]
+    if m <= 4:
+        block_m = 1 if m <= 1 else 2 if m <= 2 else 4
+        for bn, bk, warps, stages in GEMV_TILES:
+            tile = _gemv(block_m, bn, bk, warps, stages, 1)
+            configs += [tile, dataclasses.replace(tile, split_k=kernels.split_to_fill(tile, m, n, k))]
+    configs = [dataclasses.replace(c, split_k=kernels.effective_split(c, k)) for c in configs]
+    return list(dict.fromkeys(c if c.split_k > 1 else dataclasses.replace(c, fused_reduce=False) for c in configs))
 
 
 def _candidates(m: int, k: int, n: int) -> list[kernels.TileConfig]:
     """The default schedule first, then others around it (few: every one compiles anew)."""
-    configs = [kernels.choose_config(m, n, k)]
     if m <= 16:
-        full = (k, n) == (8192, 8192) and m == 1  # the widest search; narrower on other shapes
-        for bn, bk, warps, stages in [(128, 128, 8, 4), (64, 128, 4, 4)] + ([(128, 256, 8, 3)] if full else []):
-            for x_permuted in (False, True) if bk == 128 and (full or bn == 128) else (False,):
-                splits = (2, 4, 8) if full else (4,) if m > 1 else (4, 8)
-                configs += [_config(16, bn, bk, warps, stages, True, split, x_permuted) for split in splits]
-        if full:
-            configs.append(_config(16, 128, 128, 8, 6, True, 4))  # deeper pipeline
-            configs += [_config(16, 64, 256, 4, 3, True, split) for split in (4, 8)]  # 168 registers, 3 per SM
-    elif m <= 256:
+        return _decode_candidates(m, k, n)
+    configs = [kernels.choose_config(m, n, k)]
+    if m <= 128:
+        auto = configs[0]
+        if auto.split_k > 1:
+            configs.append(dataclasses.replace(auto, fused_reduce=True))
         configs += [_config(128, 128, 64, 8, 3, False, split) for split in (2, 4)]
         configs += [_config(128, 128, 128, 8, 3, False, 2)]
         configs += [_config(128, 128, 64, 8, 3, True, split, True) for split in (1, 2, 4)]
@@ -262,22 +329,34 @@ def _candidates(m: int, k: int, n: int) -> list[kernels.TileConfig]:
     return list(dict.fromkeys(configs))
 
 
-SWEEP_SHAPES = [(1, 8192, 8192), (16, 8192, 8192), (1, 14336, 4096), (1, 4096, 14336), (128, 8192, 8192),
-                (256, 8192, 8192), (512, 8192, 8192), (4096, 8192, 8192)]  # (M, K, N)
+# (M, K, N): issue 16's decode shapes first, then where prefill schedules and materialize cross over.
+DECODE_SWEEP_SHAPES = [(m, k, n) for k, n in SHAPES for m in (1, 16)] + [(128, 8192, 8192)]
+SWEEP_SHAPES = DECODE_SWEEP_SHAPES + [(256, 8192, 8192), (512, 8192, 8192), (4096, 8192, 8192)]
 
 
-def _describe(cfg: kernels.TileConfig) -> str:
+def describe(cfg: kernels.TileConfig) -> str:
+    """A candidate's label in the sweep's lines (the module docstring says what each field means)."""
     if cfg.materialize:
         return f"materialize (dequantize bn={cfg.block_n} bk={cfg.block_k}, cuBLAS)"
-    return (f"bm={cfg.block_m} bn={cfg.block_n} bk={cfg.block_k} warps={cfg.num_warps} stages={cfg.num_stages} "
-            f"swap={int(cfg.swap_ab)} xperm={int(cfg.x_permuted)} split={cfg.split_k}")
+    if cfg.cuda_core:
+        kind = "gemv"
+    else:
+        kind = f"mma swap={int(cfg.swap_ab)} xperm={int(cfg.x_permuted)}"
+    reduce = "" if cfg.split_k == 1 else " fused" if cfg.fused_reduce else " +sum-kernel"
+    return (f"{kind} bm={cfg.block_m} bn={cfg.block_n} bk={cfg.block_k} warps={cfg.num_warps} "
+            f"stages={cfg.num_stages} split={cfg.split_k}{reduce}")
 
 
-def sweep(ceilings: harness.Ceilings, quick: bool = False) -> None:
-    """Time other tile schedules, each checked first (norm bound), with rotating inputs as in the
-    table; one line per schedule. From M = 256 up, only the default and the materialize schedule
-    (where fused and materialized cross over)."""
-    for m, k, n in (SWEEP_SHAPES[:2] if quick else SWEEP_SHAPES):
+def sweep(ceilings: harness.Ceilings, quick: bool = False, decode_only: bool = False) -> None:
+    """Time other tile schedules, each checked against the reference first (element-wise bound
+    for M <= 128, norm bound beyond), with rotating inputs as in the table; one line per schedule,
+    with its speed-up over bf16 cuBLAS timed on the same shape. From M = 256 up, only the default
+    and the materialize schedule (where fused and materialized cross over); a fused reduction must
+    also give the same bits twice. ``decode_only``: the shapes of DECODE_SWEEP_SHAPES (at M = 128,
+    the default with and without the fused reduction), no side kernels."""
+    shapes = DECODE_SWEEP_SHAPES if decode_only else SWEEP_SHAPES
+    check_decode_schedules()
+    for m, k, n in (shapes[:2] if quick else shapes):
         gen = torch.Generator(device="cuda").manual_seed(1)
 
         def make():
@@ -285,27 +364,53 @@ def sweep(ceilings: harness.Ceilings, quick: bool = False) -> None:
             return torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=gen), packed, scales
 
         sets = [make() for _ in range(max(1, min(16, -(-120 * 2 ** 20 // weight_bytes(n, k)))))]
-        auto = kernels.choose_config(m, n, k)
-        configs = _candidates(m, k, n)
-        if 256 <= m < 4096:
-            configs = list(dict.fromkeys([auto, kernels.TileConfig(**kernels.hw.fp4_matmul_tiles(256)),
-                                          kernels.TileConfig(**kernels.hw.FP4_MATMUL_MATERIALIZE_TILE)]))
+        cublas = _time_cublas(sets[0], m, k, n)
+        label = f"sweep fp4_matmul M={m} K={k} N={n}"
+        print(f"{label} bf16 cuBLAS: {cublas:8.1f} us", flush=True)
+        configs = sweep_configs(m, k, n, decode_only)
+        auto = configs[0]
         for cfg in configs:
             run_cfg = lambda x, p, s, cfg=cfg: kernels.matmul(x, p, s, config=cfg)  # noqa: E731
             try:
-                check("sweep", run_cfg(*sets[0]), *sets[0], elementwise=False)
+                out = run_cfg(*sets[0])
+                check("sweep", out, *sets[0], elementwise=m <= 128)
+                if cfg.fused_reduce and not torch.equal(run_cfg(*sets[0]), out):
+                    raise AssertionError("the fused reduction gave other bits on a second call")
                 t = harness.time_calls([lambda s=s: run_cfg(*s) for s in sets])
             except Exception as e:  # a schedule that does not compile or fit is tuning data too
-                print(f"sweep fp4_matmul M={m} K={k} N={n} {_describe(cfg)}: FAILED {type(e).__name__}: "
+                print(f"{label} {describe(cfg)}: FAILED {type(e).__name__}: "
                       f"{str(e).splitlines()[0][:120] if str(e) else ''}", flush=True)
                 continue
             if m <= 16:
                 perf = f"{100 * weight_bytes(n, k) / t / 1e3 / ceilings.copy_gbps:5.1f}% copy"
             else:
                 perf = f"{2 * m * n * k / t / 1e6:6.1f} TFLOP/s"
-            print(f"sweep fp4_matmul M={m} K={k} N={n} {_describe(cfg)}: {t:8.1f} us  {perf}"
+            print(f"{label} {describe(cfg)}: {t:8.1f} us  {perf}  {cublas / t:5.2f}x cuBLAS"
                   f"{'  (default)' if cfg == auto else ''}", flush=True)
-    _sweep_side_kernels(ceilings)
+    if not decode_only:
+        _sweep_side_kernels(ceilings)
+
+
+def sweep_configs(m: int, k: int, n: int, decode_only: bool = False) -> list[kernels.TileConfig]:
+    """The schedules the sweep times on one shape, choose_config's first (its split-K lowered as
+    the launch lowers it): see :func:`sweep`."""
+    auto = kernels.choose_config(m, n, k)
+    auto = dataclasses.replace(auto, split_k=kernels.effective_split(auto, k))
+    if decode_only and m > 16:
+        return [auto] + ([dataclasses.replace(auto, fused_reduce=True)] if auto.split_k > 1 else [])
+    if 256 <= m < 4096:
+        return list(dict.fromkeys([auto, kernels.TileConfig(**kernels.hw.fp4_matmul_tiles(256)),
+                                   kernels.TileConfig(**kernels.hw.FP4_MATMUL_MATERIALIZE_TILE)]))
+    return list(dict.fromkeys([auto] + _candidates(m, k, n)))
+
+
+def _time_cublas(inputs, m: int, k: int, n: int) -> float:
+    """bf16 F.linear on the dequantized weights of ``inputs``' shape, rotating weight copies."""
+    x, packed, scales = inputs
+    w = mxfp4.dequantize(packed, scales, torch.bfloat16)
+    check("sweep bf16 cuBLAS", F.linear(x, w), x, packed, scales, elementwise=False)
+    calls = harness.rotating(lambda: (x, w.clone()), F.linear, 2 * (n * k + m * (k + n)))
+    return harness.time_calls(calls)
 
 
 def _sweep_side_kernels(ceilings: harness.Ceilings) -> None:
@@ -340,12 +445,15 @@ def _sweep_side_kernels(ceilings: harness.Ceilings) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="only K = N = 8192")
-    parser.add_argument("--sweep", action="store_true", help="also time other tile schedules")
+    parser.add_argument("--sweep", nargs="?", const="all", choices=("all", "decode"),
+                        help="also time other tile schedules; 'decode': only issue 16's decode shapes")
+    parser.add_argument("--no-table", action="store_true", help="skip the GPU checks and the table (with --sweep)")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test: K = N = 256, M = 1 and 16")
     args = parser.parse_args()
     measured = harness.measure_host_ceilings() if args.tiny else harness.measure_ceilings()
     print(f"{measured.device}: copy {measured.copy_gbps:.0f} GB/s, bf16 GEMM {measured.gemm_tflops:.0f} TFLOP/s",
           flush=True)
-    harness.print_table(run(measured, quick=args.quick, tiny=args.tiny))
+    if not args.no_table:
+        harness.print_table(run(measured, quick=args.quick, tiny=args.tiny))
     if args.sweep:
-        sweep(measured, quick=args.quick)
+        sweep(measured, quick=args.quick, decode_only=args.sweep == "decode")
