@@ -285,9 +285,10 @@ def stream_weights(model: nn.Module, gpu_memory: Budget, *, device=None, host_me
 
     ``gpu_memory``: bytes, a size ("1.5GiB", "800MB") or a percentage of the weight bytes ("25%");
     it must hold the weights outside the layers and one layer. ``device``: where the model runs
-    (default: where its weights are). ``host_memory`` (default: every layer the device does not
-    hold) and ``disk_path`` (the store's file for the rest). ``prefetch_depth``: layers fetched
-    ahead (default: as many as free slots allow).
+    (default: where its weights are). ``host_memory``: room for layers' home copies on the host
+    (default: every layer; unused when every layer fits the device) and ``disk_path`` (the
+    store's file for the other homes). ``prefetch_depth``: layers fetched ahead (default: as many
+    as free slots allow).
     """
     stream = WeightStream(model, gpu_memory, device=device, host_memory=host_memory, disk_path=disk_path,
                           prefetch_depth=prefetch_depth)
