@@ -16,6 +16,18 @@ raises a documented error and changes no block's bytes.
 * ``prefetch(ids)`` starts bringing blocks to the device and returns at once: disk reads run in a
   background thread, host-to-device copies on a side stream. Any later access to those blocks
   waits for them; ``handle.wait()`` waits explicitly and raises a failed read's error.
+* ``freeze(ids)`` is the caller's promise that those blocks' bytes will not change again (weights,
+  say). A frozen block brought up to the device from a lower tier keeps its copy there (the slot
+  stays reserved as its clean copy), and moving it back down to that tier moves no bytes: its
+  device slot is freed and the block is placed back at its copy (``stats()["dropped"]`` counts
+  these per route; ``stats()["moved"]`` does not). The device's least recently used eviction sends
+  such a block back to its copy wherever that is; an explicit ``evict`` to another tier is a normal
+  move that releases the copy. ``write_block`` refuses a frozen block; ``unfreeze(ids)`` and
+  ``free(ids)`` release the copies. A lower tier that needs room (for a block coming down or a new
+  one) releases its kept copies, oldest first, before evicting any of its blocks: copies never
+  cost capacity, and a block whose copy went is copied for real when it next goes down. Nothing is
+  lost: a block with a kept copy is still whole on the device, and a kept disk record is still
+  checked when read back.
 * Every move between tiers goes through ``paged_copy_blocks`` (so a backend can accelerate it) or,
   for the disk, through the store's own file I/O.
 
@@ -94,6 +106,8 @@ class _Tier:
     free: list[int] = dataclasses.field(init=False)  # free slots (those of transfers in flight are in neither list)
     blocks: collections.OrderedDict = dataclasses.field(default_factory=collections.OrderedDict)
     # ^ block id -> slot, least recently used first
+    copies: collections.OrderedDict = dataclasses.field(default_factory=collections.OrderedDict)
+    # ^ frozen block id (on the device now) -> the slot keeping its clean copy here, oldest first
 
     def __post_init__(self):
         self.free = list(range(self.capacity))[::-1]  # pop() hands out slot 0 first
@@ -329,6 +343,8 @@ class PagedTensor:
         self._pins: collections.Counter = collections.Counter()
         self._pending: dict[int, _Transfer] = {}  # block id -> its prefetch in flight
         self._moved: collections.Counter = collections.Counter()  # (from, to) -> blocks moved
+        self._dropped: collections.Counter = collections.Counter()  # (from, to) -> blocks put back at their copy
+        self._frozen: set[int] = set()  # blocks whose bytes the caller promised not to change
         self._worker: Optional[ThreadPoolExecutor] = None
         self._stream = None
         if accelerator:
@@ -348,6 +364,8 @@ class PagedTensor:
                                       f"{len(self._free_ids)} of {len(self._free_ids) + len(self._where)} are free")
         if sum(len(t.free) for t in self._tiers) < n:
             self._settle(list(self._pending.values()))  # prefetches in flight hold their source slots
+        for tier in self._tiers[1:]:  # kept copies give way to new blocks
+            self._release_copies(tier, n - sum(len(t.free) for t in self._tiers))
         ids = [self._free_ids.pop() for _ in range(n)]
         for i in ids:
             tier = next(t for t in self._tiers if t.free)
@@ -370,13 +388,21 @@ class PagedTensor:
             checks.fail(f"{_STORE}.free", f"argument 'ids' names pinned block {pinned[0]}; unpin it first")
         self._settle_ids(ids)  # a failed read does not matter: the block is being dropped
         for i in ids:
+            self._release_copy(i)
+            self._frozen.discard(i)
             tier = self._where.pop(i)
             tier.free.append(tier.blocks.pop(i))
         self._free_ids.extend(reversed(ids))
 
     def write_block(self, id: int, value: torch.Tensor) -> None:
-        """Overwrite block ``id`` with ``value`` (block_shape, the store's dtype, any device), in place."""
+        """Overwrite block ``id`` with ``value`` (block_shape, the store's dtype, any device), in place.
+
+        A frozen block cannot be written (:meth:`unfreeze` it first).
+        """
         self._ids("write_block", [id])
+        if id in self._frozen:
+            checks.fail(f"{_STORE}.write_block", f"argument 'id' names block {id}, which is frozen: its bytes cannot "
+                                                 f"change (unfreeze it first)")
         checks.tensor(f"{_STORE}.write_block", "value", value, dtypes=(self.dtype,))
         if tuple(value.shape) != self.block_shape:
             checks.fail(f"{_STORE}.write_block", f"argument 'value' must have shape {list(self.block_shape)}, "
@@ -407,7 +433,8 @@ class PagedTensor:
 
         Pass them as the block table of ``paged_write`` / ``paged_gather`` on ``store.pool``. They
         stay valid until the next call that may evict; pin the blocks to keep them longer. ``ids``
-        may repeat a block.
+        may repeat a block. Frozen blocks must not be written through the pool: the store cannot
+        see such writes, and a block's kept copy on a lower tier would no longer match it.
         """
         ids = self._ids("device_slots", ids, unique=False)
         self._settle_ids(ids)
@@ -431,8 +458,31 @@ class PagedTensor:
                 checks.fail(f"{_STORE}.unpin", f"argument 'ids' names block {i}, which is not pinned")
         self._pins.subtract(ids)
 
+    def freeze(self, ids: Iterable[int]) -> None:
+        """Promise that these blocks' bytes will not change again (idempotent; see the module docstring).
+
+        From now on a frozen block brought to the device keeps its copy on the lower tier it came
+        from, and going back to that tier moves no bytes. ``write_block`` refuses it, and it must
+        not be written through ``store.pool`` either, until :meth:`unfreeze`.
+        """
+        ids = self._ids("freeze", ids)
+        self._settle_ids(ids)  # a copy is kept only for transfers that start once the block is frozen
+        self._frozen.update(ids)
+
+    def unfreeze(self, ids: Iterable[int]) -> None:
+        """Undo :meth:`freeze` (idempotent): release the blocks' kept copies; they may be written again."""
+        ids = self._ids("unfreeze", ids)
+        self._settle_ids(ids)
+        for i in ids:
+            self._release_copy(i)
+            self._frozen.discard(i)
+
     def evict(self, ids: Iterable[int], tier: str = "host") -> None:
-        """Move blocks down to ``tier`` ("host" or "disk"); blocks already there or lower stay."""
+        """Move blocks down to ``tier`` ("host" or "disk"); blocks already there or lower stay.
+
+        A frozen block whose copy ``tier`` keeps is put back at it without moving bytes; one whose
+        copy is on another tier moves normally, and that copy is released.
+        """
         ids = self._ids("evict", ids)
         names = [t.name for t in self._tiers[1:]]
         if tier not in names:
@@ -466,12 +516,17 @@ class PagedTensor:
         return self._where[id].name
 
     def stats(self) -> dict:
-        """Blocks per tier (capacity, used, free), parked, pinned and in-flight counts, blocks moved per route."""
+        """Blocks per tier (capacity, used, free; a lower tier also "kept": slots keeping frozen blocks'
+        copies), parked, pinned, frozen and in-flight counts, and per route ("device->host"): blocks
+        ``moved`` (bytes copied) and blocks ``dropped`` (put back at their kept copy, no bytes copied)."""
         out: dict = {t.name: {"capacity": t.capacity, "used": len(t.blocks), "free": len(t.free)}
                      for t in self._tiers}
+        for t in self._tiers[1:]:
+            out[t.name]["kept"] = len(t.copies)
         out.update(allocated=len(self._where), parked=sum(len(t.blocks) for t in self._stranded),
-                   pinned=sum(1 for n in self._pins.values() if n > 0),
-                   in_flight=len(self._pending), moved={f"{a}->{b}": n for (a, b), n in self._moved.items()})
+                   pinned=sum(1 for n in self._pins.values() if n > 0), frozen=len(self._frozen),
+                   in_flight=len(self._pending), moved={f"{a}->{b}": n for (a, b), n in self._moved.items()},
+                   dropped={f"{a}->{b}": n for (a, b), n in self._dropped.items()})
         return out
 
     def close(self) -> None:
@@ -549,21 +604,58 @@ class PagedTensor:
         return found
 
     def _claim(self, tier: _Tier, n: int, keep: set = frozenset()) -> list[int]:
-        """Take ``n`` free slots of ``tier``, first evicting its least recently used blocks if needed."""
+        """Take ``n`` free slots of ``tier``, first releasing the copies it keeps (oldest first), then
+        evicting its least recently used blocks if needed (a frozen one goes back to its kept copy)."""
         if n > len(tier.free) and self._pending:
             self._settle(list(self._pending.values()))  # blocks in flight hold slots and cannot move yet
+        self._release_copies(tier, n - len(tier.free))
         short = n - len(tier.free)
         if short > 0:
             below = self._below(tier, n)
-            self._move(self._victims(tier, short, keep), below, keep)
+            rest = self._drop(self._victims(tier, short, keep))
+            if rest:
+                self._move(rest, below, keep)
         return [tier.free.pop() for _ in range(n)]
+
+    def _release_copies(self, tier: _Tier, n: int) -> None:
+        """Free up to ``n`` slots of ``tier`` that keep copies, oldest first (their blocks stay whole on the device)."""
+        for _ in range(max(0, min(n, len(tier.copies)))):
+            tier.free.append(tier.copies.popitem(last=False)[1])
+
+    def _copy_tier(self, id: int) -> Optional[_Tier]:
+        """The lower tier keeping a clean copy of block ``id`` (then on the device), or None."""
+        return next((t for t in self._tiers[1:] if id in t.copies), None)
+
+    def _release_copy(self, id: int) -> None:
+        tier = self._copy_tier(id)
+        if tier is not None:
+            tier.free.append(tier.copies.pop(id))
+
+    def _drop(self, ids: list[int], only: Optional[_Tier] = None) -> list[int]:
+        """Put the blocks of ``ids`` that have a kept copy (on ``only``, if given) back at it, moving
+        no bytes: their device slots are freed. Returns the others."""
+        rest = []
+        for i in ids:
+            home = self._copy_tier(i)
+            if home is None or (only is not None and home is not only):
+                rest.append(i)
+                continue
+            here = self._where[i]
+            here.free.append(here.blocks.pop(i))
+            self._place([i], home, [home.copies.pop(i)])
+            self._dropped[here.name, home.name] += 1
+        return rest
 
     def _move(self, ids: list[int], dst: _Tier, keep: set = frozenset(), background: bool = False,
               loaded: Optional[dict] = None) -> list[_Transfer]:
         """Move blocks to ``dst``. Going down, blocks that ``dst`` cannot hold go further down: the
         first ones (callers list the least recently used first). With ``background``, copies from
         disk (and from host, on a side stream) are only started; the returned transfers finish them.
+        A frozen block coming up keeps its source slot as its copy; one going down to its copy's
+        tier is put back there without copying, and one going down elsewhere releases its copy.
         """
+        if dst in self._tiers[1:]:
+            ids = self._drop(ids, only=dst)
         overflow = len(ids) - dst.capacity
         if overflow > 0:
             self._move(ids[:overflow], self._below(dst, len(ids)), keep)
@@ -588,10 +680,13 @@ class PagedTensor:
                     self._store(dst, group, dst_slots, self._load(src, src_slots))
                 for i in group:
                     del src.blocks[i]
+                    if dst in self._tiers[1:]:
+                        self._release_copy(i)  # the block is whole at dst now
                 self._place(group, dst, dst_slots)
                 self._moved[src.name, dst.name] += len(group)
-                if not in_flight:
-                    src.free.extend(src_slots)  # a transfer in flight releases them when it settles
+                if not in_flight:  # a transfer in flight releases them when it settles
+                    keeps_copy = dst is self._device_tier and src in self._tiers[1:]
+                    self._release_source(group, src, src_slots, keeps_copy)
         finally:
             dst.free.extend(s for i, s in slots.items() if self._where[i] is not dst)  # after a failed read
         return transfers
@@ -615,7 +710,7 @@ class PagedTensor:
         if not missing:
             return []
         short = len(missing) - len(dev.free)
-        if short > sum(len(t.free) for t in self._tiers[1:]):
+        if short > sum(len(t.free) + len(t.copies) for t in self._tiers[1:]):  # a kept copy's slot is room
             # Every tier is full: the victims need the slots the missing blocks leave. Park them in
             # a device buffer while the missing blocks come up, then put them down.
             victims = self._victims(dev, short, set(ids))
@@ -624,7 +719,7 @@ class PagedTensor:
             self._move(victims, parked)
             self._move(missing, dev, loaded=loaded)
             try:
-                self._move(list(parked.blocks), self._tiers[1])
+                self._move(self._drop(list(parked.blocks)), self._tiers[1])
             finally:
                 if parked.blocks:  # a disk write failed: those blocks wait here, readable, until moved
                     self._stranded = [t for t in self._stranded if t.blocks] + [parked]
@@ -681,7 +776,15 @@ class PagedTensor:
                 continue
             if event is not None:
                 torch.accelerator.current_stream(self.device).wait_event(event)
-            t.source.free.extend(t.source_slots)
+            self._release_source(t.ids, t.source, t.source_slots, keeps_copy=True)
+
+    def _release_source(self, ids: list[int], src: _Tier, slots: list[int], keeps_copy: bool) -> None:
+        """Free the slots blocks left on ``src``; with ``keeps_copy``, a frozen block's slot becomes its copy."""
+        for i, slot in zip(ids, slots):
+            if keeps_copy and i in self._frozen:
+                src.copies[i] = slot
+            else:
+                src.free.append(slot)
 
     def _transfers_of(self, ids: Iterable[int]) -> list[_Transfer]:
         return list(dict.fromkeys(self._pending[i] for i in ids if i in self._pending))

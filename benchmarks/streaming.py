@@ -1,6 +1,7 @@
 """Decode with the weights streamed through a device budget (apt_hal.models.streaming): one table.
 
     python benchmarks/streaming.py            # GPU: apt-dense-1b, apt-moe-1b, apt-dense-4b (1b, 64 layers)
+    python benchmarks/streaming.py --models apt-moe-1b   # one model per call (a comma list picks several)
     python benchmarks/streaming.py --tiny     # CPU smoke run: tiny presets with 8 layers
 
 For each model and each budget (100%, 50%, 25%, 10% of the weight bytes, never less than the
@@ -9,8 +10,10 @@ Columns: decode tokens/s (batch * steps / (time(1 + steps new tokens) - time(1 n
 median of --repeats after a warm-up); weight bytes streamed to the device per decode step and
 the hit rate (layer runs that needed no transfer), both from the store's own counters
 (``stats()["moved"]``); the achieved host-to-device rate while decoding (bytes streamed / decode
-time) as a fraction of the pinned host-to-device rate measured in the same run; and the step time
-over its floor, (bytes streamed per step) / (pinned rate), which no step can beat.
+time) as a fraction of the pinned host-to-device rate measured in the same run; the step time
+over its floor, (bytes streamed per step) / (pinned rate), which no step can beat; and, per decode
+step, the bytes copied from the device back to the host or disk (``d2h MB/step``: 0, since layers
+are frozen and go back to their kept copies) and the layers put back that way (``dropped/step``).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import torch
 
 import apt_hal
 from apt_hal.models import GenerationConfig, ModelConfig, build_model, generate
-from apt_hal.models.streaming import stream_weights
+from apt_hal.models.streaming import stream_weights, written_back
 from apt_hal.nn import convert_model_to_mxfp4
 
 BUDGETS = (100, 50, 25, 10)
@@ -44,54 +47,71 @@ def _pinned_rate(device: torch.device, nbytes: int, repeats: int) -> float:
     return nbytes / statistics.median(times[1:])
 
 
-def _moved_in(stream) -> int:
-    return sum(n for route, n in stream.store.stats()["moved"].items() if route.endswith("->device"))
+def _counters(stream) -> tuple:
+    """(layer blocks moved to the device, copied back from it, put back at a kept copy, layer runs) so far."""
+    stats = stream.store.stats()
+    return (sum(n for route, n in stats["moved"].items() if route.endswith("->device")), written_back(stats),
+            sum(stats["dropped"].values()), stream.accesses)
 
 
 def _decode(model, stream, batch: int, prompt_len: int, steps: int, repeats: int, vocab: int) -> tuple:
-    """(tokens/s, layer blocks moved in per decode step, layer runs per decode step, seconds per step)."""
+    """(tokens/s, seconds per step, and per decode step: layer blocks moved in, blocks copied back from
+    the device, blocks put back at their kept copies, layer runs)."""
     prompts = torch.randint(0, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(0)).tolist()
 
     def timed(new_tokens):
-        """Median seconds of a generate call, and the blocks moved in and layer runs per call."""
+        """Median seconds of a generate call, and the counters' growth per call."""
         config = GenerationConfig(max_new_tokens=new_tokens, greedy=True)
         generate(model, prompts, config)  # warm-up
-        moved, runs, times = _moved_in(stream), stream.accesses, []
+        before, times = _counters(stream), []
         for _ in range(repeats):
             apt_hal.synchronize()
             start = time.perf_counter()
             generate(model, prompts, config)
             apt_hal.synchronize()
             times.append(time.perf_counter() - start)
-        return statistics.median(times), (_moved_in(stream) - moved) / repeats, (stream.accesses - runs) / repeats
+        return statistics.median(times), [(a - b) / repeats for a, b in zip(_counters(stream), before)]
 
-    long, long_moved, long_runs = timed(1 + steps)
-    short, short_moved, short_runs = timed(1)
+    long, long_counts = timed(1 + steps)
+    short, short_counts = timed(1)
     step_s = (long - short) / steps
-    return batch / step_s, (long_moved - short_moved) / steps, (long_runs - short_runs) / steps, step_s
+    return (batch / step_s, step_s, *((a - b) / steps for a, b in zip(long_counts, short_counts)))
 
 
-def main() -> None:
+def _models(args) -> dict:
+    """{row label: ModelConfig} of the models ``--models`` names (every one by default)."""
+    if args.tiny:
+        table = {name: (name, ModelConfig.preset(name, n_layers=8, dtype="bfloat16"))
+                 for name in ("apt-dense-tiny", "apt-moe-tiny")}
+    else:
+        table = {name: (name, ModelConfig.preset(name)) for name in ("apt-dense-1b", "apt-moe-1b")}
+        table["apt-dense-4b"] = ("apt-dense-4b (1b, 64 layers)", ModelConfig.preset("apt-dense-1b", n_layers=64))
+    names = list(table) if args.models is None else [n.strip() for n in args.models.split(",") if n.strip()]
+    unknown = [n for n in names if n not in table]
+    if unknown or not names:
+        raise SystemExit(f"streaming.py: argument --models must be a comma list of {', '.join(table)}, "
+                         f"got {args.models!r}")
+    return dict(table[n] for n in names)
+
+
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="CPU smoke run on tiny presets")
+    parser.add_argument("--models", help="comma list of the table's models to run (default: all)")
     parser.add_argument("--mxfp4", action="store_true", help="MXFP4 weights (experts and linear layers but lm_head)")
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     device = apt_hal.get_device()
+    models = _models(args)
     if args.tiny:
-        models = {name: ModelConfig.preset(name, n_layers=8, dtype="bfloat16") for name in ("apt-dense-tiny",
-                                                                                             "apt-moe-tiny")}
         args.steps, args.prompt_len, args.repeats = min(args.steps, 8), min(args.prompt_len, 16), 1
-    else:
-        models = {name: ModelConfig.preset(name) for name in ("apt-dense-1b", "apt-moe-1b")}
-        models["apt-dense-4b (1b, 64 layers)"] = ModelConfig.preset("apt-dense-1b", n_layers=64)
 
     print(f"device: {device}; greedy decode, prompt {args.prompt_len} tokens, {args.steps} steps, "
           f"median of {args.repeats}; weights {'MXFP4' if args.mxfp4 else 'bf16'}")
     header = (f"{'model':30} {'budget':>7} {'dev layers':>10} {'batch':>5} {'tok/s':>9} {'MB/step':>9} "
-              f"{'hit rate':>8} {'h2d/pinned':>10} {'step/floor':>10}")
+              f"{'hit rate':>8} {'h2d/pinned':>10} {'step/floor':>10} {'d2h MB/step':>11} {'dropped/step':>12}")
     rate = None
     for name, cfg in models.items():
         base = build_model(cfg).eval()  # on the CPU: streaming places it
@@ -109,13 +129,15 @@ def main() -> None:
                 print(f"pinned host-to-device rate: {rate / 1e9:.2f} GB/s")
                 print(header)
             for batch in (1, 16):
-                tok_s, moved, runs, step_s = _decode(model, stream, batch, args.prompt_len, args.steps,
-                                                     args.repeats, cfg.vocab_size)
+                tok_s, step_s, moved, copied_back, dropped, runs = _decode(
+                    model, stream, batch, args.prompt_len, args.steps, args.repeats, cfg.vocab_size)
                 streamed = moved * stream.layer_bytes
                 h2d = streamed / step_s / rate if streamed else float("nan")
                 floor = streamed / rate
+                hit_rate = 1 - moved / runs if runs else 1.0  # every layer resident: no hooks, no runs counted
                 print(f"{name:30} {budget:6}% {stream.capacity:10} {batch:5} {tok_s:9.1f} {streamed / 1e6:9.1f} "
-                      f"{1 - moved / runs:8.2f} {h2d:10.2f} {step_s / floor if floor else float('nan'):10.2f}")
+                      f"{hit_rate:8.2f} {h2d:10.2f} {step_s / floor if floor else float('nan'):10.2f} "
+                      f"{copied_back * stream.layer_bytes / 1e6:11.1f} {dropped:12.1f}")
             stream.close()
             del model, stream
 

@@ -264,14 +264,16 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]],
         rows = torch.arange(batch, device=device)
 
         # Streamed weights move between steps (hooks), which neither a replayed graph nor a
-        # compiled (fullgraph) step would do.
+        # compiled (fullgraph) step would do. Weights that all stay on the device move nothing, so
+        # their steps replay as graphs (compile is still left to unstreamed models).
         streamed = is_streamed(model)
+        moving = streamed and model.weight_stream.moves_weights
         run = compiled_forward(model) if config.compile and not streamed else model
 
         def decode(tokens):  # one new token per sequence: fixed shapes, so one graph serves every step
             positions = cache.lengths[:, None].clone()  # step() advances the lengths in place
             return forward(tokens, None, cache.step(positions), None, run)
-        decode_step = apt_hal.graphs.StepGraph(decode, enabled=config.graphs and not streamed)
+        decode_step = apt_hal.graphs.StepGraph(decode, enabled=config.graphs and not moving)
         for _ in range(config.max_new_tokens):
             tokens = choose_tokens(logits, seen, config, generator)
             if record_tokens(tokens, new, done, config):

@@ -7,10 +7,21 @@
 
 Every decoder layer's weights (its parameters and buffers: bf16, or MXFP4 codes and scales) are
 packed into one block of a :class:`apt_hal.paged_store.PagedTensor` whose device tier holds as
-many layers as the budget allows, its host tier (pinned on an accelerator) the rest, or, with
-``host_memory``, as many as that allows and a file at ``disk_path`` the others. Everything else
-(embeddings, final norm, LM head) and the KV cache stay on the device and count against the
-budget first.
+many layers as the budget allows. Everything else (embeddings, final norm, LM head) and the KV
+cache stay on the device and count against the budget first.
+
+When every layer fits, the layers' tensors are bound once to their device slots (pinned there);
+no hooks run, nothing moves, and decode steps replay as device graphs like an unstreamed model's
+(:attr:`WeightStream.moves_weights` is False).
+
+Otherwise the layer blocks are frozen (:meth:`PagedTensor.freeze`: weights never change) and each
+has a home below the device that keeps its bytes: the host tier (pinned on an accelerator) holds
+every layer, or, with ``host_memory``, as many as that allows and a file at ``disk_path`` the
+others. Bringing a layer up copies it host-to-device (or reads it from disk) and keeps its home
+copy; evicting it back home frees its device slot and copies nothing (the store counts it in
+``stats()["dropped"]``). So a step moves only host-to-device (and disk) bytes, one copy per
+streamed layer, and no device-to-host bytes (the first eviction of a layer first placed on the
+device happens at construction).
 
 Before layer ``i`` runs (a forward pre-hook), its block is brought to the device and the layer's
 tensors become views of its device slot; then layer ``i+1`` (wrapping to the next step's first
@@ -22,8 +33,9 @@ streams the others through the remaining slots, ``n_layers - slots + 1`` layers 
 LRU would evict exactly the layer needed next and stream every layer. Bytes are moved only by
 the store, so a layer read back from any tier is bit-identical (the disk tier checks records).
 
-Decode steps do not replay as device graphs while weights stream (the hooks move data between
-steps); :func:`apt_hal.models.generate` checks :func:`is_streamed`.
+Decode steps do not replay as device graphs while weights move (the hooks move data between
+steps); :func:`apt_hal.models.generate` checks :func:`is_streamed` and
+:attr:`WeightStream.moves_weights`.
 """
 
 from __future__ import annotations
@@ -31,6 +43,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from fractions import Fraction
 from typing import Optional, Union
 
 import torch
@@ -52,10 +65,11 @@ def parse_memory(budget: Budget, total_bytes: int, name: str = "gpu_memory") -> 
         if not match:
             raise ValueError(f"{name} must be bytes (an int), a size such as '1.5GiB' or '800MB', or a percentage "
                              f"of the weight bytes such as '25%', got {budget!r}")
-        number, unit = float(match.group(1)), (match.group(2) or "B").upper()
-        scale = total_bytes / 100 if unit == "%" else {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "KIB": 2**10,
-                                                       "MIB": 2**20, "GIB": 2**30}[unit]
-        value = int(number * scale)
+        # Exact arithmetic: in floats, 100% of some totals came out one byte short (one layer fewer fitted).
+        number, unit = Fraction(match.group(1)), (match.group(2) or "B").upper()
+        scale = Fraction(total_bytes, 100) if unit == "%" else {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9,
+                                                                 "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[unit]
+        value = math.floor(number * scale)
     if value <= 0:
         raise ValueError(f"{name} must be positive, got {budget!r}")
     return value
@@ -91,6 +105,13 @@ def _tensors(layer: nn.Module, slices: list[_Slice]) -> list[torch.Tensor]:
     return [getattr(layer.get_submodule(s.module), s.attr) for s in slices]
 
 
+def written_back(store_stats: dict) -> int:
+    """Blocks copied from device memory (the device tier or a parked buffer) down to the host or disk,
+    per a PagedTensor's ``stats()``; blocks put back at a kept copy are not copies."""
+    return sum(n for route, n in store_stats["moved"].items()
+               if route.startswith(("device->", "parked->")) and route.endswith(("->host", "->disk")))
+
+
 class WeightStream:
     """The layers of a model in a PagedTensor (see the module docstring); made by :func:`stream_weights`."""
 
@@ -116,30 +137,47 @@ class WeightStream:
         if slots < 1:
             raise ValueError(f"gpu_memory={gpu_memory!r} ({budget} bytes) is too small: the weights outside the "
                              f"layers take {self.resident_bytes} bytes and one layer {self.layer_bytes}")
-        rest = n - slots
-        host = rest if host_memory is None else min(rest, parse_memory(host_memory, self.weight_bytes,
-                                                                       "host_memory") // self.layer_bytes)
-        disk = rest - host
-        if disk and disk_path is None:
-            raise ValueError(f"host_memory={host_memory!r} holds {host} of the {rest} layers the device does not: "
-                             f"give disk_path for the other {disk}")
+        host = n if host_memory is None else min(n, parse_memory(host_memory, self.weight_bytes,
+                                                                 "host_memory") // self.layer_bytes)
+        disk = n - host
+        self.capacity = slots
+        if not self.moves_weights:
+            host_slots = disk_slots = 0  # every layer stays on the device: no home copies needed
+        elif disk and disk_path is None:
+            raise ValueError(f"host_memory={host_memory!r} holds {host} of the {n} layers (the host, or the disk "
+                             f"beyond it, keeps a copy of every layer): give disk_path for the other {disk}")
+        else:  # one slot more on the lowest tier, as room for a layer without a copy there
+            host_slots, disk_slots = (host, disk + 1) if disk else (host + 1, 0)
         self.device = torch.device(device) if device is not None else next(iter(others.values())).device
-        # One slot more on the lowest tier: a layer is evicted before the one replacing it comes up.
-        host_slots, disk_slots = (host, disk + 1) if disk else (host + 1, 0)
         self.store = PagedTensor((self.layer_bytes,), torch.uint8, self.device, slots, host_slots,
-                                 disk_path if disk else None, disk_slots)
-        self._lower_tier = "host" if host_slots else "disk"
+                                 disk_path if disk_slots else None, disk_slots)
         self.ids = self.store.allocate(n)
+        if self.moves_weights:  # every layer's home is below the device: write it there
+            self.store.evict([b for b in self.ids if self.store.tier_of(b) == "device"],
+                             "host" if host_slots else "disk")
         for layer, block_id in zip(self.layers, self.ids):
             self.store.write_block(block_id, self._pack(layer))
             for s in self.slices:  # the bytes now live in the store; each run binds the views it needs
                 self._set(layer, s, torch.empty(0, dtype=s.dtype))
+        self.store.freeze(self.ids)
         model.to(self.device)  # what stays outside the store; the layers are empty by now
-        self.on_device = {i for i, block_id in enumerate(self.ids) if self.store.tier_of(block_id) == "device"}
-        self.capacity = slots
         self.prefetch_depth = max(slots - 1, 1) if prefetch_depth is None else prefetch_depth
         self.accesses = self.misses = 0
-        self._hooks = [layer.register_forward_pre_hook(self._hook(i)) for i, layer in enumerate(self.layers)]
+        self._home = {i: self.store.tier_of(block_id) for i, block_id in enumerate(self.ids)}
+        self.on_device = set(range(slots))
+        if self.moves_weights:
+            self.store.device_slots(self.ids[:slots])  # the first layers start on the device (home copies kept)
+            self._hooks = [layer.register_forward_pre_hook(self._hook(i)) for i, layer in enumerate(self.layers)]
+        else:
+            self.store.pin(self.ids)
+            for i in range(n):
+                self._bind(i)
+            self._hooks = []
+
+    @property
+    def moves_weights(self) -> bool:
+        """Whether layers move between tiers while the model runs (False when every layer fits the device)."""
+        return self.capacity < len(self.layers)
 
     # ---- packing --------------------------------------------------------------------------
 
@@ -184,9 +222,16 @@ class WeightStream:
         victim = max((j for j in self.on_device if j != i), key=lambda j: self._distance(j, i), default=None)
         if victim is None or self._distance(victim, i) <= self._distance(incoming, i):
             return False
-        self.store.evict([self.ids[victim]], self._lower_tier)
+        self.store.evict([self.ids[victim]], self._home[victim])  # back to its kept copy: no bytes move
         self.on_device.discard(victim)
         return True
+
+    def _bind(self, i: int) -> None:
+        """Make layer ``i``'s tensors views of its device slot (bringing its block there first)."""
+        slot = int(self.store.device_slots([self.ids[i]])[0])
+        block = self.store.pool[slot]
+        for s in self.slices:
+            self._set(self.layers[i], s, block[s.offset:s.offset + s.nbytes].view(s.dtype).view(s.shape))
 
     def _bring(self, i: int) -> None:
         self.accesses += 1
@@ -194,10 +239,7 @@ class WeightStream:
             self.misses += 1
             self._make_room(i, i)
             self.on_device.add(i)
-        slot = int(self.store.device_slots([self.ids[i]])[0])
-        block = self.store.pool[slot]
-        for s in self.slices:
-            self._set(self.layers[i], s, block[s.offset:s.offset + s.nbytes].view(s.dtype).view(s.shape))
+        self._bind(i)
         for k in range(1, self.prefetch_depth + 1):
             j = (i + k) % len(self.layers)
             if j == i:
@@ -218,12 +260,15 @@ class WeightStream:
         return self.store.read_block(self.ids[i])
 
     def stats(self) -> dict:
-        """Layer runs, those whose layer was resident (hits), bytes moved to the device, and the store's stats."""
+        """Layer runs seen by the hooks (none when every layer is resident), those whose layer was
+        resident (hits), bytes moved to the device, bytes copied back from it (``bytes_written_back``:
+        only a layer's first eviction at construction), and the store's stats."""
         store = self.store.stats()
         moved_in = sum(n for route, n in store["moved"].items() if route.endswith("->device"))
         return {"layer_runs": self.accesses, "hits": self.accesses - self.misses,
                 "hit_rate": (self.accesses - self.misses) / self.accesses if self.accesses else 1.0,
-                "bytes_streamed": moved_in * self.layer_bytes, "device_layers": self.capacity,
+                "bytes_streamed": moved_in * self.layer_bytes,
+                "bytes_written_back": written_back(store) * self.layer_bytes, "device_layers": self.capacity,
                 "layer_bytes": self.layer_bytes, "resident_bytes": self.resident_bytes, "store": store}
 
     def close(self) -> None:
@@ -240,9 +285,10 @@ def stream_weights(model: nn.Module, gpu_memory: Budget, *, device=None, host_me
 
     ``gpu_memory``: bytes, a size ("1.5GiB", "800MB") or a percentage of the weight bytes ("25%");
     it must hold the weights outside the layers and one layer. ``device``: where the model runs
-    (default: where its weights are). ``host_memory`` (default: every layer the device does not
-    hold) and ``disk_path`` (the store's file for the rest). ``prefetch_depth``: layers fetched
-    ahead (default: as many as free slots allow).
+    (default: where its weights are). ``host_memory``: room for layers' home copies on the host
+    (default: every layer; unused when every layer fits the device) and ``disk_path`` (the
+    store's file for the other homes). ``prefetch_depth``: layers fetched ahead (default: as many
+    as free slots allow).
     """
     stream = WeightStream(model, gpu_memory, device=device, host_memory=host_memory, disk_path=disk_path,
                           prefetch_depth=prefetch_depth)

@@ -10,7 +10,7 @@ import torch
 
 from apt_hal.models import ModelConfig, build_model
 from apt_hal.models.hf import config_to_hf, load_pretrained
-from benchmarks import floor, gpt_oss_shape, harness, models
+from benchmarks import floor, gpt_oss_shape, harness, models, streaming
 from benchmarks.ops import fp4_matmul
 
 
@@ -174,3 +174,18 @@ def test_fp4_matmul_sweep_gemv_tiles_run(tile):
     x = torch.randn(1, 2 * bk, generator=gen, dtype=torch.bfloat16)
     cfg = fp4_matmul._gemv(1, bn, bk, warps, stages, 2)
     fp4_matmul.check("gemv tile", fp4_matmul.kernels.matmul(x, packed, scales, config=cfg), x, packed, scales)
+
+
+def test_streaming_tiny_runs_one_model_and_copies_nothing_back_from_the_device(capsys):
+    streaming.main(["--tiny", "--models", "apt-dense-tiny", "--steps", "2"])
+    out = capsys.readouterr().out
+    assert "apt-moe-tiny" not in out  # --models picked one model
+    header = next(line for line in out.splitlines() if line.startswith("model"))
+    assert header.split()[-2:] == ["MB/step", "dropped/step"] and "d2h" in header
+    rows = [line.split() for line in out.splitlines() if line.startswith("apt-dense-tiny") and "skipped" not in line]
+    assert [(r[1], r[3]) for r in rows] == [(b, batch) for b in ("100%", "50%", "25%") for batch in ("1", "16")]
+    for row in rows:
+        assert float(row[-2]) == 0.0, row  # d2h MB/step: layers go back to their kept copies
+        assert (float(row[-1]) > 0) == (row[1] != "100%"), row  # dropped/step: only while layers stream
+    with pytest.raises(SystemExit, match="--models must be a comma list of apt-dense-tiny, apt-moe-tiny, got 'x'"):
+        streaming.main(["--tiny", "--models", "x"])

@@ -712,3 +712,250 @@ def test_gather_from_an_empty_pool_gives_zero_blocks():
     assert out.shape == (2, 2, 2, 4) and out.dtype == torch.bfloat16 and not out.any()
     with pytest.raises(ContractError, match=r"'block_table' must hold values in \[0, 0\) or negative, found 0"):
         ops.paged_gather(empty, _I([0]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Frozen blocks: a copy kept on the lower tier, no bytes moved going back to it (issue 17)
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_all(store, expected: dict) -> None:
+    for i, block in expected.items():
+        _assert_same_bytes(store.read_block(i), block)
+
+
+def test_a_frozen_block_goes_back_to_its_host_copy_without_moving_bytes(dev, tmp_path):
+    gen = torch.Generator().manual_seed(11)
+    store = _store(dev, tmp_path, device=2, host=3, disk=0)
+    a, b, c = store.allocate(3)  # a, b on the device; c on the host
+    blocks = _fill(store, [a, b, c], gen)
+    store.freeze([c])
+    store.device_slots([c])  # a (least recently used) goes to the host for real; c's host slot is kept
+    assert store.tier_of(c) == "device"
+    assert store.stats()["host"] == {"capacity": 3, "used": 1, "free": 1, "kept": 1}
+    store.evict([c], "host")
+    stats = store.stats()
+    assert stats["moved"] == {"device->host": 1, "host->device": 1}  # a's eviction and c's trip up only
+    assert stats["dropped"] == {"device->host": 1}
+    assert stats["host"] == {"capacity": 3, "used": 2, "free": 1, "kept": 0} and stats["frozen"] == 1
+    assert store.tier_of(c) == "host"
+    _check_all(store, blocks)
+
+    with pytest.raises(ContractError, match=f"write_block: argument 'id' names block {c}, which is frozen: "
+                                            "its bytes cannot change"):
+        store.write_block(c, torch.zeros(2, 3))
+    _check_all(store, blocks)  # the refused write changed nothing
+    store.unfreeze([c])
+    blocks[c] = _random_blocks((2, 3), torch.float32, gen)
+    store.write_block(c, blocks[c])
+    store.device_slots([c])
+    store.evict([c], "host")  # no longer frozen: a real copy
+    assert store.stats()["moved"]["device->host"] == 2 and store.stats()["dropped"] == {"device->host": 1}
+    _check_all(store, blocks)
+
+    store.freeze([c])
+    store.device_slots([c])
+    assert store.stats()["host"]["kept"] == 1
+    store.free([c])  # releases the kept copy: its host slot is free again
+    del blocks[c]
+    stats = store.stats()
+    assert stats["host"] == {"capacity": 3, "used": 1, "free": 2, "kept": 0} and stats["frozen"] == 0
+    _check_all(store, blocks)
+    store.close()
+
+
+def test_a_frozen_block_allocated_on_the_device_is_copied_down_once(dev, tmp_path):
+    gen = torch.Generator().manual_seed(12)
+    store = _store(dev, tmp_path, device=1, host=2, disk=0)
+    a = store.allocate(1)[0]  # on the device: no lower copy yet
+    blocks = _fill(store, [a], gen)
+    store.freeze([a])
+    for _ in range(3):
+        store.evict([a], "host")
+        store.device_slots([a])
+        _check_all(store, blocks)
+    stats = store.stats()
+    assert stats["moved"] == {"device->host": 1, "host->device": 3}
+    assert stats["dropped"] == {"device->host": 2}
+
+
+def test_kept_copies_give_way_when_a_tier_needs_room(dev, tmp_path):
+    gen = torch.Generator().manual_seed(13)
+    store = _store(dev, tmp_path, device=2, host=3, disk=0)
+    ids = store.allocate(5)  # 2 on the device, 3 on the host
+    blocks = _fill(store, ids, gen)
+    store.free(ids[:2])
+    del blocks[ids[0]], blocks[ids[1]]
+    c, d, e = ids[2:]
+    store.freeze([c, d])
+    store.device_slots([c, d])
+    assert store.stats()["host"] == {"capacity": 3, "used": 1, "free": 0, "kept": 2}  # full of copies
+    f = store.allocate(1)[0]  # the host has no free slot: c's copy (the oldest) gives way
+    assert store.tier_of(f) == "host" and store.stats()["host"]["kept"] == 1
+    blocks.update(_fill(store, [f], gen))
+    _check_all(store, blocks)
+    store.evict([d], "host")  # d's copy is still kept
+    assert store.stats()["dropped"] == {"device->host": 1}
+    store.device_slots([f, e])  # c has no copy left: moving it down copies it, into a slot another block leaves
+    assert store.stats()["moved"].get("device->parked", 0) + store.stats()["moved"].get("device->host", 0) >= 1
+    _check_all(store, blocks)
+    store.close()
+
+
+def test_a_frozen_block_on_disk_keeps_its_checked_record(dev, tmp_path):
+    gen = torch.Generator().manual_seed(14)
+    store = _store(dev, tmp_path, device=1, host=0, disk=2)
+    a, b = store.allocate(2)  # a on the device, b on disk
+    blocks = _fill(store, [a, b], gen)
+    store.freeze([b])
+    store.device_slots([b])  # a goes down for real; b's record is kept
+    writes = store._disk._writes
+    store.evict([b], "disk")
+    assert store._disk._writes == writes  # nothing was written to the file
+    assert store.stats()["dropped"] == {"device->disk": 1}
+    assert store.stats()["moved"] == {"device->disk": 1, "disk->device": 1}
+    _check_all(store, blocks)  # b's kept record still verifies
+    store.prefetch([b]).wait()  # in the background this time
+    store.evict([b], "disk")
+    assert store.stats()["dropped"] == {"device->disk": 2} and store._disk._writes == writes
+    _check_all(store, blocks)
+
+    path, record = tmp_path / "blocks.bin", 32 + 2 * 3 * 4
+    with open(path, "r+b") as f:  # flip the first data byte of every record, b's kept one included
+        for start in range(0, path.stat().st_size, record):
+            f.seek(start + 32)
+            byte = f.read(1)[0]
+            f.seek(start + 32)
+            f.write(bytes([byte ^ 0x10]))
+    with pytest.raises(CorruptBlockError, match=f"block {b} read from .* does not match its CRC-32"):
+        store.read_block(b)
+    with pytest.raises(CorruptBlockError, match=f"block {b} read from .* does not match its CRC-32"):
+        store.device_slots([b])
+    assert store.tier_of(b) == "disk"
+    store.close()
+
+
+@pytest.mark.parametrize("wait", [True, False], ids=["wait", "no wait"])
+def test_a_prefetched_frozen_block_goes_back_without_moving_bytes(dev, tmp_path, wait):
+    gen = torch.Generator().manual_seed(15)
+    store = _store(dev, tmp_path, device=2, host=2, disk=2)
+    ids = store.allocate(4)
+    blocks = _fill(store, ids, gen)
+    store.evict(ids[:2], "host")
+    store.evict(ids[2:], "disk")
+    store.freeze(ids)
+    home = {i: store.tier_of(i) for i in ids}
+    before = store.stats()["moved"]
+    for pair in (ids[:2], ids[2:], [ids[0], ids[3]]):  # from the host (side stream), from disk (thread), both
+        handle = store.prefetch(pair)
+        if wait:
+            handle.wait()
+        for i in pair:  # evict waits for a prefetch still in flight
+            store.evict([i], home[i])
+    stats = store.stats()
+    moved = {route: n - before.get(route, 0) for route, n in stats["moved"].items() if n > before.get(route, 0)}
+    assert moved == {"host->device": 3, "disk->device": 3}  # up only: nothing went down for real
+    assert stats["dropped"] == {"device->host": 3, "device->disk": 3}
+    _check_all(store, blocks)
+    store.close()
+
+
+def test_frozen_blocks_match_a_dict_model_under_random_operations(dev, tmp_path):
+    """allocate / write_block / freeze / unfreeze / device_slots (+ paged_write to unfrozen blocks) /
+    prefetch / evict / free at random on a small three-tier store: every block reads back right."""
+    rng, gen = random.Random(2), torch.Generator().manual_seed(2)
+    store = PagedTensor((2, 3), torch.float16, dev, 3, 3, str(tmp_path / "blocks.bin"), 4)
+    capacity = {"device": 3, "host": 3, "disk": 4}
+    order = list(capacity)
+    blocks: dict[int, torch.Tensor] = {}
+    frozen: set[int] = set()
+    done = collections.Counter()
+
+    def some(k_max):
+        alive = sorted(blocks)
+        return rng.sample(alive, rng.randint(1, min(k_max, len(alive))))
+
+    for step in range(20_000):
+        kind = rng.choice(["allocate", "write_block", "freeze", "unfreeze", "device_slots", "prefetch", "evict",
+                           "free", "read_block"]) if blocks else "allocate"
+        if kind == "allocate":
+            n = rng.randint(1, 2)
+            if n > sum(capacity.values()) - len(blocks):
+                with pytest.raises(PagedStoreFullError):
+                    store.allocate(n)
+                kind += ": full"
+            else:  # kept copies never stand in the way of a new block
+                blocks.update((i, torch.zeros(2, 3, dtype=torch.float16)) for i in store.allocate(n))
+        elif kind == "write_block":
+            i = rng.choice(sorted(blocks))
+            value = _random_blocks((2, 3), torch.float16, gen)
+            if i in frozen:
+                with pytest.raises(ContractError, match="frozen: its bytes cannot change"):
+                    store.write_block(i, value.to(dev))
+                kind += ": frozen"
+            else:
+                store.write_block(i, value.to(dev))
+                blocks[i] = value
+        elif kind == "freeze":
+            ids = some(3)
+            store.freeze(ids)
+            frozen.update(ids)
+        elif kind == "unfreeze":
+            ids = some(3)
+            store.unfreeze(ids)
+            frozen.difference_update(ids)
+        elif kind == "device_slots":
+            ids = some(3)
+            slots = store.device_slots(ids)
+            writable = [k for k, i in enumerate(ids) if i not in frozen]
+            if writable and rng.random() < 0.5:  # write through the pool: only blocks that are not frozen
+                values = _random_blocks((len(writable), 2, 3), torch.float16, gen)
+                mapping = torch.tensor([slots[k].item() * 2 + o for k in writable for o in range(2)], device=dev)
+                ops.paged_write(store.pool, values.reshape(-1, 3).to(dev), mapping)
+                for k, value in zip(writable, values):
+                    blocks[ids[k]] = value
+            out = ops.paged_gather(store.pool, slots).cpu()
+            for k, i in enumerate(ids):
+                _assert_same_bytes(out[k], blocks[i])
+        elif kind == "prefetch":
+            handle = store.prefetch(some(3))
+            if rng.random() < 0.5:
+                handle.wait()
+        elif kind == "evict":
+            ids, tier = some(3), rng.choice(["host", "disk"])
+            where = {i: store.tier_of(i) for i in blocks}
+            moving = [i for i in ids if order.index(where[i]) < order.index(tier)]
+            used = collections.Counter(where.values())
+            room = sum(capacity[t] - used[t] for t in order[order.index(tier):])  # a kept copy's slot counts
+            if len(moving) <= room:
+                store.evict(ids, tier)
+                assert all(order.index(store.tier_of(i)) >= order.index(tier) for i in ids)
+            else:
+                with pytest.raises(PagedStoreFullError):
+                    store.evict(ids, tier)
+                kind += ": full"
+        elif kind == "free":
+            ids = some(2)
+            store.free(ids)
+            for i in ids:
+                del blocks[i]
+            frozen.difference_update(ids)
+        else:
+            i = rng.choice(sorted(blocks))
+            _assert_same_bytes(store.read_block(i), blocks[i])
+        done[kind] += 1
+        if step % 1000 == 999:
+            _check_all(store, blocks)
+            stats = store.stats()
+            assert stats["allocated"] == len(blocks) and stats["frozen"] == len(frozen)
+            if stats["in_flight"] == 0:
+                for t in ("host", "disk"):
+                    assert stats[t]["used"] + stats[t]["free"] + stats[t]["kept"] == capacity[t], stats
+    _check_all(store, blocks)
+    stats = store.stats()
+    store.close()
+    for kind in ("allocate", "allocate: full", "write_block", "write_block: frozen", "freeze", "unfreeze",
+                 "device_slots", "prefetch", "evict", "evict: full", "free", "read_block"):
+        assert done[kind] > 100, (kind, done)
+    assert stats["dropped"].get("device->host", 0) > 100 and stats["dropped"].get("device->disk", 0) > 100, stats
+    assert stats["moved"].get("device->host", 0) > 100, stats

@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 
+import apt_hal.graphs
 from apt_hal.models import GenerationConfig, ModelConfig, build_model, generate
 from apt_hal.models.streaming import is_streamed, parse_memory, stream_weights
 from apt_hal.nn import convert_model_to_mxfp4
@@ -46,16 +47,22 @@ def test_greedy_tokens_with_a_budget_equal_those_without(preset, weights, tmp_pa
                                 host_memory=None if host_layers is None else host_layers * layer or 1,
                                 disk_path=str(tmp_path / f"weights-{device_layers}-{host_layers}.bin"))
         assert is_streamed(streamed)
+        built = stream.stats()
         assert generate(streamed, prompts, config) == expected, (device_layers, host_layers)
         stats = stream.stats()
         assert stats["device_layers"] == device_layers
-        assert stats["layer_runs"] == LAYERS * 10  # the prompt pass and 9 decode steps
         moved = stats["store"]["moved"]
-        if device_layers == LAYERS:
-            assert moved == {} and stats["hit_rate"] == 1.0
+        if device_layers == LAYERS:  # bound once, no hooks: nothing runs through the store
+            assert not stream.moves_weights
+            assert moved == {} and stats["layer_runs"] == 0 and stats["hit_rate"] == 1.0
         else:
+            assert stream.moves_weights
+            assert stats["layer_runs"] == LAYERS * 10  # the prompt pass and 9 decode steps
             assert sum(n for route, n in moved.items() if route.endswith("->device")) > 0
-        if host_layers is not None:
+            # Layers go back to their kept copies: no bytes leave the device while generating.
+            assert stats["bytes_written_back"] == built["bytes_written_back"]
+            assert sum(stats["store"]["dropped"].values()) > 0
+        if host_layers is not None and device_layers < LAYERS:
             assert any(route.startswith("disk->") for route in moved)
         stream.close()
 
@@ -68,7 +75,9 @@ def test_layers_read_back_bit_identical_from_every_tier(weights, tmp_path):
     resident, layer = _sizes(model)
     stream = stream_weights(model, resident + layer, host_memory=layer, disk_path=str(tmp_path / "w.bin"))
     store = stream.store
-    assert sorted(store.tier_of(block_id) for block_id in stream.ids) == ["device", "disk", "disk", "host"]
+    # Every layer has a home copy below the device: 1 on the host (layer 0, also on the device), 3 on disk.
+    assert sorted(store.tier_of(block_id) for block_id in stream.ids) == ["device", "disk", "disk", "disk"]
+    assert store.stats()["host"]["kept"] == 1
     for i, block_id in enumerate(stream.ids):
         for tier in ("device", "disk", "host"):  # in this order, the one free (disk) slot is enough
             store.device_slots([block_id])
@@ -87,11 +96,15 @@ def test_eviction_by_distance_streams_fewer_layers_than_lru_would():
     resident, layer = _sizes(model)
     stream = stream_weights(model, resident + 3 * layer)
     steps = 10
+
+    def moved_in():
+        return sum(n for route, n in stream.stats()["store"]["moved"].items() if route.endswith("->device"))
+
+    built = moved_in()  # the first 3 layers come up from their host copies at construction
     generate(model, [[1, 2, 3]], GenerationConfig(max_new_tokens=steps, greedy=True))
-    moved_in = sum(n for route, n in stream.stats()["store"]["moved"].items() if route.endswith("->device"))
     # Belady on a cyclic sweep: 2 of the 4 layers come in per step (one stays, one slot prefetches);
     # LRU would bring in all 4.
-    assert moved_in <= 2 * steps + 1
+    assert moved_in() - built <= 2 * steps + 1
     stream.close()
 
 
@@ -100,7 +113,7 @@ def test_budget_errors_name_the_argument():
     with pytest.raises(ValueError, match="gpu_memory=1 .* is too small: the weights outside the layers take"):
         stream_weights(copy.deepcopy(model), 1)
     resident, layer = _sizes(model)
-    with pytest.raises(ValueError, match="give disk_path for the other 3"):
+    with pytest.raises(ValueError, match="holds 0 of the 4 layers .*: give disk_path for the other 4"):
         stream_weights(copy.deepcopy(model), resident + layer, host_memory=1)
     with pytest.raises(ValueError, match="gpu_memory must be bytes .* got '12 parsecs'"):
         stream_weights(copy.deepcopy(model), "12 parsecs")
@@ -123,3 +136,57 @@ def test_generate_with_gpu_memory_prints_what_it_prints_without(tmp_path):
     assert _run(*prompt, "--gpu-memory", "70%") == (0, expected, "")  # one of the two layers on the device
     code, _, stderr = _run(*prompt, "--gpu-memory", "1KB")
     assert code == 2 and "gpu_memory='1KB' (1000 bytes) is too small" in stderr
+
+
+def test_a_100_percent_budget_is_exactly_the_weight_bytes():
+    # Layers of 64 bytes and a resident buffer sized so that the weight total is one where
+    # float arithmetic (total / 100 * 100) came out one byte short: 100% then fitted 15 of 16 layers.
+    def float_percent(total):
+        return int(float(100) * (total / 100))
+
+    extra = next(k for k in range(1, 10_000) if float_percent(k + 16 * 64) != k + 16 * 64)
+    total = extra + 16 * 64
+    assert parse_memory("100%", total) == total and parse_memory("100.0%", total) == total
+    assert parse_memory("50%", 7) == 3 and parse_memory("0.5KiB", 0) == 512
+    model = torch.nn.Module()
+    model.layers = torch.nn.ModuleList(torch.nn.Linear(4, 4, bias=False) for _ in range(16))  # 64 bytes each
+    model.register_buffer("extra", torch.zeros(extra, dtype=torch.uint8))
+    stream = stream_weights(model, "100%")
+    assert stream.weight_bytes == total and stream.capacity == 16 and not stream.moves_weights
+    stream.close()
+
+
+@pytest.mark.parametrize("preset", ["apt-dense-tiny", "apt-moe-tiny"])
+def test_percent_budgets_give_the_same_tokens_and_no_device_to_host_copies(preset, monkeypatch):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.preset(preset, dtype="bfloat16", n_layers=8)).eval()
+    prompts, config = [[1, 2, 3, 4, 5], [7, 8]], GenerationConfig(max_new_tokens=6, greedy=True)
+    graphs_enabled, capacities = [], []
+
+    class RecordingStepGraph(apt_hal.graphs.StepGraph):
+        def __init__(self, fn, *, enabled=True):
+            super().__init__(fn, enabled=enabled)
+            graphs_enabled.append(enabled)
+
+    monkeypatch.setattr(apt_hal.graphs, "StepGraph", RecordingStepGraph)
+    expected = generate(model, prompts, config)
+    assert graphs_enabled == [True]
+    for budget in ("25%", "50%", "100%"):
+        streamed = copy.deepcopy(model)
+        stream = stream_weights(streamed, budget)
+        capacities.append(stream.capacity)
+        generate(streamed, prompts, config)  # warm-up
+        warm = stream.stats()
+        assert generate(streamed, prompts, config) == expected, budget
+        stats = stream.stats()
+        # Decode graphs only where nothing moves (all 8 layers resident), as for the unbudgeted model.
+        assert graphs_enabled[-1] == (budget == "100%") and stream.moves_weights == (budget != "100%")
+        moved_out = {route: n - warm["store"]["moved"].get(route, 0) for route, n in stats["store"]["moved"].items()
+                     if route.startswith("device->") and route != "device->parked"}
+        assert not any(moved_out.values()), (budget, moved_out)  # no device-to-host copy after warm-up
+        if budget != "100%":
+            streamed_in = stats["bytes_streamed"] - warm["bytes_streamed"]
+            dropped = sum(stats["store"]["dropped"].values()) - sum(warm["store"]["dropped"].values())
+            assert streamed_in > 0 and dropped > 0
+        stream.close()
+    assert 1 <= capacities[0] < capacities[1] < capacities[2] == 8, capacities
