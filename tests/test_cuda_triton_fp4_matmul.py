@@ -275,12 +275,16 @@ def test_config_choice_splits_k_only_when_tiles_are_few():
     """Split-K engages when the M x N tiles cannot fill the GPU, never beyond one wave of programs
     or K / (16 M) (partial sums' traffic at most the weight bytes), and not at all for large M,
     where bf16 x takes the materialize schedule."""
-    want = kernels.hw.device_properties()["sm_count"] * kernels.hw.FP4_MATMUL_PROGRAMS_PER_SM
+    hw = kernels.hw
     for m, n, k in [(1, 1024, 8192), (16, 1024, 14336), (5, 512, 4096)]:
         cfg = kernels.choose_config(m, n, k)
+        gemv = m <= hw.FP4_MATMUL_GEMV_MAX_M  # the CUDA-core GEMV, one row: M = 1 by default
+        assert cfg.cuda_core == gemv and cfg.swap_ab != gemv
+        per_sm = hw.FP4_MATMUL_GEMV_PROGRAMS_PER_SM if gemv else hw.FP4_MATMUL_PROGRAMS_PER_SM
         tiles = -(-m // cfg.block_m) * -(-n // cfg.block_n)
-        assert cfg.swap_ab and 1 < cfg.split_k <= k // (16 * m)
-        assert tiles * cfg.split_k <= want
+        assert 1 < cfg.split_k <= k // (16 * m)
+        assert tiles * cfg.split_k <= hw.device_properties()["sm_count"] * per_sm
+        assert cfg.fused_reduce == (hw.FP4_MATMUL_FUSED_REDUCE and m <= hw.FP4_MATMUL_FUSED_REDUCE_MAX_M)
     assert kernels.choose_config(4096, 8192, 8192).materialize
     fused = kernels.choose_config(4096, 8192, 8192, torch.float16)
     assert not fused.materialize and not fused.swap_ab and fused.split_k == 1
@@ -338,6 +342,29 @@ def test_fused_reduce_equals_the_two_kernel_sum_bit_for_bit(kind, dtype, monkeyp
             assert _counters_are_zero()
             assert torch.equal(fused, separate)
         check(fused, x, packed, scales, with_bias)
+
+
+@pytest.mark.skipif(not GPU, reason="two CUDA streams running at once need a GPU")
+def test_fused_reduce_on_two_streams_at_once():
+    """Fused split-K launches queued on two streams at the same time (the reduction is on by
+    default) each give the bits of the two-kernel sum: each stream has its own counters."""
+    gen = torch.Generator().manual_seed(31)
+    n, k = 4096, 8192
+    packed, scales = make_weights(n, k, gen, top_code=130)
+    xs = [torch.randn(1, k, generator=gen).to(DEV, torch.bfloat16) for _ in range(2)]
+    fused, separate = (_decode_config("gemv", 1, 8, True), _decode_config("gemv", 1, 8, False))
+    expected = [kernels.matmul(x, packed, scales, config=separate) for x in xs]
+    streams = [torch.cuda.Stream() for _ in xs]
+    outs = [[], []]
+    torch.cuda.synchronize()
+    for _ in range(50):
+        for i, (x, stream) in enumerate(zip(xs, streams)):
+            with torch.cuda.stream(stream):
+                outs[i].append(kernels.matmul(x, packed, scales, config=fused))
+    torch.cuda.synchronize()
+    for want, got in zip(expected, outs):
+        assert all(torch.equal(out, want) for out in got)
+    assert _counters_are_zero()
 
 
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 6])  # 6: two row tiles of 4
@@ -403,11 +430,14 @@ def test_cuda_core_schedule_rejects_other_row_counts():
         kernels.matmul(torch.randn(1, 64, device=DEV), packed, scales, config=cfg)
 
 
-def test_default_decode_schedule_is_the_two_kernel_tensor_core_one():
-    """Until a GPU sweep says otherwise (hw.FP4_MATMUL_FUSED_REDUCE, hw.FP4_MATMUL_GEMV_MAX_M)."""
+def test_default_decode_schedule_is_the_gemv_at_one_row_and_fused_up_to_16_rows():
+    """The defaults the H100 decode sweep chose (hw.py): one row takes the CUDA-core GEMV, 2 to 16
+    rows the tensor cores, split-K partials added by the fused reduction in both (not beyond 16 rows)."""
     for m in (1, 4, 16):
         cfg = kernels.choose_config(m, 1024, 8192)
-        assert cfg.swap_ab and not cfg.cuda_core and not cfg.fused_reduce and cfg.split_k > 1
+        assert cfg.cuda_core == (m == 1) and cfg.swap_ab == (m > 1)
+        assert cfg.fused_reduce and cfg.split_k > 1
+    assert not kernels.choose_config(128, 8192, 8192).fused_reduce  # slower there (hw.py)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

@@ -28,3 +28,41 @@ def test_a_launcher_without_a_keyword_only_launch_is_refused():
     with pytest.raises(TypeError, match="launcher .*rotary of rotary needs a keyword-only 'launch'"):
         kernel_op(ops.rotary)(rotary)
     assert [e.name for e in registry.implementations("rotary", "cuda-triton")] == ["cuda-triton.triton"]
+
+
+def test_every_kernel_reaches_its_helpers_by_name_as_torch_compile_needs():
+    """torch.compile (Inductor) rebuilds a user Triton kernel's source from the globals its code
+    names: JIT functions, constants and triton dtypes. A helper reached through a module attribute
+    (``some_module.helper(...)``) is left undefined, and the compiled kernel fails to build on the
+    GPU only ("NameError: nvidia_ptx is not defined", seen on an H100). Walk every kernel's calls as
+    Inductor does and allow no module but triton and triton.language."""
+    import types
+
+    import triton
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    jitted = (JITFunction, InterpretedFunction)  # the tests run kernels in the interpreter without a GPU
+    from apt_hal.backends.cuda_triton import fp4_matmul, moe, paged, rotary
+
+    allowed_modules = {triton, tl}
+    seen, problems = set(), []
+
+    def walk(fn) -> None:
+        if fn in seen:
+            return
+        seen.add(fn)
+        for name in fn.fn.__code__.co_names:
+            value = fn.fn.__globals__.get(name)
+            if isinstance(value, jitted):
+                walk(value)
+            elif isinstance(value, types.ModuleType) and value not in allowed_modules:
+                problems.append(f"{fn.fn.__module__}.{fn.fn.__name__} reaches {name}.* through a module")
+
+    kernels = [v for module in (fp4_matmul, moe, paged, rotary) for v in vars(module).values()
+               if isinstance(v, jitted)]
+    assert len(kernels) >= 8
+    for kernel in kernels:
+        walk(kernel)
+    assert not problems, problems

@@ -28,7 +28,7 @@ Schedules, chosen per call by the tile table in ``hw.py``:
   :func:`~.mxfp4_decode.dequantize_mma_words`.
   ``x`` gets the same order, in registers per tile or, with ``x_permuted``, once before the
   launch (its tiles then go straight to shared memory).
-* **fused reduction** (``fused_reduce``; ``hw.FP4_MATMUL_FUSED_REDUCE``, off until measured):
+* **fused reduction** (``fused_reduce``; ``hw.FP4_MATMUL_FUSED_REDUCE``, on by default):
   the split-K partials are added by the tile's last program instead of a second kernel
   (:func:`_epilogue`): each program stores its float32 partial to the workspace, then counts its
   arrival on the tile's int32 counter (an acquire-release atomic, after a barrier so that the
@@ -36,10 +36,10 @@ Schedules, chosen per call by the tile table in ``hw.py``:
   L2 and adds them in split order, the same code and order as the second kernel, hence the same
   bits, then adds the bias, rounds, stores, and resets the counter to zero. Why: at ~20 us a
   call, the second launch and its pass over the partials are a measurable part of decode.
-  The counters are one zeroed buffer per device (:func:`split_counters`), left at zero by every
-  launch, so CUDA-graph replays reuse it; launches running at the same time on two streams of one
-  device must not both use the fused reduction (they would share counters).
-* **CUDA-core GEMV** (``cuda_core``; ``hw.FP4_MATMUL_GEMV_MAX_M``, off until measured): for
+  The counters are one zeroed buffer per device and stream (:func:`split_counters`), left at zero
+  by every launch, so CUDA-graph replays reuse it; launches on one stream run one after another,
+  and launches on two streams get two buffers, so concurrent calls never share a counter.
+* **CUDA-core GEMV** (``cuda_core``; ``hw.FP4_MATMUL_GEMV_MAX_M``, M = 1 by default): for
   M <= 4 the tensor cores' 16-row tile is mostly padding, and feeding them costs operand shuffles.
   :func:`_gemv_k_loop` gives each program ``block_n`` weight rows and a K range (split-K as
   above, either reduction); a thread loads 16-byte runs of a row (4 words: the 32 codes of one
@@ -474,7 +474,7 @@ def _split_k_sum_kernel(part_ptr, bias_ptr, out_ptr, MN, N, stride_bias, SPLIT_K
 # may still point at it. Limitation: launches that run at the same time on two streams of one
 # device would share counters (wrong sums); the fused reduction is for one stream per device (or
 # graphs replayed one after another), as decode runs.
-_SPLIT_COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
+_SPLIT_COUNTERS: dict[tuple, list[torch.Tensor]] = {}  # (device, stream id) -> buffers, the newest last
 _MIN_SPLIT_COUNTERS = 4096  # output tiles: N / block_n of decode shapes, with room
 
 
@@ -482,7 +482,10 @@ def split_counters(device: torch.device, tiles: int, launch: Callable = direct) 
     """At least ``tiles`` zeroed int32 counters on ``device`` for the fused split-K reduction."""
     if launch is not direct:  # traced by torch.compile: a fresh buffer is an op of the graph, no global state
         return torch.zeros(tiles, dtype=torch.int32, device=device)
-    held = _SPLIT_COUNTERS.setdefault(device, [])
+    # One buffer per stream: two streams' launches may run at once, and a shared counter would let
+    # one tile's last arrival be counted for the other's.
+    stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else None
+    held = _SPLIT_COUNTERS.setdefault((device, stream), [])
     if held and held[-1].numel() >= tiles:
         return held[-1]
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
@@ -496,13 +499,14 @@ def choose_config(m: int, n: int, k: int, x_dtype: torch.dtype = torch.bfloat16)
     """The schedule for an (M, N, K) problem: the tile table of hw.py, plus split-K when the M x N
     tiles are too few to fill the GPU (one wave of hw.FP4_MATMUL_PROGRAMS_PER_SM programs per SM,
     hw.FP4_MATMUL_GEMV_PROGRAMS_PER_SM for the CUDA-core GEMV), its partials added as
-    hw.FP4_MATMUL_FUSED_REDUCE says.
+    hw.FP4_MATMUL_FUSED_REDUCE says (up to hw.FP4_MATMUL_FUSED_REDUCE_MAX_M rows).
     The fp32 partial sums cost 8 * split * M * N bytes of traffic; split is kept to at most
     K / (16 M), which bounds that by the weight bytes (N * K * 17/32)."""
     cfg = TileConfig(**hw.fp4_matmul_tiles(m, _X_PARTS[x_dtype]))
     if cfg.materialize:
         return cfg
-    return dataclasses.replace(cfg, split_k=split_to_fill(cfg, m, n, k), fused_reduce=hw.FP4_MATMUL_FUSED_REDUCE)
+    fused = hw.FP4_MATMUL_FUSED_REDUCE and m <= hw.FP4_MATMUL_FUSED_REDUCE_MAX_M
+    return dataclasses.replace(cfg, split_k=split_to_fill(cfg, m, n, k), fused_reduce=fused)
 
 
 def split_to_fill(cfg: TileConfig, m: int, n: int, k: int) -> int:

@@ -187,18 +187,22 @@ def _env_choice(name: str, default: str, allowed: tuple) -> str:
     return value
 
 
-# Decode schedule switches (see fp4_matmul.py's module docstring), off until a GPU sweep
-# (``python -m benchmarks.ops.fp4_matmul --sweep``) shows them faster; the environment variables
-# set them at import, tests and sweeps set these attributes.
+# Decode schedule switches (see fp4_matmul.py's module docstring), chosen by the GPU sweep
+# (``python -m benchmarks.ops.fp4_matmul --no-table --sweep decode``, H100, docs/benchmarks.md);
+# the environment variables set them at import, tests and sweeps set these attributes.
 # * FUSED_REDUCE: split-K partial sums added by the last program of each tile (one launch)
-#   instead of a second kernel; same bits.
+#   instead of a second kernel; same bits. Up to FUSED_REDUCE_MAX_M rows: 1-5% faster at M = 16
+#   in the sweep, but at M = 128 (K = N = 8192) 71 us against 50 us for the two kernels, the last
+#   program of each tile reading 128 rows of partials alone.
 # * GEMV_MAX_M: up to this many rows (0 to 4), the CUDA-core GEMV schedule (FP4_MATMUL_GEMV_TILE,
 #   split-K filling FP4_MATMUL_GEMV_PROGRAMS_PER_SM programs per SM), which needs no tensor-core
-#   tile padded to 16 rows. Tile: the MoE decode GEMV's up projection (MOE_GEMV_TILES), not yet
-#   measured here; 92 registers at M = 1 (ptxas, sm_90a), so 5 programs fit an SM.
-FP4_MATMUL_FUSED_REDUCE = _env_choice("APT_HAL_FP4_MATMUL_FUSED_REDUCE", "0", ("0", "1")) == "1"
-FP4_MATMUL_GEMV_MAX_M = int(_env_choice("APT_HAL_FP4_MATMUL_GEMV_MAX_M", "0", ("0", "1", "2", "3", "4")))
-FP4_MATMUL_GEMV_TILE = dict(block_n=32, block_k=256, num_warps=4, num_stages=1, swap_ab=False, cuda_core=True)
+#   tile padded to 16 rows. 1: at M = 1 the 64 x 256 GEMV tile took 17.3-19.2 us where the
+#   tensor-core default took 20.4-22.4 us on the three decode shapes; M = 2..4 were not measured.
+#   64 x 256 tiles: 145 registers at M = 1 (ptxas, sm_90a), 3 programs of 4 warps per SM.
+FP4_MATMUL_FUSED_REDUCE = _env_choice("APT_HAL_FP4_MATMUL_FUSED_REDUCE", "1", ("0", "1")) == "1"
+FP4_MATMUL_FUSED_REDUCE_MAX_M = 16
+FP4_MATMUL_GEMV_MAX_M = int(_env_choice("APT_HAL_FP4_MATMUL_GEMV_MAX_M", "1", ("0", "1", "2", "3", "4")))
+FP4_MATMUL_GEMV_TILE = dict(block_n=64, block_k=256, num_warps=4, num_stages=1, swap_ab=False, cuda_core=True)
 FP4_MATMUL_GEMV_PROGRAMS_PER_SM = 4
 
 
@@ -206,7 +210,7 @@ def fp4_matmul_tiles(m: int, x_parts: int = 1) -> dict:
     """Tile schedule of the fp4_matmul kernel (fields of its TileConfig) by the number of rows M
     and the number of bf16 parts of x (1 bf16, 2 fp16, 3 fp32).
 
-    * M <= FP4_MATMUL_GEMV_MAX_M (off by default): the CUDA-core GEMV.
+    * M <= FP4_MATMUL_GEMV_MAX_M (1 by default): the CUDA-core GEMV.
     * M <= 16 (decode): weight tile on the left of the tensor-core product (64 rows per
       warpgroup), M padded to 16 (8 would make Triton use mma.sync and stage the dequantized
       weights in shared memory); 128 x 128 weight tiles: 121 registers, 40 KB shared memory,

@@ -45,7 +45,9 @@ instructions per code, then the multiply-adds.
 import triton
 import triton.language as tl
 
-from apt_hal.backends.cuda_triton import nvidia_ptx
+# Imported by name, not as a module: torch.compile (Inductor) rebuilds a user kernel's source from
+# the JIT functions its globals name, and does not follow a module attribute (nvidia_ptx.f).
+from apt_hal.backends.cuda_triton.nvidia_ptx import float16x2_to_float32, mul_bf16x2
 
 
 @triton.jit
@@ -120,7 +122,7 @@ def _float16_pair_to_float32(pair, INTERPRETER: tl.constexpr):
         halves = tl.join((pair & 0xFFFF).to(tl.uint16), (pair >> 16).to(tl.uint16))
         return halves.to(tl.float16, bitcast=True).to(tl.float32)
     else:
-        lo, hi = nvidia_ptx.float16x2_to_float32(pair)
+        lo, hi = float16x2_to_float32(pair)
         return tl.join(lo, hi)
 
 
@@ -232,7 +234,7 @@ def _scaled_pairs(pairs, f, INTERPRETER: tl.constexpr):
     if INTERPRETER:
         return pairs * f[:, :, None]
     else:
-        return nvidia_ptx.mul_bf16x2(pairs, f)
+        return mul_bf16x2(pairs, f)
 
 
 @triton.jit
