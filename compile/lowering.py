@@ -28,6 +28,10 @@ Choices worth knowing
   a TensorRT that accepts them; the readiness report marks those nodes unsupported. The
   translation emits the node on the uint8 storage; :func:`retype_fp4_weights` then gives the
   weight initializers their FP4/E8M0 types (ONNX's BitCast arrives in opset 26).
+* Masked attention (``tensorrt``): torch exports ``scaled_dot_product_attention``'s boolean mask
+  as ONNX ``Attention`` with a BOOL ``attn_mask``, which TensorRT's operator list does not take;
+  :func:`additive_attention_masks` feeds each such node ``Where(mask, 0, lowest)`` of its query
+  dtype instead, after the translation. ``onnx`` keeps the BOOL mask (ONNX Runtime runs it).
 * ``rotary``: the standard ``RotaryEmbedding`` (opset >= 23) for float32, where it is the same
   arithmetic; float16/bfloat16 use the decomposition, because the reference computes in float32
   and rounds once while ``RotaryEmbedding`` computes in the input dtype with a cache of that dtype.
