@@ -295,6 +295,14 @@ def test_only_the_tensorrt_target_rewrites_the_masked_attention(tmp_path):
     assert set(attention_mask_types(onnx.load(tmp_path / "onnx" / api.MODEL_FILE))) == {TensorProto.BOOL}
 
 
+def test_a_float16_model_gets_float16_masks_and_validates(tmp_path):
+    ModelConfig.preset("apt-dense-tiny", n_layers=1).to_json(tmp_path / "dense.json")
+    result = api.compile_model(str(tmp_path / "dense.json"), tmp_path, target="tensorrt", dtype="float16", **QUIET)
+    assert result.exit_code == api.EXIT_OK, result.verdict
+    assert set(attention_mask_types(onnx.load(tmp_path / api.MODEL_FILE))) == {TensorProto.FLOAT16}
+    assert result.readiness.ready and all(v.passed for v in result.validations), result.readiness.markdown()
+
+
 @pytest.mark.parametrize("elem,scale,block,problem", [
     (TensorProto.FLOAT4E2M1, TensorProto.FLOAT, 16, None),  # NVFP4 (its FP8 scales dequantized first): TensorRT's FP4
     (TensorProto.FLOAT4E2M1, TensorProto.FLOAT, 32, "block_size 32"),
