@@ -527,10 +527,10 @@ def additive_attention_masks(model) -> int:
     False does (its softmax weight underflows to 0). ``lowest`` is the query dtype's lowest finite
     value, not ``-inf`` and not a -1e4 class constant: for a row with no key to attend to, ONNX
     Runtime gives the BOOL mask and a mask of ``lowest`` the same output (zeros, float32 and
-    float16 alike), while ``-inf`` makes a plain softmax NaN and -1e4 gives the mean of the
-    values. (apt_hal's models never emit such a row: ``apt_hal.models.layers.attention_mask``
-    lets it attend to every key.) The ``onnx`` target keeps the BOOL mask: ONNX Runtime runs it
-    and the graph is smaller.
+    float16 alike), while ``-inf`` makes a plain softmax NaN (``-inf - -inf``) and -1e4 gives
+    a softmax over the masked keys (every score shifted alike), not zeros. (apt_hal's models
+    never emit such a row: ``apt_hal.models.layers.attention_mask`` lets it attend to every key.)
+    The ``onnx`` target keeps the BOOL mask: ONNX Runtime runs it and the graph is smaller.
     """
     graphs = list(_all_graphs(model.graph))
     types = _elem_types(graphs)

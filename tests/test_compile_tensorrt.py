@@ -231,8 +231,8 @@ def _masked_attention_graph(dtype):
 def test_bool_attention_masks_become_additive_masks_that_onnxruntime_computes_identically(dtype):
     """The tensorrt target's mask rewrite: no BOOL attn_mask left (a subgraph's included), one Where
     per mask however many nodes share it, READY, and on ONNX Runtime the same outputs as the BOOL
-    mask, for partly masked rows and a row with no key to attend to (zeros: -1e4 would give the
-    mean of the values, -inf a NaN in a plain softmax)."""
+    mask, for partly masked rows and a row with no key to attend to (zeros: -1e4 would give a
+    softmax over the masked keys; the constant is finite, as -inf would leave a plain softmax NaN)."""
     onnx_dtype = {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT16}[dtype]
     original = _masked_attention_graph(onnx_dtype)
     assert tensorrt.readiness(original).verdict == "NOT READY"
