@@ -214,16 +214,18 @@ def attention_mask_types(model: onnx.ModelProto) -> list:
 
 
 def _masked_attention_graph(dtype):
-    """Two Attention nodes sharing one BOOL mask, and a third in an If branch reading it from the outer scope."""
+    """Two Attention nodes sharing one BOOL mask, and a third in an If branch reading it from the
+    outer scope; the mask is computed (its type undeclared: the rewrite infers it)."""
     branch = lambda name, node: helper.make_graph([node], name, [], [_vi(f"{name}_y", dtype, None)])  # noqa: E731
-    nodes = [helper.make_node("Attention", ["q", "k", "v", "m"], ["y1"]),
+    nodes = [helper.make_node("Identity", ["mask"], ["m"]),
+             helper.make_node("Attention", ["q", "k", "v", "m"], ["y1"]),
              helper.make_node("Attention", ["q", "k", "v", "m"], ["y2"], scale=0.5),
              helper.make_node("If", ["c"], ["y3"],
                               then_branch=branch("then", helper.make_node("Attention", ["q", "k", "v", "m"],
                                                                           ["then_y"], scale=2.0)),
                               else_branch=branch("else", helper.make_node("Identity", ["y1"], ["else_y"])))]
     return _graph(nodes, [_vi("q", dtype, [1, 2, 3, 4]), _vi("k", dtype, [1, 2, 5, 4]), _vi("v", dtype, [1, 2, 5, 4]),
-                          _vi("m", TensorProto.BOOL, [1, 1, 3, 5]), _vi("c", TensorProto.BOOL, [])],
+                          _vi("mask", TensorProto.BOOL, [1, 1, 3, 5]), _vi("c", TensorProto.BOOL, [])],
                   [_vi(name, dtype, [1, 2, 3, 4]) for name in ("y1", "y2", "y3")])
 
 
@@ -254,7 +256,7 @@ def test_bool_attention_masks_become_additive_masks_that_onnxruntime_computes_id
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, n, 4, generator=g).to(dtype).numpy() for n in (3, 5, 5))
     mask = torch.tensor([[1, 1, 0, 0, 1], [0, 0, 0, 0, 0], [0, 1, 1, 1, 1]], dtype=torch.bool)[None, None].numpy()
-    feed = dict(q=q, k=k, v=v, m=mask, c=np.array(True))
+    feed = dict(q=q, k=k, v=v, mask=mask, c=np.array(True))
     want, got = (onnxruntime.InferenceSession(m.SerializeToString()).run(None, feed) for m in (original, rewritten))
     for w, o in zip(want, got):
         torch.testing.assert_close(torch.from_numpy(o), torch.from_numpy(w))
