@@ -29,9 +29,11 @@ returns logits.
 Validation (on by default) runs the graph on ONNX Runtime's CPU provider on several input sets,
 including dynamic sizes the export never saw and size 1, and compares each output with eager
 PyTorch; a graph ONNX Runtime cannot run (FP4 DequantizeLinear) runs on onnx.reference, and its
-MXFP4-decoded twin model.decode.onnx on ONNX Runtime. --target tensorrt also writes
-trt_readiness.md (every node against TensorRT 10.15's operator list) and build_trt.sh (trtexec
-and polygraphy), and builds an engine when the tensorrt package and a CUDA GPU are present.
+MXFP4-decoded twin model.decode.onnx on ONNX Runtime. --target tensorrt feeds every masked
+Attention node an additive float mask (TensorRT takes no BOOL mask; --target onnx keeps BOOL) and
+validates the graph as written; it also writes trt_readiness.md (every node against TensorRT
+10.15's operator list) and build_trt.sh (trtexec and polygraphy), and builds an engine when the
+tensorrt package and a CUDA GPU are present.
 
 exit codes:
   0  exported (and validated within tolerance; TensorRT build skipped unless --require-trt)

@@ -1,5 +1,6 @@
 """torch.export -> functionalize the mutating apt_hal ops -> torch.onnx.export(dynamo=True) with the
-lowering table -> explicit opset and IR version -> FP4 typing (tensorrt) -> the full ONNX checker.
+lowering table -> explicit opset and IR version -> additive attention masks and FP4 typing
+(tensorrt) -> the full ONNX checker.
 
 ``torch.export`` keeps every apt_hal op as one node. Three ops mutate their arguments
 (``rotary_``, ``paged_write``, ``paged_copy_blocks``); functionalization would wrap them in
@@ -187,7 +188,9 @@ def export_onnx(module: torch.nn.Module, args: tuple, path: str | Path, *, targe
         raise ExportError(f"torch.onnx.export failed: {_first_lines(e)}") from e
     model = program.model_proto
     model.ir_version = t.profile.ir_version(t.opset)
+    masks = lowering.additive_attention_masks(model) if t.profile.name == "tensorrt" else 0
     log(f"  [3/4] IR version {model.ir_version}"
+        + (f"; {masks} Attention node(s) given an additive float mask for their BOOL one" if masks else "")
         + ("; MXFP4 weights typed FLOAT4E2M1 / FLOAT8E8M0" if t.fp4 == "qdq" else ""))
     if t.fp4 == "qdq" and lowering.retype_fp4_weights(model):
         del model.graph.value_info[:]  # shapes of the retyped weights changed; the checker infers them again

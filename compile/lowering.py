@@ -28,6 +28,10 @@ Choices worth knowing
   a TensorRT that accepts them; the readiness report marks those nodes unsupported. The
   translation emits the node on the uint8 storage; :func:`retype_fp4_weights` then gives the
   weight initializers their FP4/E8M0 types (ONNX's BitCast arrives in opset 26).
+* Masked attention (``tensorrt``): torch exports ``scaled_dot_product_attention``'s boolean mask
+  as ONNX ``Attention`` with a BOOL ``attn_mask``, which TensorRT's operator list does not take;
+  :func:`additive_attention_masks` feeds each such node ``Where(mask, 0, lowest)`` of its query
+  dtype instead, after the translation. ``onnx`` keeps the BOOL mask (ONNX Runtime runs it).
 * ``rotary``: the standard ``RotaryEmbedding`` (opset >= 23) for float32, where it is the same
   arithmetic; float16/bfloat16 use the decomposition, because the reference computes in float32
   and rounds once while ``RotaryEmbedding`` computes in the input dtype with a cache of that dtype.
@@ -503,3 +507,112 @@ def retype_fp4_weights(model) -> int:
         scales.data_type, scales.raw_data = onnx.TensorProto.FLOAT8E8M0, raw_s
         changed += 1
     return changed
+
+
+# The compute dtypes whose lowest finite value float32 holds exactly: the additive mask is built in
+# float32 (ONNX Runtime's Where has no bfloat16) and cast once, without rounding.
+_MASK_DTYPES = {onnx.TensorProto.FLOAT: torch.float32, onnx.TensorProto.FLOAT16: torch.float16,
+                onnx.TensorProto.BFLOAT16: torch.bfloat16}
+
+
+def additive_attention_masks(model) -> int:
+    """Feed every ``Attention`` node whose ``attn_mask`` is BOOL an additive mask instead, in place,
+    in the main graph and every subgraph: ``Where(mask, 0, lowest)`` in float32 (ONNX Runtime's
+    Where has no bfloat16; float32 holds every ``lowest`` used here exactly), cast to the
+    node's query dtype when it is float16 or bfloat16. Returns the number of nodes changed.
+
+    Why: torch exports ``scaled_dot_product_attention``'s boolean mask as a BOOL ``attn_mask``,
+    which TensorRT's operator list does not take (its Attention types are FP32, FP16, BF16, INT8,
+    FP8); a float mask is added to the scores, so an entry of ``lowest`` drops its key exactly as
+    False does (its softmax weight underflows to 0). ``lowest`` is the query dtype's lowest finite
+    value, not ``-inf`` and not a -1e4 class constant: for a row with no key to attend to, ONNX
+    Runtime gives the BOOL mask and a mask of ``lowest`` the same output (zeros, float32 and
+    float16 alike), while ``-inf`` makes a plain softmax NaN (``-inf - -inf``) and -1e4 gives
+    a softmax over the masked keys (every score shifted alike), not zeros. (apt_hal's models
+    never emit such a row: ``apt_hal.models.layers.attention_mask`` lets it attend to every key.)
+    The ``onnx`` target keeps the BOOL mask: ONNX Runtime runs it and the graph is smaller.
+    """
+    graphs = list(_all_graphs(model.graph))
+    types = _elem_types(graphs)
+    if any(n.op_type == "Attention" and len(n.input) > 3 and {n.input[0], n.input[3]} - {""} - set(types)
+           for g in graphs for n in g.node):  # a type the exporter did not declare: infer it
+        types.update(_elem_types(list(_all_graphs(onnx.shape_inference.infer_shapes(model).graph))))
+    taken = {name for g in graphs for node in g.node for name in [*node.input, *node.output]} | \
+        {v.name for g in graphs for v in [*g.input, *g.output, *g.initializer]}
+    return _additive_masks_in(model.graph, types, taken)
+
+
+def _all_graphs(graph):
+    """``graph`` and every subgraph inside it (If branches, Loop and Scan bodies), depth first."""
+    yield graph
+    for node in graph.node:
+        yield from (g for sub in _subgraphs(node) for g in _all_graphs(sub))
+
+
+def _subgraphs(node) -> list:
+    return [g for a in node.attribute for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else a.graphs)]
+
+
+def _elem_types(graphs) -> dict:
+    """The element type of every value ``graphs`` declare (inputs, outputs, value_info,
+    initializers), by name."""
+    types = {}
+    for g in graphs:
+        types.update({v.name: v.type.tensor_type.elem_type for v in [*g.input, *g.output, *g.value_info]
+                      if v.type.tensor_type.elem_type})
+        types.update({i.name: i.data_type for i in g.initializer})
+    return types
+
+
+def _additive_masks_in(graph, types: dict, taken: set) -> int:
+    """:func:`additive_attention_masks` on ``graph`` (its subgraphs first); new value names avoid
+    ``taken`` (every name of the model: a subgraph sees its outer scopes) and join it."""
+    changed = sum(_additive_masks_in(sub, types, taken) for node in graph.node for sub in _subgraphs(node))
+
+    def fresh(base: str) -> str:
+        name, i = base, 0
+        while name in taken:
+            i += 1
+            name = f"{base}_{i}"
+        taken.add(name)
+        return name
+
+    made: dict = {}  # (bool mask, dtype) -> its additive mask: one per mask, however many layers share it
+    nodes, own = [], 0
+    for node in graph.node:
+        mask = node.input[3] if node.op_type == "Attention" and node.domain in ("", "ai.onnx") and \
+            len(node.input) > 3 else ""
+        dtype = types.get(node.input[0]) if mask else None
+        if mask and types.get(mask) == onnx.TensorProto.BOOL and dtype in _MASK_DTYPES:
+            if (mask, dtype) not in made:
+                nodes += _additive_mask_nodes(graph, mask, dtype, fresh)
+                made[(mask, dtype)] = nodes[-1].output[0]
+            node.input[3] = made[(mask, dtype)]
+            own += 1
+        nodes.append(node)
+    if own:
+        nodes = [_copy(n) for n in nodes]  # graph.node is rebuilt: hold no references into it
+        del graph.node[:]
+        graph.node.extend(nodes)
+    return changed + own
+
+
+def _copy(node):
+    copy = onnx.NodeProto()
+    copy.CopyFrom(node)
+    return copy
+
+
+def _additive_mask_nodes(graph, mask: str, dtype: int, fresh: Callable[[str], str]) -> list:
+    """``Where(mask, 0, lowest)`` in float32 (then a Cast to ``dtype`` unless float32), ``lowest``
+    being ``dtype``'s lowest finite value; the two scalars become initializers of ``graph``, the
+    last node's output is the additive mask."""
+    zero, neg, where = fresh(f"{mask}_zero"), fresh(f"{mask}_lowest"), fresh(f"{mask}_additive")
+    graph.initializer.extend([onnx.numpy_helper.from_array(np.array(0.0, np.float32), zero),
+                              onnx.numpy_helper.from_array(np.array(torch.finfo(_MASK_DTYPES[dtype]).min,
+                                                                    np.float32), neg)])
+    nodes = [onnx.helper.make_node("Where", [mask, zero, neg], [where], name=where)]
+    if dtype != onnx.TensorProto.FLOAT:
+        cast = fresh(f"{mask}_additive_{onnx.TensorProto.DataType.Name(dtype).lower()}")
+        nodes.append(onnx.helper.make_node("Cast", [where], [cast], name=cast, to=dtype))
+    return nodes

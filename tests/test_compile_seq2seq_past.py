@@ -11,6 +11,7 @@ import torch
 from apt_hal.compile import api, ort_generate, seq2seq_past
 from apt_hal.models import GenerationConfig, ModelConfig, build_model, generate
 from apt_hal.models.seq2seq import EncoderOutput
+from tests.test_compile_tensorrt import attention_mask_types
 
 QUIET = dict(log=lambda *a: None)
 # Weights large enough that greedy decoding of a random model does not settle on one token.
@@ -171,16 +172,20 @@ def test_no_kv_cache_still_gives_the_full_sequence_graph(tmp_path):
 
 def test_tensorrt_target_writes_a_readiness_report_and_script_per_graph(tmp_path):
     model = _model(n_layers=1, n_encoder_layers=1)
-    result = api.compile_model(model, tmp_path, target="tensorrt", validate_graph=False, **QUIET)
+    result = api.compile_model(model, tmp_path, target="tensorrt", **QUIET)
     assert result.exit_code == api.EXIT_OK, result.verdict
+    # The graphs as written (masks rewritten) validate on ONNX Runtime, padded encoder rows included.
+    assert [v.runtime for v in result.validations] == [f"onnxruntime, {g}" for g in seq2seq_past.GRAPHS]
+    for v in result.validations:
+        assert v.passed and any(r.inputs.startswith("unseen, padded encoder") for r in v.rows), v.table()
     for graph in result.graphs:
         stem = graph.exported.path.stem
         assert graph.readiness is not None and graph.readiness_file == f"trt_readiness.{stem}.md"
-        # The masked Attention node (a BOOL mask) is what the decoder-only past/present graph
-        # also has unsupported; every other node of the three graphs is supported.
-        unsupported = {o.op_type for o in graph.readiness.ops if o.status == "unsupported"}
-        assert unsupported <= {"Attention"}, graph.readiness.markdown()
-        assert (tmp_path / graph.readiness_file).is_file()
+        # Every masked Attention node takes a float additive mask (TensorRT's types), none a BOOL one.
+        masks = attention_mask_types(onnx.load(graph.exported.path))
+        assert onnx.TensorProto.FLOAT in masks and onnx.TensorProto.BOOL not in masks, masks
+        assert graph.readiness.ready, graph.readiness.markdown()
+        assert "NOT READY" not in (tmp_path / graph.readiness_file).read_text()
         script = (tmp_path / f"build_trt.{stem}.sh").read_text()
         assert f"trtexec --onnx={stem}.onnx --stronglyTyped" in script
         assert graph.tensorrt.startswith("TensorRT build: ")

@@ -5,13 +5,15 @@ operator list, the build script, and an honest TensorRT line (an engine only whe
 import json
 import subprocess
 
+import numpy as np
 import onnx
+import onnxruntime
 import pytest
 import torch
 from onnx import TensorProto, helper
 
 from apt_hal import mxfp4, ops
-from apt_hal.compile import api, cli, tensorrt, validate
+from apt_hal.compile import api, cli, lowering, tensorrt, validate
 from apt_hal.compile.export import export_onnx
 from apt_hal.compile.validate import InputSet
 from apt_hal.models import ModelConfig
@@ -199,6 +201,108 @@ def test_readiness_looks_inside_subgraphs():
                    [_vi("y", TensorProto.FLOAT, [None])])
     r = tensorrt.readiness(model)
     assert {o.op_type: o.status for o in r.ops}["Unique"] == "unsupported" and not r.ready
+
+
+def attention_mask_types(model: onnx.ModelProto) -> list:
+    """The element type of every Attention node's ``attn_mask``, subgraphs included (None: no mask)."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    graphs = list(tensorrt._graphs(inferred.graph))
+    types = {v.name: v.type.tensor_type.elem_type for g in graphs for v in [*g.input, *g.value_info, *g.output]}
+    types.update({i.name: i.data_type for g in graphs for i in g.initializer})
+    return [types.get(n.input[3]) if len(n.input) > 3 and n.input[3] else None
+            for g in graphs for n in g.node if n.op_type == "Attention"]
+
+
+def _masked_attention_graph(dtype):
+    """Two Attention nodes sharing one BOOL mask, and a third in an If branch reading it from the
+    outer scope; the mask is computed (its type undeclared: the rewrite infers it)."""
+    branch = lambda name, node: helper.make_graph([node], name, [], [_vi(f"{name}_y", dtype, None)])  # noqa: E731
+    nodes = [helper.make_node("Identity", ["mask"], ["m"]),
+             helper.make_node("Attention", ["q", "k", "v", "m"], ["y1"]),
+             helper.make_node("Attention", ["q", "k", "v", "m"], ["y2"], scale=0.5),
+             helper.make_node("If", ["c"], ["y3"],
+                              then_branch=branch("then", helper.make_node("Attention", ["q", "k", "v", "m"],
+                                                                          ["then_y"], scale=2.0)),
+                              else_branch=branch("else", helper.make_node("Identity", ["y1"], ["else_y"])))]
+    return _graph(nodes, [_vi("q", dtype, [1, 2, 3, 4]), _vi("k", dtype, [1, 2, 5, 4]), _vi("v", dtype, [1, 2, 5, 4]),
+                          _vi("mask", TensorProto.BOOL, [1, 1, 3, 5]), _vi("c", TensorProto.BOOL, [])],
+                  [_vi(name, dtype, [1, 2, 3, 4]) for name in ("y1", "y2", "y3")])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_bool_attention_masks_become_additive_masks_that_onnxruntime_computes_identically(dtype):
+    """The tensorrt target's mask rewrite: no BOOL attn_mask left (a subgraph's included), one Where
+    per mask however many nodes share it, READY, and on ONNX Runtime the same outputs as the BOOL
+    mask, for partly masked rows and a row with no key to attend to (zeros: -1e4 would give a
+    softmax over the masked keys; the constant is finite, as -inf would leave a plain softmax NaN)."""
+    onnx_dtype = {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT16}[dtype]
+    original = _masked_attention_graph(onnx_dtype)
+    assert tensorrt.readiness(original).verdict == "NOT READY"
+    rewritten = onnx.ModelProto()
+    rewritten.CopyFrom(original)
+    assert lowering.additive_attention_masks(rewritten) == 3
+    onnx.checker.check_model(rewritten, full_check=True)
+    assert attention_mask_types(rewritten) == [onnx_dtype] * 3
+    (where,) = [n for n in rewritten.graph.node if n.op_type == "Where"]  # shared by the two outer nodes
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in rewritten.graph.initializer}
+    assert (inits[where.input[1]], inits[where.input[2]]) == (0, torch.finfo(dtype).min)  # finite, not -inf
+    then_branch = next(a.g for a in rewritten.graph.node[-1].attribute if a.name == "then_branch")
+    assert [n.op_type for n in then_branch.node if n.op_type in ("Where", "Cast")] == \
+        ["Where"] + ["Cast"] * (dtype != torch.float32)
+    r = tensorrt.readiness(rewritten)
+    assert r.ready, r.markdown()
+    assert "BOOL" not in {o.op_type: o for o in r.ops}["Attention"].types
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, n, 4, generator=g).to(dtype).numpy() for n in (3, 5, 5))
+    mask = torch.tensor([[1, 1, 0, 0, 1], [0, 0, 0, 0, 0], [0, 1, 1, 1, 1]], dtype=torch.bool)[None, None].numpy()
+    feed = dict(q=q, k=k, v=v, mask=mask, c=np.array(True))
+    want, got = (onnxruntime.InferenceSession(m.SerializeToString()).run(None, feed) for m in (original, rewritten))
+    for w, o in zip(want, got):
+        torch.testing.assert_close(torch.from_numpy(o), torch.from_numpy(w))
+        assert (w[:, :, 1] == 0).all() and np.isfinite(o).all()  # ONNX Runtime's empty row: zeros
+
+
+def test_bfloat16_attention_gets_a_float32_where_cast_to_bfloat16_exactly():
+    """ONNX Runtime's Where has no bfloat16: the mask is built in float32, with bfloat16's lowest
+    finite value (exact in float32, so the Cast neither rounds nor overflows to -inf)."""
+    model = _masked_attention_graph(TensorProto.BFLOAT16)
+    assert lowering.additive_attention_masks(model) == 3
+    assert attention_mask_types(model) == [TensorProto.BFLOAT16] * 3
+    where = next(n for n in model.graph.node if n.op_type == "Where")
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    assert inits[where.input[1]] == 0 and inits[where.input[2]].dtype == np.float32
+    lowest = torch.tensor(float(inits[where.input[2]])).to(torch.bfloat16)
+    assert lowest.item() == torch.finfo(torch.bfloat16).min and torch.isfinite(lowest)
+    cast = next(n for n in model.graph.node if n.op_type == "Cast")
+    assert cast.input[0] == where.output[0] and helper.get_attribute_value(cast.attribute[0]) == TensorProto.BFLOAT16
+
+
+def test_only_the_tensorrt_target_rewrites_the_masked_attention(tmp_path):
+    """apt-dense-tiny's past/present graph: BOOL masks for --target onnx (ONNX Runtime runs them),
+    float masks for --target tensorrt, READY, and validated on ONNX Runtime (left-padded rows
+    included) in the rewritten form."""
+    result = api.compile_model("apt-dense-tiny", tmp_path / "trt", target="tensorrt", **QUIET)
+    assert result.exit_code == api.EXIT_OK, result.verdict
+    written = onnx.load(tmp_path / "trt" / api.MODEL_FILE)
+    assert set(attention_mask_types(written)) == {TensorProto.FLOAT}
+    assert result.readiness.ready, result.readiness.markdown()
+    assert "NOT READY" not in (tmp_path / "trt" / "trt_readiness.md").read_text()
+    (v,) = result.validations
+    assert v.passed and v.runtime == "onnxruntime, model.onnx", v.table()
+    assert any(r.inputs.startswith("unseen prefill, left padded") for r in v.rows)
+
+    plain = api.compile_model("apt-dense-tiny", tmp_path / "onnx", target="onnx", validate_graph=False, **QUIET)
+    assert plain.exit_code == api.EXIT_OK, plain.verdict
+    assert set(attention_mask_types(onnx.load(tmp_path / "onnx" / api.MODEL_FILE))) == {TensorProto.BOOL}
+
+
+def test_a_float16_model_gets_float16_masks_and_validates(tmp_path):
+    ModelConfig.preset("apt-dense-tiny", n_layers=1).to_json(tmp_path / "dense.json")
+    result = api.compile_model(str(tmp_path / "dense.json"), tmp_path, target="tensorrt", dtype="float16", **QUIET)
+    assert result.exit_code == api.EXIT_OK, result.verdict
+    assert set(attention_mask_types(onnx.load(tmp_path / api.MODEL_FILE))) == {TensorProto.FLOAT16}
+    assert result.readiness.ready and all(v.passed for v in result.validations), result.readiness.markdown()
 
 
 @pytest.mark.parametrize("elem,scale,block,problem", [
