@@ -4,8 +4,9 @@
     python benchmarks/streaming.py --models apt-moe-1b   # one model per call (a comma list picks several)
     python benchmarks/streaming.py --tiny     # CPU smoke run: tiny presets with 8 layers
 
-For each model and each budget (100%, 50%, 25%, 10% of the weight bytes, never less than the
-weights outside the layers plus one layer), greedy decode from random prompts at batch 1 and 16.
+For each model, first without a budget (the whole model on the device: the baseline row "none"),
+then at each budget (100%, 50%, 25%, 10% of the weight bytes, never less than the weights outside
+the layers plus one layer), greedy decode from random prompts at batch 1 and 16.
 Columns: decode tokens/s (batch * steps / (time(1 + steps new tokens) - time(1 new token)),
 median of --repeats after a warm-up); weight bytes streamed to the device per decode step and
 the hit rate (layer runs that needed no transfer), both from the store's own counters
@@ -48,7 +49,10 @@ def _pinned_rate(device: torch.device, nbytes: int, repeats: int) -> float:
 
 
 def _counters(stream) -> tuple:
-    """(layer blocks moved to the device, copied back from it, put back at a kept copy, layer runs) so far."""
+    """(layer blocks moved to the device, copied back from it, put back at a kept copy, layer runs) so
+    far; zeros without a stream (the whole model on the device)."""
+    if stream is None:
+        return 0, 0, 0, 0
     stats = stream.store.stats()
     return (sum(n for route, n in stats["moved"].items() if route.endswith("->device")), written_back(stats),
             sum(stats["dropped"].values()), stream.accesses)
@@ -117,28 +121,38 @@ def main(argv=None) -> None:
         base = build_model(cfg).eval()  # on the CPU: streaming places it
         if args.mxfp4:
             convert_model_to_mxfp4(base)
-        for budget in BUDGETS:
+        for budget in (None, *BUDGETS):  # None: no budget, the whole model on the device (the baseline)
             model = copy.deepcopy(base)
-            try:
-                stream = stream_weights(model, f"{budget}%", device=device)
-            except ValueError:  # below the weights outside the layers plus one layer
-                print(f"{name:30} {budget:6}%  below the resident weights plus one layer: skipped")
-                continue
+            if budget is None:
+                stream = None
+                model.to(device)
+            else:
+                try:
+                    stream = stream_weights(model, f"{budget}%", device=device)
+                except ValueError:  # below the weights outside the layers plus one layer
+                    print(f"{name:30} {budget:6}%  below the resident weights plus one layer: skipped")
+                    continue
             if rate is None:
-                rate = _pinned_rate(device, 8 * stream.layer_bytes, args.repeats)
+                layer_bytes = sum(t.numel() * t.element_size() for t in [*model.layers[0].parameters(),
+                                                                         *model.layers[0].buffers()])
+                rate = _pinned_rate(device, 8 * layer_bytes, args.repeats)
                 print(f"pinned host-to-device rate: {rate / 1e9:.2f} GB/s")
                 print(header)
             for batch in (1, 16):
                 tok_s, step_s, moved, copied_back, dropped, runs = _decode(
                     model, stream, batch, args.prompt_len, args.steps, args.repeats, cfg.vocab_size)
-                streamed = moved * stream.layer_bytes
+                layer_bytes = stream.layer_bytes if stream else 0
+                streamed = moved * layer_bytes
                 h2d = streamed / step_s / rate if streamed else float("nan")
                 floor = streamed / rate
                 hit_rate = 1 - moved / runs if runs else 1.0  # every layer resident: no hooks, no runs counted
-                print(f"{name:30} {budget:6}% {stream.capacity:10} {batch:5} {tok_s:9.1f} {streamed / 1e6:9.1f} "
-                      f"{hit_rate:8.2f} {h2d:10.2f} {step_s / floor if floor else float('nan'):10.2f} "
-                      f"{copied_back * stream.layer_bytes / 1e6:11.1f} {dropped:12.1f}")
-            stream.close()
+                label = f"{budget:6}%" if budget else "   none"
+                print(f"{name:30} {label} {stream.capacity if stream else len(model.layers):10} {batch:5} "
+                      f"{tok_s:9.1f} {streamed / 1e6:9.1f} {hit_rate:8.2f} {h2d:10.2f} "
+                      f"{step_s / floor if floor else float('nan'):10.2f} {copied_back * layer_bytes / 1e6:11.1f} "
+                      f"{dropped:12.1f}")
+            if stream is not None:
+                stream.close()
             del model, stream
 
 
