@@ -183,9 +183,9 @@ def test_streaming_tiny_runs_one_model_and_copies_nothing_back_from_the_device(c
     header = next(line for line in out.splitlines() if line.startswith("model"))
     assert header.split()[-2:] == ["MB/step", "dropped/step"] and "d2h" in header
     rows = [line.split() for line in out.splitlines() if line.startswith("apt-dense-tiny") and "skipped" not in line]
-    assert [(r[1], r[3]) for r in rows] == [(b, batch) for b in ("100%", "50%", "25%") for batch in ("1", "16")]
+    assert [(r[1], r[3]) for r in rows] == [(b, batch) for b in ("none", "100%", "50%", "25%") for batch in ("1", "16")]
     for row in rows:
         assert float(row[-2]) == 0.0, row  # d2h MB/step: layers go back to their kept copies
-        assert (float(row[-1]) > 0) == (row[1] != "100%"), row  # dropped/step: only while layers stream
+        assert (float(row[-1]) > 0) == (row[1] not in ("none", "100%")), row  # dropped/step: only while layers stream
     with pytest.raises(SystemExit, match="--models must be a comma list of apt-dense-tiny, apt-moe-tiny, got 'x'"):
         streaming.main(["--tiny", "--models", "x"])
