@@ -467,3 +467,20 @@ def test_bad_schedule_switch_in_the_environment_is_rejected(monkeypatch):
     monkeypatch.setenv("APT_HAL_FP4_MATMUL_GEMV_MAX_M", "8")
     with pytest.raises(ValueError, match="APT_HAL_FP4_MATMUL_GEMV_MAX_M must be one of 0, 1, 2, 3, 4"):
         kernels.hw._env_choice("APT_HAL_FP4_MATMUL_GEMV_MAX_M", "0", ("0", "1", "2", "3", "4"))
+
+
+@pytest.mark.skipif(not GPU, reason="torch.compile traces into Triton kernels only on a GPU")
+@pytest.mark.parametrize("m", [1, 16, 128], ids=["gemv", "swap-fused", "prefill"])
+def test_torch_compile_traces_each_default_schedule(m):
+    """torch.compile(fullgraph) of the traceable op gives eager's bits with each default schedule:
+    M = 1 the CUDA-core GEMV (Inductor rebuilds its source from the helpers' names: it once failed
+    with "NameError: nvidia_ptx is not defined"), M = 16 the fused split-K tensor-core tile, M = 128
+    the prefill tiles with the two-kernel reduction."""
+    gen = torch.Generator().manual_seed(60 + m)
+    n, k = 1024, 4096
+    packed, scales = make_weights(n, k, gen)
+    x = torch.randn(m, k, generator=gen).to(DEV, torch.bfloat16)
+    bias = torch.randn(n, generator=gen).to(DEV, torch.bfloat16)
+    op = torch.ops.apt_hal_triton.fp4_matmul
+    compiled = torch.compile(lambda *a: op(*a), fullgraph=True)
+    torch.testing.assert_close(compiled(x, packed, scales, bias), op(x, packed, scales, bias), rtol=0, atol=0)
