@@ -437,10 +437,18 @@ class PagedTensor:
         see such writes, and a block's kept copy on a lower tier would no longer match it.
         """
         ids = self._ids("device_slots", ids, unique=False)
+        return torch.tensor(self._slots_on_device(ids), dtype=torch.int32, device=self.device)
+
+    def device_slot(self, id: int) -> int:
+        """Block ``id``'s device slot as a Python int, bringing it there first: :meth:`device_slots`
+        for one block, without a device tensor (reading one back would wait for the device's queue)."""
+        return self._slots_on_device(self._ids("device_slot", [id]))[0]
+
+    def _slots_on_device(self, ids: list[int]) -> list[int]:
         self._settle_ids(ids)
         self._bring_to_device(ids)
         self._touch(ids)
-        return torch.tensor([self._device_tier.blocks[i] for i in ids], dtype=torch.int32, device=self.device)
+        return [self._device_tier.blocks[i] for i in ids]
 
     def pin(self, ids: Iterable[int]) -> None:
         """Bring blocks to the device and keep them there until unpinned (pins nest)."""

@@ -228,7 +228,7 @@ class WeightStream:
 
     def _bind(self, i: int) -> None:
         """Make layer ``i``'s tensors views of its device slot (bringing its block there first)."""
-        slot = int(self.store.device_slots([self.ids[i]])[0])
+        slot = self.store.device_slot(self.ids[i])  # a host-side int: no wait for the device
         block = self.store.pool[slot]
         for s in self.slices:
             self._set(self.layers[i], s, block[s.offset:s.offset + s.nbytes].view(s.dtype).view(s.shape))
@@ -246,8 +246,10 @@ class WeightStream:
                 break
             if j in self.on_device:
                 continue
-            # Only the next layer may evict one: fetching further ahead would evict layers needed again
-            # before it and stream more bytes per step; further layers take free slots only.
+            # Only the next layer may evict one: fetching further ahead would evict a layer needed
+            # again before it while the layer computing, the best victim on a cyclic sweep, cannot
+            # leave yet (measured: every layer streamed instead of n - s + 1); further layers take
+            # free slots only.
             if not self._make_room(i, j, evict=k == 1):
                 break
             self.store.prefetch([self.ids[j]])

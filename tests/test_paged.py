@@ -959,3 +959,18 @@ def test_frozen_blocks_match_a_dict_model_under_random_operations(dev, tmp_path)
         assert done[kind] > 100, (kind, done)
     assert stats["dropped"].get("device->host", 0) > 100 and stats["dropped"].get("device->disk", 0) > 100, stats
     assert stats["moved"].get("device->host", 0) > 100, stats
+
+
+def test_device_slot_is_device_slots_as_a_host_int():
+    """device_slot(id) brings a block up like device_slots([id]) and returns its slot as a Python
+    int (streamed layers look their slot up without reading device memory)."""
+    store = PagedTensor((4,), torch.float32, "cpu", 2, 2)
+    ids = store.allocate(4)
+    for i in ids:
+        store.write_block(i, torch.full((4,), float(i)))
+    for i in reversed(ids):
+        slot = store.device_slot(i)
+        assert isinstance(slot, int) and store.tier_of(i) == "device"
+        assert slot == int(store.device_slots([i])[0]) and torch.equal(store.pool[slot], torch.full((4,), float(i)))
+    with pytest.raises(ContractError, match="argument 'ids' names block 99, which is not allocated"):
+        store.device_slot(99)
