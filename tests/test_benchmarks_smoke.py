@@ -150,7 +150,8 @@ def test_fp4_matmul_decode_sweep_candidates_are_labelled_and_few():
     for m, k, n in fp4_matmul.DECODE_SWEEP_SHAPES:
         configs = fp4_matmul.sweep_configs(m, k, n, decode_only=True)
         auto = fp4_matmul.kernels.choose_config(m, n, k)
-        assert configs[0] == dataclasses.replace(auto, split_k=fp4_matmul.kernels.effective_split(auto, k))
+        split = fp4_matmul.kernels.effective_split(auto, k)
+        assert configs[0] == dataclasses.replace(auto, split_k=split, fused_reduce=auto.fused_reduce and split > 1)
         assert len(set(configs)) == len(configs)
         assert any(c.fused_reduce for c in configs) == (configs[0].split_k > 1 or m <= 16)
         assert any(c.cuda_core for c in configs) == (m <= 4)

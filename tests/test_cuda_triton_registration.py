@@ -36,6 +36,7 @@ def test_every_kernel_reaches_its_helpers_by_name_as_torch_compile_needs():
     (``some_module.helper(...)``) is left undefined, and the compiled kernel fails to build on the
     GPU only ("NameError: nvidia_ptx is not defined", seen on an H100). Walk every kernel's calls as
     Inductor does and allow no module but triton and triton.language."""
+    import dis
     import types
 
     import triton
@@ -53,7 +54,8 @@ def test_every_kernel_reaches_its_helpers_by_name_as_torch_compile_needs():
         if fn in seen:
             return
         seen.add(fn)
-        for name in fn.fn.__code__.co_names:
+        # Global loads only (co_names also holds attribute names, such as tl.math's "math").
+        for name in {i.argval for i in dis.get_instructions(fn.fn) if i.opname == "LOAD_GLOBAL"}:
             value = fn.fn.__globals__.get(name)
             if isinstance(value, jitted):
                 walk(value)

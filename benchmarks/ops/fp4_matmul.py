@@ -396,6 +396,8 @@ def sweep_configs(m: int, k: int, n: int, decode_only: bool = False) -> list[ker
     the launch lowers it): see :func:`sweep`."""
     auto = kernels.choose_config(m, n, k)
     auto = dataclasses.replace(auto, split_k=kernels.effective_split(auto, k))
+    if auto.split_k == 1:  # the launch fuses nothing without partial sums; the label says so too
+        auto = dataclasses.replace(auto, fused_reduce=False)
     if decode_only and m > 16:
         return [auto] + ([dataclasses.replace(auto, fused_reduce=True)] if auto.split_k > 1 else [])
     if 256 <= m < 4096:
