@@ -28,7 +28,7 @@ import torch
 
 import apt_hal
 from apt_hal.models import GenerationConfig, ModelConfig, build_model, generate
-from apt_hal.models.streaming import stream_weights, written_back
+from apt_hal.models.streaming import moved_in, stream_weights, written_back
 from apt_hal.nn import convert_model_to_mxfp4
 
 BUDGETS = (100, 50, 25, 10)
@@ -54,7 +54,7 @@ def _counters(stream) -> tuple:
     if stream is None:
         return 0, 0, 0, 0
     stats = stream.store.stats()
-    return (sum(n for route, n in stats["moved"].items() if route.endswith("->device")), written_back(stats),
+    return (moved_in(stats), written_back(stats),
             sum(stats["dropped"].values()), stream.accesses)
 
 

@@ -105,6 +105,11 @@ def _tensors(layer: nn.Module, slices: list[_Slice]) -> list[torch.Tensor]:
     return [getattr(layer.get_submodule(s.module), s.attr) for s in slices]
 
 
+def moved_in(store_stats: dict) -> int:
+    """Blocks copied up to the device, per a PagedTensor's ``stats()``."""
+    return sum(n for route, n in store_stats["moved"].items() if route.endswith("->device"))
+
+
 def written_back(store_stats: dict) -> int:
     """Blocks copied from device memory (the device tier or a parked buffer) down to the host or disk,
     per a PagedTensor's ``stats()``; blocks put back at a kept copy are not copies."""
@@ -248,8 +253,8 @@ class WeightStream:
                 continue
             # Only the next layer may evict one: fetching further ahead would evict a layer needed
             # again before it while the layer computing, the best victim on a cyclic sweep, cannot
-            # leave yet (measured: every layer streamed instead of n - s + 1); further layers take
-            # free slots only.
+            # leave yet (tried: 4 layers in 3 slots then streamed 4 a step, not 2); further layers
+            # take free slots only.
             if not self._make_room(i, j, evict=k == 1):
                 break
             self.store.prefetch([self.ids[j]])
@@ -266,10 +271,9 @@ class WeightStream:
         resident (hits), bytes moved to the device, bytes copied back from it (``bytes_written_back``:
         only a layer's first eviction at construction), and the store's stats."""
         store = self.store.stats()
-        moved_in = sum(n for route, n in store["moved"].items() if route.endswith("->device"))
         return {"layer_runs": self.accesses, "hits": self.accesses - self.misses,
                 "hit_rate": (self.accesses - self.misses) / self.accesses if self.accesses else 1.0,
-                "bytes_streamed": moved_in * self.layer_bytes,
+                "bytes_streamed": moved_in(store) * self.layer_bytes,
                 "bytes_written_back": written_back(store) * self.layer_bytes, "device_layers": self.capacity,
                 "layer_bytes": self.layer_bytes, "resident_bytes": self.resident_bytes, "store": store}
 

@@ -8,7 +8,7 @@ import torch
 
 import apt_hal.graphs
 from apt_hal.models import GenerationConfig, ModelConfig, build_model, generate
-from apt_hal.models.streaming import is_streamed, parse_memory, stream_weights
+from apt_hal.models.streaming import is_streamed, moved_in, parse_memory, stream_weights
 from apt_hal.nn import convert_model_to_mxfp4
 
 LAYERS = 4
@@ -58,7 +58,7 @@ def test_greedy_tokens_with_a_budget_equal_those_without(preset, weights, tmp_pa
         else:
             assert stream.moves_weights
             assert stats["layer_runs"] == LAYERS * 10  # the prompt pass and 9 decode steps
-            assert sum(n for route, n in moved.items() if route.endswith("->device")) > 0
+            assert moved_in(stats["store"]) > 0
             # Layers go back to their kept copies: no bytes leave the device while generating.
             assert stats["bytes_written_back"] == built["bytes_written_back"]
             assert sum(stats["store"]["dropped"].values()) > 0
@@ -97,14 +97,14 @@ def test_eviction_by_distance_streams_fewer_layers_than_lru_would():
     stream = stream_weights(model, resident + 3 * layer)
     steps = 10
 
-    def moved_in():
-        return sum(n for route, n in stream.stats()["store"]["moved"].items() if route.endswith("->device"))
+    def blocks_in():
+        return moved_in(stream.stats()["store"])
 
-    built = moved_in()  # the first 3 layers come up from their host copies at construction
+    built = blocks_in()  # the first 3 layers come up from their host copies at construction
     generate(model, [[1, 2, 3]], GenerationConfig(max_new_tokens=steps, greedy=True))
     # Belady on a cyclic sweep: 2 of the 4 layers come in per step (one stays, one slot prefetches);
     # LRU would bring in all 4.
-    assert moved_in() - built <= 2 * steps + 1
+    assert blocks_in() - built <= 2 * steps + 1
     stream.close()
 
 

@@ -468,12 +468,11 @@ def _split_k_sum_kernel(part_ptr, bias_ptr, out_ptr, MN, N, stride_bias, SPLIT_K
 # ---------------------------------------------------------------------------------------------
 
 
-# Arrival counters of the fused split-K reduction, per device: int32 zeros, and every launch
-# leaves them at zero (each tile's last program resets its counter), so one buffer serves every
-# call, eager or replayed from a CUDA graph. A buffer outgrown is kept, not freed: a captured graph
-# may still point at it. Limitation: launches that run at the same time on two streams of one
-# device would share counters (wrong sums); the fused reduction is for one stream per device (or
-# graphs replayed one after another), as decode runs.
+# Arrival counters of the fused split-K reduction, per device and stream: int32 zeros, and every
+# launch leaves them at zero (each tile's last program resets its counter), so one buffer serves
+# every call on its stream, eager or replayed from a CUDA graph (launches on one stream never
+# overlap; two streams get two buffers). A buffer outgrown is kept, not freed: a captured graph may
+# still point at it.
 _SPLIT_COUNTERS: dict[tuple, list[torch.Tensor]] = {}  # (device, stream id) -> buffers, the newest last
 _MIN_SPLIT_COUNTERS = 4096  # output tiles: N / block_n of decode shapes, with room
 

@@ -196,8 +196,9 @@ def _env_choice(name: str, default: str, allowed: tuple) -> str:
 #   program of each tile reading 128 rows of partials alone.
 # * GEMV_MAX_M: up to this many rows (0 to 4), the CUDA-core GEMV schedule (FP4_MATMUL_GEMV_TILE,
 #   split-K filling FP4_MATMUL_GEMV_PROGRAMS_PER_SM programs per SM), which needs no tensor-core
-#   tile padded to 16 rows. 1: at M = 1 the 64 x 256 GEMV tile took 17.3-19.2 us where the
-#   tensor-core default took 20.4-22.4 us on the three decode shapes; M = 2..4 were not measured.
+#   tile padded to 16 rows. 1: at M = 1 the 64 x 256 GEMV tile took 17.4-20.8 us (2.23-2.59x
+#   bf16 cuBLAS) on the three decode shapes, where the best tensor-core tile of the same run took
+#   18.7-25.1 us (2.03-2.41x); M = 2..4 were not measured.
 #   64 x 256 tiles: 145 registers at M = 1 (ptxas, sm_90a), 3 programs of 4 warps per SM.
 FP4_MATMUL_FUSED_REDUCE = _env_choice("APT_HAL_FP4_MATMUL_FUSED_REDUCE", "1", ("0", "1")) == "1"
 FP4_MATMUL_FUSED_REDUCE_MAX_M = 16
