@@ -29,7 +29,8 @@ raises a documented error and changes no block's bytes.
   lost: a block with a kept copy is still whole on the device, and a kept disk record is still
   checked when read back.
 * Every move between tiers goes through ``paged_copy_blocks`` (so a backend can accelerate it) or,
-  for the disk, through the store's own file I/O.
+  for the disk, through the store's own file I/O; a prefetch of consecutive slots to consecutive
+  slots is one ``Tensor.copy_`` (the copy engine's own transfer, see ``_copy_slots``).
 
 The disk tier
 -------------
@@ -133,6 +134,13 @@ class _Transfer:
             return True
         event = self.future.result()[0]
         return event is None or event.query()
+
+
+def _consecutive(slots: list[int]) -> Optional[slice]:
+    """``slice(a, a + n)`` when ``slots`` are ``a, a + 1, ..., a + n - 1``, else None."""
+    if slots and slots == list(range(slots[0], slots[0] + len(slots))):
+        return slice(slots[0], slots[0] + len(slots))
+    return None
 
 
 def _reason(e: OSError) -> str:
@@ -623,7 +631,7 @@ class PagedTensor:
             rest = self._drop(self._victims(tier, short, keep))
             if rest:
                 self._move(rest, below, keep)
-        return [tier.free.pop() for _ in range(n)]
+        return sorted(tier.free.pop() for _ in range(n))  # ascending: runs of slots copy as one piece
 
     def _release_copies(self, tier: _Tier, n: int) -> None:
         """Free up to ``n`` slots of ``tier`` that keep copies, oldest first (their blocks stay whole on the device)."""
@@ -682,8 +690,7 @@ class PagedTensor:
                     loaded.update(self._read_from_disk([i for i in group if i not in loaded]))
                     self._store(dst, group, dst_slots, torch.stack([loaded[i] for i in group]))
                 elif dst.pool is not None:
-                    paged_copy_blocks(src.pool, self._index(src_slots, src.pool), dst.pool,
-                                      self._index(dst_slots, dst.pool))
+                    self._copy_slots(src.pool, src_slots, dst.pool, dst_slots)
                 else:
                     self._store(dst, group, dst_slots, self._load(src, src_slots))
                 for i in group:
@@ -759,12 +766,26 @@ class PagedTensor:
 
     def _copy_on_side_stream(self, src: torch.Tensor, src_slots, dst_slots, ready):
         if self._stream is None:
-            paged_copy_blocks(src, self._index(src_slots, src), self.pool, self._index(dst_slots, self.pool))
+            self._copy_slots(src, src_slots, self.pool, dst_slots)
             return None
         with self._stream:
             self._stream.wait_event(ready)  # the caller's stream may still be reading the slots out
-            paged_copy_blocks(src, self._index(src_slots, src), self.pool, self._index(dst_slots, self.pool))
+            self._copy_slots(src, src_slots, self.pool, dst_slots)
             return self._stream.record_event()
+
+    def _copy_slots(self, src: torch.Tensor, src_slots, dst: torch.Tensor, dst_slots) -> None:
+        """``dst[dst_slots] = src[src_slots]`` between two memory tiers, on the current stream; a copy
+        to the host has landed when this returns. Consecutive slots on both sides (a streamed layer,
+        a disk read) are one ``Tensor.copy_``: the copy engine moves the bytes straight into the
+        slots. Through ``paged_copy_blocks`` they would first need index tensors on the device
+        (uploading a Python list waits for the stream, so the host would stall until the previous
+        prefetch landed) and a staging buffer that a kernel then scatters."""
+        src_slots, dst_slots = list(src_slots), list(dst_slots)
+        a, b = _consecutive(src_slots), _consecutive(dst_slots)
+        if a is not None and b is not None:
+            dst[b].copy_(src[a], non_blocking=dst.device.type != "cpu")
+        else:
+            paged_copy_blocks(src, self._index(src_slots, src), dst, self._index(dst_slots, dst))
 
     def _settle(self, transfers: Iterable[_Transfer]) -> None:
         """Finish transfers: release their source slots, or, for a failed read, put the blocks back."""

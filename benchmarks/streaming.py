@@ -15,6 +15,12 @@ time) as a fraction of the pinned host-to-device rate measured in the same run; 
 over its floor, (bytes streamed per step) / (pinned rate), which no step can beat; and, per decode
 step, the bytes copied from the device back to the host or disk (``d2h MB/step``: 0, since layers
 are frozen and go back to their kept copies) and the layers put back that way (``dropped/step``).
+
+``--profile`` (GPU) adds, for each streamed batch-1 row, where a decode step's time goes, from a
+torch.profiler trace of one generation of 1 + steps tokens (so per step it includes the prefill's
+share): the time the copy engine moves host-to-device bytes (the union of its transfer intervals)
+and the rate while it does, the time kernels run, the time both run at once, the time neither
+runs, and the host's time blocked in stream, event or device synchronisation calls.
 """
 
 from __future__ import annotations
@@ -82,6 +88,38 @@ def _decode(model, stream, batch: int, prompt_len: int, steps: int, repeats: int
     return (batch / step_s, step_s, *((a - b) / steps for a, b in zip(long_counts, short_counts)))
 
 
+def _union(spans: list) -> float:
+    """Microseconds covered by the (start, end) intervals."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(spans):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
+
+
+def _profile(model, batch: int, prompt_len: int, steps: int, vocab: int, streamed_per_step: float) -> str:
+    """One line: where the time of a traced generation of 1 + steps tokens goes, per step."""
+    prompts = torch.randint(0, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(0)).tolist()
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        generate(model, prompts, GenerationConfig(max_new_tokens=1 + steps, greedy=True))
+        apt_hal.synchronize()
+    events = prof.events()
+    gpu = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    copies = [(e.time_range.start, e.time_range.end) for e in gpu if "HtoD" in e.name]
+    kernels = [(e.time_range.start, e.time_range.end) for e in gpu if "Memcpy" not in e.name and "Memset" not in e.name]
+    cpu = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU]
+    wall = max(e.time_range.end for e in cpu) - min(e.time_range.start for e in cpu)
+    waits = sum(e.time_range.elapsed_us() for e in cpu if "Synchronize" in e.name)
+    copy_us, kernel_us, either = _union(copies), _union(kernels), _union(copies + kernels)
+    ms = 1e3 * steps
+    return (f"  profile, per step: wall {wall / ms:.2f} ms; h2d copies {copy_us / ms:.2f} ms "
+            f"({streamed_per_step * steps / copy_us / 1e3 if copy_us else float('nan'):.1f} GB/s while copying); "
+            f"kernels {kernel_us / ms:.2f} ms; both {(copy_us + kernel_us - either) / ms:.2f} ms; "
+            f"neither {(wall - either) / ms:.2f} ms; host blocked in synchronize {waits / ms:.2f} ms")
+
+
 def _models(args) -> dict:
     """{row label: ModelConfig} of the models ``--models`` names (every one by default)."""
     if args.tiny:
@@ -106,6 +144,8 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--profile", action="store_true",
+                        help="also trace each streamed batch-1 row: copy, kernel, idle and host-wait time per step")
     args = parser.parse_args(argv)
     device = apt_hal.get_device()
     models = _models(args)
@@ -151,6 +191,8 @@ def main(argv=None) -> None:
                       f"{tok_s:9.1f} {streamed / 1e6:9.1f} {hit_rate:8.2f} {h2d:10.2f} "
                       f"{step_s / floor if floor else float('nan'):10.2f} {copied_back * layer_bytes / 1e6:11.1f} "
                       f"{dropped:12.1f}")
+                if args.profile and batch == 1 and streamed:
+                    print(_profile(model, batch, args.prompt_len, args.steps, cfg.vocab_size, streamed))
             if stream is not None:
                 stream.close()
             del model, stream

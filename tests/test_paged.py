@@ -360,6 +360,32 @@ def test_prefetch_then_wait_and_implicit_wait(dev, tmp_path):
     store.close()
 
 
+def test_a_prefetch_of_consecutive_slots_is_one_copy_and_scattered_slots_use_the_op(dev, tmp_path, monkeypatch):
+    """Consecutive host slots to consecutive device slots take one Tensor.copy_ (no index tensors to
+    upload, no staging); other prefetches go through paged_copy_blocks. Both move the right bytes."""
+    gen = torch.Generator().manual_seed(12)
+    store = _store(dev, tmp_path, device=4, host=6, disk=0)
+    ids = store.allocate(6)
+    blocks = _fill(store, ids, gen)
+    store.evict(ids, "host")
+    calls = []
+    op = apt_hal.paged_store.paged_copy_blocks
+    monkeypatch.setattr(apt_hal.paged_store, "paged_copy_blocks", lambda *a: (calls.append(a), op(*a)))
+    host = store._tiers[1].blocks
+    pairs = sorted(ids, key=lambda i: host[i])
+    run = next(pairs[k:k + 2] for k in range(5) if host[pairs[k + 1]] == host[pairs[k]] + 1)
+    store.prefetch(run).wait()  # two consecutive host slots into two free consecutive device slots
+    assert calls == []
+    assert [store.tier_of(i) for i in run] == ["device"] * 2
+    rest = [i for i in pairs if i not in run]
+    scattered = [rest[0], rest[2]] if host[rest[2]] != host[rest[0]] + 1 else [rest[0], rest[3]]
+    store.prefetch(scattered).wait()  # host slots with a gap: the op
+    assert len(calls) == 1
+    for i in ids:
+        _assert_same_bytes(store.read_block(i), blocks[i])
+    store.close()
+
+
 @pytest.mark.parametrize("access", ["wait", "read_block", "device_slots"])
 def test_prefetch_reads_disk_in_a_background_thread(dev, tmp_path, monkeypatch, access):
     gen = torch.Generator().manual_seed(9)
