@@ -6,7 +6,9 @@
 
 For each model, first without a budget (the whole model on the device: the baseline row "none"),
 then at each budget (100%, 50%, 25%, 10% of the weight bytes, never less than the weights outside
-the layers plus one layer), greedy decode from random prompts at batch 1 and 16.
+the layers plus one layer) and each ``--prefetch-depth`` (0: one device slot rotates, the fewest
+bytes; 1, the default: two, so the next layer's copy overlaps the running one), greedy decode from
+random prompts at batch 1 and 16.
 Columns: decode tokens/s (batch * steps / (time(1 + steps new tokens) - time(1 new token)),
 median of --repeats after a warm-up); weight bytes streamed to the device per decode step and
 the hit rate (layer runs that needed no transfer), both from the store's own counters
@@ -144,6 +146,9 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--prefetch-depth", type=int, nargs="+", default=[1], metavar="D",
+                        help="streamed layers fetched ahead (stream_weights' prefetch_depth); several give a row "
+                             "each, e.g. 0 1 (default 1)")
     parser.add_argument("--profile", action="store_true",
                         help="also trace each streamed batch-1 row: copy, kernel, idle and host-wait time per step")
     args = parser.parse_args(argv)
@@ -154,23 +159,25 @@ def main(argv=None) -> None:
 
     print(f"device: {device}; greedy decode, prompt {args.prompt_len} tokens, {args.steps} steps, "
           f"median of {args.repeats}; weights {'MXFP4' if args.mxfp4 else 'bf16'}")
-    header = (f"{'model':30} {'budget':>7} {'dev layers':>10} {'batch':>5} {'tok/s':>9} {'MB/step':>9} "
+    header = (f"{'model':30} {'budget':>7} {'depth':>5} {'dev layers':>10} {'batch':>5} {'tok/s':>9} {'MB/step':>9} "
               f"{'hit rate':>8} {'h2d/pinned':>10} {'step/floor':>10} {'d2h MB/step':>11} {'dropped/step':>12}")
     rate = None
     for name, cfg in models.items():
         base = build_model(cfg).eval()  # on the CPU: streaming places it
         if args.mxfp4:
             convert_model_to_mxfp4(base)
-        for budget in (None, *BUDGETS):  # None: no budget, the whole model on the device (the baseline)
+        runs = [(None, None)] + [(b, d) for b in BUDGETS for d in (args.prefetch_depth if b < 100 else [1])]
+        for budget, depth in runs:  # budget None: the whole model on the device (the baseline)
             model = copy.deepcopy(base)
             if budget is None:
                 stream = None
                 model.to(device)
             else:
                 try:
-                    stream = stream_weights(model, f"{budget}%", device=device)
+                    stream = stream_weights(model, f"{budget}%", device=device, prefetch_depth=depth)
                 except ValueError:  # below the weights outside the layers plus one layer
-                    print(f"{name:30} {budget:6}%  below the resident weights plus one layer: skipped")
+                    if depth == args.prefetch_depth[0]:
+                        print(f"{name:30} {budget:6}%  below the resident weights plus one layer: skipped")
                     continue
             if rate is None:
                 layer_bytes = sum(t.numel() * t.element_size() for t in [*model.layers[0].parameters(),
@@ -187,7 +194,8 @@ def main(argv=None) -> None:
                 floor = streamed / rate
                 hit_rate = 1 - moved / runs if runs else 1.0  # every layer resident: no hooks, no runs counted
                 label = f"{budget:6}%" if budget else "   none"
-                print(f"{name:30} {label} {stream.capacity if stream else len(model.layers):10} {batch:5} "
+                print(f"{name:30} {label} {stream.window - 1 if stream and stream.moves_weights else '-':>5} "
+                      f"{stream.capacity if stream else len(model.layers):10} {batch:5} "
                       f"{tok_s:9.1f} {streamed / 1e6:9.1f} {hit_rate:8.2f} {h2d:10.2f} "
                       f"{step_s / floor if floor else float('nan'):10.2f} {copied_back * layer_bytes / 1e6:11.1f} "
                       f"{dropped:12.1f}")

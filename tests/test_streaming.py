@@ -91,20 +91,24 @@ def test_layers_read_back_bit_identical_from_every_tier(weights, tmp_path):
     stream.close()
 
 
-def test_eviction_by_distance_streams_fewer_layers_than_lru_would():
+@pytest.mark.parametrize("depth", [0, 1, 2])
+def test_each_step_streams_the_layers_outside_the_resident_ones(depth):
+    """4 layers, 3 device slots: 3 - (depth + 1) layers stay resident and the others take turns in a
+    window of depth + 1 slots, so a step brings in 4 - 3 + depth + 1 layers: 2 with one rotating
+    slot (Belady's minimum), 3 with the default double buffer; LRU would bring in all 4."""
     model = _model("apt-dense-tiny", "bf16")
     resident, layer = _sizes(model)
-    stream = stream_weights(model, resident + 3 * layer)
-    steps = 10
+    stream = stream_weights(model, resident + 3 * layer, prefetch_depth=depth)
+    passes = 10  # the prompt's and 9 decode steps
 
     def blocks_in():
         return moved_in(stream.stats()["store"])
 
     built = blocks_in()  # the first 3 layers come up from their host copies at construction
-    generate(model, [[1, 2, 3]], GenerationConfig(max_new_tokens=steps, greedy=True))
-    # Belady on a cyclic sweep: 2 of the 4 layers come in per step (one stays, one slot prefetches);
-    # LRU would bring in all 4.
-    assert blocks_in() - built <= 2 * steps + 1
+    generate(model, [[1, 2, 3]], GenerationConfig(max_new_tokens=passes, greedy=True))
+    # The first pass finds the first streamed layer already there (placed at construction).
+    assert blocks_in() - built == (LAYERS - 3 + depth + 1) * passes - 1
+    assert stream.stats()["resident_layers"] == 3 - (depth + 1) and stream.stats()["window"] == depth + 1
     stream.close()
 
 
@@ -115,6 +119,8 @@ def test_budget_errors_name_the_argument():
     resident, layer = _sizes(model)
     with pytest.raises(ValueError, match="holds 0 of the 4 layers .*: give disk_path for the other 4"):
         stream_weights(copy.deepcopy(model), resident + layer, host_memory=1)
+    with pytest.raises(ValueError, match="prefetch_depth must be an int >= 0, got -1"):
+        stream_weights(copy.deepcopy(model), "50%", prefetch_depth=-1)
     with pytest.raises(ValueError, match="gpu_memory must be bytes .* got '12 parsecs'"):
         stream_weights(copy.deepcopy(model), "12 parsecs")
     assert parse_memory("1.5GiB", 0) == 3 * 2**29
