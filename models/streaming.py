@@ -35,8 +35,8 @@ next and stream every layer). A step streams ``n_layers - slots + prefetch_depth
 Why the window rather than Belady's minimum (``n_layers - slots + 1``, one slot rotating): with
 one rotating slot, a layer's copy could start only when the layer before it had run, and nothing
 would move while the resident layers, the LM head and sampling run; with two, the copy engine
-always has the next layer to move (tried on an H100: the one-slot rotation reached 59-80% of the
-pinned rate). Bytes are moved only by the store, so a layer read back from any tier is
+always has the next layer to move (the first version, one rotating slot, reached 59-80% of the
+pinned rate on an H100). Bytes are moved only by the store, so a layer read back from any tier is
 bit-identical (the disk tier checks records).
 
 Decode steps do not replay as device graphs while weights move (the hooks move data between
