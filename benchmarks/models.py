@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import os
 import statistics
 import tempfile
 import time
@@ -39,6 +40,7 @@ import torch
 
 import apt_hal
 from apt_hal.models import GenerationConfig, ModelConfig, build_model, convert_experts, generate
+from apt_hal.models.generate import UNVERIFIED_COMPILE_ENV
 from apt_hal.models.hf import save_pretrained
 from apt_hal.nn import MXFP4Linear, convert_model_to_mxfp4
 from benchmarks import harness
@@ -187,7 +189,8 @@ def bench_family(family: str, args, device, bandwidth: float) -> tuple:
         for weights, model in variants:
             measured = {"apt": _throughput(_ours(model, prompts), batch, args.prompt_len, args.decode_len,
                                            args.repeats), **baselines}
-            if args.apt_compile:
+            if args.apt_compile:  # timing only: generate refuses compile=True off the CPU unless asked
+                os.environ[UNVERIFIED_COMPILE_ENV] = "1"
                 measured["apt compiled"] = _throughput(_ours(model, prompts, compile_decode=True), batch,
                                                        args.prompt_len, args.decode_len, args.repeats)
             floor = bandwidth / weight_bytes_per_step(model) if batch == 1 else None
@@ -251,7 +254,9 @@ def main(argv=None) -> None:
                         help="let transformers compile its static-cache decode step (default: on a GPU; "
                              "--tiny: off, and the column says NOT compiled)")
     parser.add_argument("--apt-compile", action="store_true",
-                        help="also time apt_hal with GenerationConfig(compile=True) (torch.compile'd decode step)")
+                        help="also time apt_hal with GenerationConfig(compile=True) (torch.compile'd decode step; "
+                             "off the CPU an unverified opt-in: its tokens are not checked, see "
+                             "apt_hal.models.generate.check_compile_allowed)")
     parser.add_argument("--markdown", help="also write the table to this file")
     args = parser.parse_args(argv)
     defaults = dict(batch=[1, 4], prompt_len=32, decode_len=8, repeats=1, compile=False) if args.tiny else \

@@ -18,11 +18,12 @@ over its floor, (bytes streamed per step) / (pinned rate), which no step can bea
 step, the bytes copied from the device back to the host or disk (``d2h MB/step``: 0, since layers
 are frozen and go back to their kept copies) and the layers put back that way (``dropped/step``).
 
-``--profile`` (GPU) adds, for each streamed batch-1 row, where a decode step's time goes, from a
-torch.profiler trace of one generation of 1 + steps tokens (so per step it includes the prefill's
-share): the time the copy engine moves host-to-device bytes (the union of its transfer intervals)
-and the rate while it does, the time kernels run, the time both run at once, the time neither
-runs, and the host's time blocked in stream, event or device synchronisation calls.
+``--profile`` (GPU) adds, for each streamed batch-1 row, where the time goes, from a
+torch.profiler trace of one generation of 1 + steps tokens, per forward pass (the prompt's and
+the steps' decode passes, each streaming the same layers): the time the copy engine moves
+host-to-device bytes (the union of its transfer intervals) and the rate while it does, the time
+kernels run, the time both run at once, the time neither runs (the trace's setup included), and
+the host's time blocked in stream, event or device synchronisation calls.
 """
 
 from __future__ import annotations
@@ -100,8 +101,8 @@ def _union(spans: list) -> float:
     return total
 
 
-def _profile(model, batch: int, prompt_len: int, steps: int, vocab: int, streamed_per_step: float) -> str:
-    """One line: where the time of a traced generation of 1 + steps tokens goes, per step."""
+def _profile(model, batch: int, prompt_len: int, steps: int, vocab: int, streamed_per_pass: float) -> str:
+    """One line: where the time of a traced generation of 1 + steps tokens goes, per forward pass."""
     prompts = torch.randint(0, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(0)).tolist()
     acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=acts) as prof:
@@ -115,10 +116,12 @@ def _profile(model, batch: int, prompt_len: int, steps: int, vocab: int, streame
     wall = max(e.time_range.end for e in cpu) - min(e.time_range.start for e in cpu)
     waits = sum(e.time_range.elapsed_us() for e in cpu if "Synchronize" in e.name)
     copy_us, kernel_us, either = _union(copies), _union(kernels), _union(copies + kernels)
-    ms = 1e3 * steps
-    return (f"  profile, per step: wall {wall / ms:.2f} ms; h2d copies {copy_us / ms:.2f} ms "
-            f"({streamed_per_step * steps / copy_us / 1e3 if copy_us else float('nan'):.1f} GB/s while copying); "
-            f"kernels {kernel_us / ms:.2f} ms; both {(copy_us + kernel_us - either) / ms:.2f} ms; "
+    passes = 1 + steps
+    ms = 1e3 * passes
+    rate = streamed_per_pass * passes / copy_us / 1e3 if copy_us else float("nan")
+    both = copy_us + kernel_us - either
+    return (f"  profile, per forward pass ({passes}): wall {wall / ms:.2f} ms; h2d copies {copy_us / ms:.2f} ms "
+            f"({rate:.1f} GB/s while copying); kernels {kernel_us / ms:.2f} ms; both {both / ms:.2f} ms; "
             f"neither {(wall - either) / ms:.2f} ms; host blocked in synchronize {waits / ms:.2f} ms")
 
 
