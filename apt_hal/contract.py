@@ -145,7 +145,13 @@ class Op:
         # torch.export keeps the apt_hal op (portable, and what compile/ lowers). torch.compile may
         # trace into the backend's own traceable op (a triton_op) so Inductor sees the kernel; the
         # choice is fixed when the graph is traced, so choose the backend before compiling.
-        if not self._needs_grad(args):
+        # An op that writes into its arguments stays the apt_hal op, which torch functionalizes as
+        # a custom op: the models write through views with gaps (the KV cache's pool[:, layer], q
+        # and k sliced from one projection), and torch's functionalization of a Triton kernel's
+        # writes copies such a view wrongly in inference mode (pytorch/pytorch#192227). On an
+        # H100, a compiled decode step that traced into paged_write and rotary_ chose other tokens
+        # than eager (models/generate.py, check_compile_allowed): the suspected cause.
+        if not self.mutates_args and not self._needs_grad(args):
             target = _compile_target(self.name, self._device_type(args))
             if target:
                 namespace, name = target.split("::")

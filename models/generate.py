@@ -224,8 +224,13 @@ def check_compile_allowed(config: GenerationConfig, device: torch.device) -> Non
     different token from the eager step (and the CPU) at the fourth step of a prompt shorter than
     the batch's others, a logit gap of 0.23, so not rounding
     (tests/test_generate.py::test_a_compiled_decode_step_on_the_gpu_generates_what_the_references_do).
-    Until that is found, a compiled step on an accelerator could return wrong tokens without a
-    sign; eager decode steps already replay as device graphs there. The opt-in is for measuring.
+    The suspected cause, since addressed without a GPU to confirm it: the compiled step traced
+    into the Triton kernels of the in-place ops (paged_write, rotary_), which write through views
+    with gaps, and torch's functionalization of such writes is wrong in inference mode
+    (pytorch/pytorch#192227); in-place ops now stay opaque under torch.compile
+    (apt_hal.contract.Op._traced_call). Until a GPU run of that test passes, a compiled step on
+    an accelerator could return wrong tokens without a sign; eager decode steps already replay as
+    device graphs there. The opt-in is for measuring and for that test.
     """
     if config.compile and device.type != "cpu" and os.environ.get(UNVERIFIED_COMPILE_ENV) != "1":
         raise ValueError(f"GenerationConfig: compile=True is refused on {device.type} for now: on an H100 a compiled "

@@ -235,6 +235,46 @@ def test_compile_traces_the_backends_traceable_op_and_export_keeps_apt_hal():
         torch.testing.assert_close(o, e, rtol=0, atol=0)
 
 
+_TRACE_LIB.define("rotary_(Tensor(a0!) q, Tensor(a1!) k, Tensor positions, Tensor cos_sin_cache, "
+                  "str style='neox') -> ()")
+_TRACE_LIB.impl("rotary_", lambda *a: ops.rotary_.reference(*a), "CompositeExplicitAutograd")
+torch.library.register_fake("apt_hal_test::rotary_", lambda *a: None, lib=_TRACE_LIB)
+
+
+@pytest.mark.usefixtures("test_backend")
+def test_compile_keeps_the_apt_hal_op_for_an_op_that_writes_its_arguments():
+    """An in-place op is not traced into even where the backend offers a traceable op: torch's
+    functionalization of a traced kernel's writes mishandles views with gaps in inference mode,
+    which is how the models call the in-place ops (contract.Op._traced_call)."""
+    def rotary_in_place(q, k, positions, cos_sin_cache, style="neox"):
+        ops.rotary_.reference(q, k, positions, cos_sin_cache, style)
+
+    registry.register_impl(ops.rotary_, "test", rotary_in_place, traceable="apt_hal_test::rotary_")
+    graphs = []
+
+    def capture(gm, _example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def rotate(q, k, positions, cos_sin_cache):
+        ops.rotary_(q, k, positions, cos_sin_cache)
+        return q, k
+
+    q, k, positions, cos_sin_cache = _rotary_args()[:4]
+    expected = [t.clone() for t in (q, k)]
+    ops.rotary_.reference(*expected, positions, cos_sin_cache)
+    with apt_hal.use("test", strict=True), torch.inference_mode():
+        torch._dynamo.reset()
+        fused = torch.cat([q, k], dim=2)  # q and k as views with gaps, as a model slices them
+        got = torch.compile(rotate, backend=capture, fullgraph=True)(fused[:, :, :q.shape[2]],
+                                                                      fused[:, :, q.shape[2]:], positions,
+                                                                      cos_sin_cache)
+    called = {str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"}
+    assert "apt_hal.rotary_.default" in called and not any("apt_hal_test" in c for c in called), called
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+
+
 @pytest.mark.usefixtures("test_backend")
 def test_check_levels():
     seen = []
