@@ -178,13 +178,20 @@ def test_fp4_matmul_sweep_gemv_tiles_run(tile):
 
 
 def test_streaming_tiny_runs_one_model_and_copies_nothing_back_from_the_device(capsys):
-    streaming.main(["--tiny", "--models", "apt-dense-tiny", "--steps", "2"])
+    streaming.main(["--tiny", "--models", "apt-dense-tiny", "--steps", "2", "--prefetch-depth", "0", "1"])
     out = capsys.readouterr().out
     assert "apt-moe-tiny" not in out  # --models picked one model
     header = next(line for line in out.splitlines() if line.startswith("model"))
-    assert header.split()[-2:] == ["MB/step", "dropped/step"] and "d2h" in header
+    assert header.split()[-2:] == ["MB/step", "dropped/step"] and "d2h" in header and "depth" in header
     rows = [line.split() for line in out.splitlines() if line.startswith("apt-dense-tiny") and "skipped" not in line]
-    assert [(r[1], r[3]) for r in rows] == [(b, batch) for b in ("none", "100%", "50%", "25%") for batch in ("1", "16")]
+    # (budget, depth, device layers, batch): a row per --prefetch-depth where layers stream; at 25% the
+    # tiny model keeps 1 layer, so depth 1 has one slot to rotate, as depth 0 (the depth column says 0)
+    assert [(r[1], r[2], r[4]) for r in rows] == [
+        *((b, "-", batch) for b in ("none", "100%") for batch in ("1", "16")),
+        *(("50%", depth, batch) for depth in ("0", "1") for batch in ("1", "16")),
+        *(("25%", "0", batch) for _ in ("0", "1") for batch in ("1", "16"))]
+    depth_0, depth_1 = (float(r[6]) for r in rows if r[1] == "50%" and r[4] == "1")  # MB/step
+    assert depth_1 > depth_0  # the second slot streams one layer more per step
     for row in rows:
         assert float(row[-2]) == 0.0, row  # d2h MB/step: layers go back to their kept copies
         assert (float(row[-1]) > 0) == (row[1] not in ("none", "100%")), row  # dropped/step: only while layers stream
