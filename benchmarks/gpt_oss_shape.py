@@ -10,7 +10,8 @@ dequantizes them to bf16 where its MXFP4 kernels are not installed, as on Hopper
 ``kernels`` package). Both generate greedily from the same random prompts; the table gives decode
 tokens/s at batch 1 and 16 (benchmarks/models.py's measure: decode tokens over the time of
 1 + decode_len new tokens minus that of 1) and each library's peak GPU memory over loading and
-generating. Logits of the two are compared before timing.
+generating. Logits of the two are compared before timing; a "logit drift" line then says which
+library's bf16 logits move from its own float32 ones on a one-layer checkpoint of the same shape.
 
     python -m benchmarks.gpt_oss_shape          # GPU: the 20b shape, bf16 with MXFP4 experts
     python -m benchmarks.gpt_oss_shape --tiny   # CPU smoke test: 2 layers, d 64, float32
@@ -108,6 +109,25 @@ def check_logits(ours, theirs, cfg: ModelConfig, device, strict: bool) -> str:
     return verdict
 
 
+def drift_check(tiny: bool, device) -> str:
+    """Which side moves when the two disagree: a one-layer checkpoint of the same shape, each
+    library's logits in the model's dtype on ``device`` against its own float32 logits on the CPU,
+    and the two float32 models against each other, on one random [2, 32] batch."""
+    one = config(tiny, 1)
+    torch.manual_seed(1)
+    ids = torch.randint(0, one.vocab_size, (2, 32))
+    with tempfile.TemporaryDirectory() as folder, torch.inference_mode():
+        write_checkpoint(one, folder, device)
+        apt_32 = load_pretrained(folder, device="cpu").float().eval()(ids).logits.double()
+        apt_dev = load_pretrained(folder, device=device).eval()(ids.to(device)).logits.double().cpu()
+        hf_32 = load_transformers(folder, torch.float32, torch.device("cpu"))[0](ids).logits.double()
+        hf_dev = load_transformers(folder, one.torch_dtype, device)[0](ids.to(device)).logits.double().cpu()
+    dtype = str(one.torch_dtype).replace("torch.", "")
+    return (f"one layer, [2, 32] ids, logit scale {hf_32.abs().max().item():.3g}: apt_hal float32 vs transformers "
+            f"float32 {(apt_32 - hf_32).abs().max().item():.3g}; {dtype} on {device.type} vs its own float32: apt_hal "
+            f"{(apt_dev - apt_32).abs().max().item():.3g}, transformers {(hf_dev - hf_32).abs().max().item():.3g}")
+
+
 def _peak_gb(device) -> float:
     return torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else float("nan")
 
@@ -148,6 +168,9 @@ def bench(args, device) -> tuple[list, list[str]]:
             theirs, _ = load_transformers(folder, cfg.torch_dtype, device)
             ours = load_pretrained(folder, device=device).eval()
             notes.append("logits: " + check_logits(ours, theirs, cfg, device, strict=False))
+            del ours, theirs
+            apt_hal.empty_cache()
+    notes.append("logit drift: " + drift_check(args.tiny, device))
     notes.append(f"experts in memory: apt_hal {held}; transformers {theirs_held}")
     for b in args.batch:
         rows.append((b, ours_tp[b], theirs_tp[b]))

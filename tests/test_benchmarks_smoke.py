@@ -3,6 +3,7 @@ column of their tables; the gpt-oss-shaped checkpoint they write loads in transf
 same logits. (The numbers are the GPU session's; here only the plumbing is checked.)"""
 
 import dataclasses
+import re
 import sys
 
 import pytest
@@ -94,10 +95,32 @@ def test_gpt_oss_logit_check_refuses_different_models(tmp_path):
         gpt_oss_shape.check_logits(ours, theirs, cfg, torch.device("cpu"), strict=True)
 
 
+def test_gpt_oss_drift_check_names_the_library_that_moved(monkeypatch):
+    """The drift line compares each library's device-dtype logits with its own float32 ones: a
+    transformers model whose device copy is perturbed shows up on transformers' side only."""
+    load = gpt_oss_shape.load_transformers
+
+    def perturbed_device_copy(folder, dtype, device):
+        model, held = load(folder, dtype, device)
+        if len(loads) == 1:  # the second load: the one in the model's dtype "on the device"
+            with torch.no_grad():
+                model.lm_head.weight.mul_(1.5)
+        loads.append(dtype)
+        return model, held
+
+    loads = []
+    monkeypatch.setattr(gpt_oss_shape, "load_transformers", perturbed_device_copy)
+    line = gpt_oss_shape.drift_check(True, torch.device("cpu"))
+    values = dict(re.findall(r"(apt_hal float32 vs transformers float32|apt_hal|transformers) ([0-9.e+-]+)", line))
+    assert len(loads) == 2 and float(values["apt_hal float32 vs transformers float32"]) < 1e-5, line
+    assert float(values["apt_hal"]) == 0 and float(values["transformers"]) > 0.1, line
+
+
 def test_gpt_oss_shape_tiny_prints_its_table(capsys):
     gpt_oss_shape.main(["--tiny", "--batch", "1", "2"])
     out = capsys.readouterr().out
     assert "experts in memory: apt_hal MXFP4; transformers torch.float32 (dequantized)" in out
+    assert "logit drift: one layer, [2, 32] ids" in out
     head, *body = table_rows(out)
     assert head == ["model", "batch", "prefill tok/s apt", "prefill tok/s HF", "decode tok/s apt", "decode tok/s HF",
                     "decode x HF"]
