@@ -2,7 +2,9 @@
 :func:`kernel_op` makes of it
 
 - the ``apt_hal_triton::<op>`` ``torch.library.triton_op`` that torch.compile traces into (its
-  kernels launched through ``torch.library.wrap_triton``, so Inductor sees them), and
+  kernels launched through ``torch.library.wrap_triton``, so Inductor sees them; for an op that
+  writes into its arguments, only when called directly: ``apt_hal.contract.Op`` keeps those
+  opaque under torch.compile), and
 - the cuda-triton implementation of the op (its kernels launched directly: no dispatcher hop),
   registered with ``traceable="apt_hal_triton::<op>"``.
 
