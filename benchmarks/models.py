@@ -189,8 +189,7 @@ def bench_family(family: str, args, device, bandwidth: float) -> tuple:
         for weights, model in variants:
             measured = {"apt": _throughput(_ours(model, prompts), batch, args.prompt_len, args.decode_len,
                                            args.repeats), **baselines}
-            if args.apt_compile:  # timing only: generate refuses compile=True off the CPU unless asked
-                os.environ[UNVERIFIED_COMPILE_ENV] = "1"
+            if args.apt_compile:
                 measured["apt compiled"] = _throughput(_ours(model, prompts, compile_decode=True), batch,
                                                        args.prompt_len, args.decode_len, args.repeats)
             floor = bandwidth / weight_bytes_per_step(model) if batch == 1 else None
@@ -264,6 +263,8 @@ def main(argv=None) -> None:
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    if args.apt_compile:  # timing only: generate refuses compile=True off the CPU unless asked
+        os.environ[UNVERIFIED_COMPILE_ENV] = "1"
     device = torch.device("cpu") if args.tiny else apt_hal.get_device()
     if device.type == "cpu" and not args.tiny:
         raise SystemExit("no accelerator found: the 1B benchmark needs one (use --tiny for a CPU smoke test)")

@@ -125,6 +125,13 @@ def _profile(model, batch: int, prompt_len: int, steps: int, vocab: int, streame
             f"neither {(wall - either) / ms:.2f} ms; host blocked in synchronize {waits / ms:.2f} ms")
 
 
+def _depth(text: str) -> int:
+    """argparse type of --prefetch-depth: an int >= 0."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"must be an int >= 0, got {text!r}")
+    return int(text)
+
+
 def _models(args) -> dict:
     """{row label: ModelConfig} of the models ``--models`` names (every one by default)."""
     if args.tiny:
@@ -149,7 +156,7 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--prefetch-depth", type=int, nargs="+", default=[1], metavar="D",
+    parser.add_argument("--prefetch-depth", type=_depth, nargs="+", default=[1], metavar="D",
                         help="streamed layers fetched ahead (stream_weights' prefetch_depth); several give a row "
                              "each, e.g. 0 1 (default 1)")
     parser.add_argument("--profile", action="store_true",

@@ -31,13 +31,14 @@ streamed layers in cyclic order (from ``i``, wrapping into the next step), each 
 store's side stream while earlier layers compute. Room is made by evicting the streamed layer whose
 next use is furthest away (``(j - i) mod n_layers``), which on a cyclic sweep is one that has
 already run this step: never a layer needed sooner (plain LRU would evict exactly the layer needed
-next and stream every layer). A step streams ``n_layers - slots + prefetch_depth + 1`` layers.
+next and stream every layer). A step streams ``n_layers - slots + window`` layers, where
+``window = min(slots, prefetch_depth + 1)``.
 Why the window rather than Belady's minimum (``n_layers - slots + 1``, one slot rotating): with
 one rotating slot, a layer's copy could start only when the layer before it had run, and nothing
 would move while the resident layers, the LM head and sampling run; with two, the copy engine
-always has the next layer to move (the first version, one rotating slot, reached 59-80% of the
-pinned rate on an H100). Bytes are moved only by the store, so a layer read back from any tier is
-bit-identical (the disk tier checks records).
+always has the next layer to move (the first version, one rotating slot with copies through
+``paged_copy_blocks``, reached 59-80% of the pinned rate on an H100). Bytes are moved only by
+the store, so a layer read back from any tier is bit-identical (the disk tier checks records).
 
 Decode steps do not replay as device graphs while weights move (the hooks move data between
 steps); :func:`apt_hal.models.generate` checks :func:`is_streamed` and

@@ -220,3 +220,6 @@ def test_streaming_tiny_runs_one_model_and_copies_nothing_back_from_the_device(c
         assert (float(row[-1]) > 0) == (row[1] not in ("none", "100%")), row  # dropped/step: only while layers stream
     with pytest.raises(SystemExit, match="--models must be a comma list of apt-dense-tiny, apt-moe-tiny, got 'x'"):
         streaming.main(["--tiny", "--models", "x"])
+    with pytest.raises(SystemExit):  # an argument error (exit 2), not a budget row reported as skipped
+        streaming.main(["--tiny", "--prefetch-depth", "-1"])
+    assert "--prefetch-depth: must be an int >= 0, got '-1'" in capsys.readouterr().err
