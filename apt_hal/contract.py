@@ -150,7 +150,7 @@ class Op:
         # and k sliced from one projection), and torch's functionalization of a Triton kernel's
         # writes copies such a view wrongly in inference mode (pytorch/pytorch#192227). On an
         # H100, a compiled decode step that traced into paged_write and rotary_ chose other tokens
-        # than eager (models/generate.py, check_compile_allowed): the suspected cause.
+        # than eager; with them opaque it generates eager's tokens (tests/test_generate.py).
         if not self.mutates_args and not self._needs_grad(args):
             target = _compile_target(self.name, self._device_type(args))
             if target:

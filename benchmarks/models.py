@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import os
 import statistics
 import tempfile
 import time
@@ -40,7 +39,6 @@ import torch
 
 import apt_hal
 from apt_hal.models import GenerationConfig, ModelConfig, build_model, convert_experts, generate
-from apt_hal.models.generate import UNVERIFIED_COMPILE_ENV
 from apt_hal.models.hf import save_pretrained
 from apt_hal.nn import MXFP4Linear, convert_model_to_mxfp4
 from benchmarks import harness
@@ -253,9 +251,7 @@ def main(argv=None) -> None:
                         help="let transformers compile its static-cache decode step (default: on a GPU; "
                              "--tiny: off, and the column says NOT compiled)")
     parser.add_argument("--apt-compile", action="store_true",
-                        help="also time apt_hal with GenerationConfig(compile=True) (torch.compile'd decode step; "
-                             "off the CPU an unverified opt-in: its tokens are not checked, see "
-                             "apt_hal.models.generate.check_compile_allowed)")
+                        help="also time apt_hal with GenerationConfig(compile=True) (torch.compile'd decode step)")
     parser.add_argument("--markdown", help="also write the table to this file")
     args = parser.parse_args(argv)
     defaults = dict(batch=[1, 4], prompt_len=32, decode_len=8, repeats=1, compile=False) if args.tiny else \
@@ -263,8 +259,6 @@ def main(argv=None) -> None:
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    if args.apt_compile:  # timing only: generate refuses compile=True off the CPU unless asked
-        os.environ[UNVERIFIED_COMPILE_ENV] = "1"
     device = torch.device("cpu") if args.tiny else apt_hal.get_device()
     if device.type == "cpu" and not args.tiny:
         raise SystemExit("no accelerator found: the 1B benchmark needs one (use --tiny for a CPU smoke test)")
