@@ -28,6 +28,9 @@ The contract a captured function must keep (PyTorch's CUDA-graph rules, written 
   warning naming the error.
 * The returned tensors are the graph's static outputs: the next call overwrites them. Use or copy
   them before calling again.
+* ``step.fn`` may be rebound between calls (generate rebinds it per call, so that a step kept
+  between calls does not hold the model): a captured signature replays what was recorded, so the
+  new function must compute the same step on the same tensors.
 
 The first call runs eagerly on purpose: it compiles kernels and fills caches that capture cannot
 (a host-to-device copy is not allowed while capturing), and it is a real step, so a stateful

@@ -19,12 +19,12 @@ from torch import nn
 
 from apt_hal.models.config import PRESETS, ModelConfig
 from apt_hal.models.decoder import DecoderLM, ModelOutput
-from apt_hal.models.generate import GenerationConfig, generate
+from apt_hal.models.generate import GenerationConfig, generate, release_decode_session
 from apt_hal.models.layers import convert_experts, init_weights
 from apt_hal.models.seq2seq import EncoderOutput, Seq2SeqLM
 
 __all__ = ["PRESETS", "DecoderLM", "EncoderOutput", "GenerationConfig", "ModelConfig", "ModelOutput", "Seq2SeqLM",
-           "build_model", "convert_experts", "generate", "parameter_count"]
+           "build_model", "convert_experts", "generate", "parameter_count", "release_decode_session"]
 
 
 def build_model(config: ModelConfig, *, device: Union[str, torch.device, None] = None,

@@ -9,7 +9,10 @@ inside the cache.
 Decode steps have fixed shapes (one token per sequence; the block table and the gathered past
 span each sequence's whole capacity, the mask hides what is not written yet), so from the second
 step on they replay as one device graph (:class:`apt_hal.graphs.StepGraph`) where the device has
-graph capture; ``GenerationConfig(graphs=False)`` runs them eagerly.
+graph capture; ``GenerationConfig(graphs=False)`` runs them eagerly. A decoder-only model keeps
+its last KV cache and captured decode graph between calls (:class:`DecodeSession`): the next call
+with the same batch size, whose sequences fit that cache, replays the graph from its first decode
+step. :func:`release_decode_session` frees them.
 
 Sampling follows Hugging Face's order: repetition penalty, temperature, top-k, top-p, then a draw
 from the distribution (``torch.multinomial``, seeded by ``seed``), or the argmax with ``greedy``.
@@ -114,11 +117,95 @@ class PagedKVCache:
         fresh, self._fresh = self._fresh, False
         return KVStep(self.store.pool, slots.reshape(-1), self.block_table, positions, self.lengths, fresh)
 
+    def reset(self) -> None:
+        """Forget every cached token, in place: a captured decode step keeps reading these tensors."""
+        self.lengths.zero_()
+        self._fresh = True
+
     def close(self) -> None:
         """Give the blocks back and release the store."""
         self.store.unpin(self._ids)
         self.store.free(self._ids)
         self.store.close()
+
+
+# A kept session's capacity per sequence is rounded up to a multiple of this many tokens, so calls
+# whose prompts or max_new_tokens differ a little share one cache and its captured graph.
+KEPT_CAPACITY_STEP = 64
+
+
+class DecodeSession:
+    """A batch's KV cache and its decode step (a :class:`apt_hal.graphs.StepGraph`).
+
+    Why a model keeps one between ``generate`` calls: the first decode step of a call runs eagerly
+    and the second is captured; for a 1B model on an H100 the two cost tens of milliseconds of
+    host time, more than 64 replayed steps take on the device. A kept session replays from the
+    first decode step of the next call.
+
+    Why reuse is safe: a captured graph reads the cache's tensors and the model's weights by
+    address, so a session is reused only under the same :attr:`key`: batch size, dtype, device,
+    the ``graphs`` and ``compile`` settings and the address, dtype and shape of every parameter
+    and buffer (a weight replaced or moved starts a new session; weights changed in place, as an
+    optimiser or ``load_state_dict`` does, are read anew by the replay). Its :attr:`capacity` (tokens
+    per sequence, a multiple of ``KEPT_CAPACITY_STEP``) must hold the call's longest sequence and be
+    at most twice what the call needs: a decode step attends over the whole (masked) capacity.
+    Only decoder-only models that do not stream their weights keep one (a seq2seq step also reads
+    its call's encoder output; streamed weights move between steps). A session in use by one call
+    is not shared with another (a concurrent call builds its own).
+    """
+
+    def __init__(self, key: Optional[tuple], cache: PagedKVCache, graphs: bool, capacity: int):
+        self.key, self.cache, self.capacity = key, cache, capacity
+        self.step = apt_hal.graphs.StepGraph(None, enabled=graphs)
+        self.in_use = False
+
+    def close(self) -> None:
+        self.step = None
+        self.cache.close()
+
+
+# model -> its kept decode session (weak: the session never keeps the model alive; its step's
+# function, which calls the model, is dropped when each generate call ends).
+_KEPT_SESSIONS: "weakref.WeakKeyDictionary[nn.Module, DecodeSession]" = weakref.WeakKeyDictionary()
+
+
+def release_decode_session(model: nn.Module) -> bool:
+    """Free the KV cache and decode graph that ``model`` kept from its last ``generate`` call
+    (device memory: the cache and the graph's pool). Returns whether there was one."""
+    session = _KEPT_SESSIONS.pop(model, None)
+    if session is None:
+        return False
+    if not session.in_use:
+        session.close()
+    return True
+
+
+def _weights_key(model: nn.Module) -> tuple:
+    return tuple((t.data_ptr(), t.dtype, tuple(t.shape)) for t in (*model.parameters(), *model.buffers()))
+
+
+def _open_session(model: nn.Module, config: GenerationConfig, capacities: list[int], device: torch.device,
+                  dtype: torch.dtype, graphs: bool) -> tuple[DecodeSession, bool]:
+    """(session, kept): the model's kept session when its key matches and it is free, else a new
+    one, kept (replacing the old) where the model may keep one. A session that is not kept is
+    closed by the caller."""
+    cfg = model.config
+    if cfg.family == "seq2seq" or is_streamed(model):
+        return DecodeSession(None, PagedKVCache(cfg, capacities, device=device, dtype=dtype), graphs, 0), False
+    capacity = math.ceil(max(capacities) / KEPT_CAPACITY_STEP) * KEPT_CAPACITY_STEP
+    key = (len(capacities), dtype, device, graphs, config.compile, _weights_key(model))
+    kept = _KEPT_SESSIONS.get(model)
+    if kept is not None and kept.in_use:  # another call is using it: this one gets its own
+        return DecodeSession(None, PagedKVCache(cfg, capacities, device=device, dtype=dtype), graphs, 0), False
+    if kept is not None and kept.key == key and capacity <= kept.capacity <= 2 * capacity:
+        kept.cache.reset()
+        return kept, True
+    if kept is not None:
+        release_decode_session(model)  # before allocating its successor
+    cache = PagedKVCache(cfg, [capacity] * len(capacities), device=device, dtype=dtype)
+    session = DecodeSession(key, cache, graphs, capacity)
+    _KEPT_SESSIONS[model] = session
+    return session, True
 
 
 # model -> its forward compiled for decode steps (one compilation per model and shape, not per call).
@@ -251,7 +338,15 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]],
             return run(ids, attention_mask=mask, kv=kv, logits_at=logits_at).logits[:, -1]
 
     batch = len(starts)
-    cache = PagedKVCache(cfg, [len(s) + config.max_new_tokens for s in starts], device=device, dtype=dtype)
+    # Streamed weights move between steps (hooks), which neither a replayed graph nor a compiled
+    # (fullgraph) step would do. Weights that all stay on the device move nothing, so their steps
+    # replay as graphs (compile is still left to unstreamed models).
+    streamed = is_streamed(model)
+    moving = streamed and model.weight_stream.moves_weights
+    session, kept = _open_session(model, config, [len(s) + config.max_new_tokens for s in starts], device, dtype,
+                                  graphs=config.graphs and not moving)
+    session.in_use = True
+    cache = session.cache
     try:
         ids, mask = _pad(starts, device)
         positions = torch.arange(ids.shape[1], device=device).expand(ids.shape)
@@ -263,17 +358,13 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]],
         done = [False] * batch
         rows = torch.arange(batch, device=device)
 
-        # Streamed weights move between steps (hooks), which neither a replayed graph nor a
-        # compiled (fullgraph) step would do. Weights that all stay on the device move nothing, so
-        # their steps replay as graphs (compile is still left to unstreamed models).
-        streamed = is_streamed(model)
-        moving = streamed and model.weight_stream.moves_weights
         run = compiled_forward(model) if config.compile and not streamed else model
 
         def decode(tokens):  # one new token per sequence: fixed shapes, so one graph serves every step
             positions = cache.lengths[:, None].clone()  # step() advances the lengths in place
             return forward(tokens, None, cache.step(positions), None, run)
-        decode_step = apt_hal.graphs.StepGraph(decode, enabled=config.graphs and not moving)
+        decode_step = session.step
+        decode_step.fn = decode  # a graph captured by an earlier call replays the same step on the same tensors
         for _ in range(config.max_new_tokens):
             tokens = choose_tokens(logits, seen, config, generator)
             if record_tokens(tokens, new, done, config):
@@ -281,5 +372,9 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]],
             seen[rows, tokens] = True
             logits = decode_step(tokens[:, None])
     finally:
-        cache.close()
+        session.in_use = False
+        if kept and _KEPT_SESSIONS.get(model) is session:
+            session.step.fn = None  # the step's function holds the model: a kept session must not
+        else:  # not kept, or released while this call ran
+            session.close()
     return new

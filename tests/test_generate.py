@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from apt_hal.models import GenerationConfig, ModelConfig, build_model, generate
-from apt_hal.models.generate import sampling_probs
+from apt_hal.models.generate import _KEPT_SESSIONS as KEPT_SESSIONS
+from apt_hal.models.generate import KEPT_CAPACITY_STEP, PagedKVCache, release_decode_session, sampling_probs
 from apt_hal.nn import MXFP4Linear, convert_model_to_mxfp4
 
 FAMILIES = ["dense", "moe", "oss", "seq2seq"]
@@ -237,3 +238,67 @@ def test_bad_prompts_get_a_clear_error(prompts, config, message):
 def test_bad_generation_configs_are_rejected(fields, message):
     with pytest.raises(ValueError, match=message):
         GenerationConfig(**fields)
+
+
+# ---- the decode session a model keeps between calls ---------------------------------------------
+
+
+def test_a_second_call_reuses_the_kept_cache_and_generates_what_a_fresh_model_does():
+    model = tiny_model("dense", init_std=0.1)
+    config = GenerationConfig(max_new_tokens=6, greedy=True)
+    first = generate(model, PROMPTS, config)
+    session = KEPT_SESSIONS[model]
+    assert session.step.fn is None and not session.in_use  # the kept step does not hold the model
+    # Another prompt set of the same batch size and capacity step: the same cache, reset.
+    other = [[9, 9, 9], [4, 5], [300]]
+    assert generate(model, other, config) == generate(tiny_model("dense", init_std=0.1), other, config)
+    assert KEPT_SESSIONS[model] is session
+    assert generate(model, PROMPTS, config) == first
+    # A batch of another size, or sequences longer than the kept capacity: a new session replaces it.
+    generate(model, PROMPTS[:2], config)
+    assert KEPT_SESSIONS[model] is not session
+    session = KEPT_SESSIONS[model]
+    assert session.capacity == KEPT_CAPACITY_STEP
+    longer = dataclasses.replace(config, max_new_tokens=2 * KEPT_CAPACITY_STEP)  # 7 + 128 tokens
+    assert generate(model, PROMPTS[:2], longer) == generate(tiny_model("dense", init_std=0.1), PROMPTS[:2], longer)
+    assert KEPT_SESSIONS[model] is not session
+    session = KEPT_SESSIONS[model]
+    assert session.capacity == 3 * KEPT_CAPACITY_STEP
+    generate(model, PROMPTS[:2], dataclasses.replace(config, max_new_tokens=KEPT_CAPACITY_STEP))  # 2/3 of it: kept
+    assert KEPT_SESSIONS[model] is session
+    generate(model, PROMPTS[:2], config)  # would attend over 3x the 64 tokens it needs
+    assert KEPT_SESSIONS[model] is not session
+    assert release_decode_session(model) and model not in KEPT_SESSIONS
+    assert not release_decode_session(model)
+
+
+def test_a_replaced_weight_starts_a_new_session_and_in_place_changes_are_seen():
+    model, reference = tiny_model("dense", init_std=0.1), tiny_model("dense", seed=1, init_std=0.1)
+    config = GenerationConfig(max_new_tokens=6, greedy=True)
+    generate(model, PROMPTS, config)
+    session = KEPT_SESSIONS[model]
+    with torch.no_grad():  # in place (an optimiser step, load_state_dict): same tensors, same session
+        for p, q in zip(model.parameters(), reference.parameters()):
+            p.copy_(q)
+    assert generate(model, PROMPTS, config) == generate(reference, PROMPTS, config)
+    assert KEPT_SESSIONS[model] is session
+    model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight))  # a new tensor
+    fresh = tiny_model("dense", seed=1, init_std=0.1)
+    fresh.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    assert generate(model, PROMPTS, config) == generate(fresh, PROMPTS, config)
+    assert KEPT_SESSIONS[model] is not session
+
+
+def test_a_seq2seq_model_keeps_no_session_and_a_session_in_use_is_not_shared(monkeypatch):
+    seq2seq = tiny_model("seq2seq", init_std=0.1)
+    generate(seq2seq, PROMPTS, GenerationConfig(max_new_tokens=3, greedy=True))
+    assert seq2seq not in KEPT_SESSIONS  # its step also reads the call's encoder output
+    model = tiny_model("dense", init_std=0.1)
+    config = GenerationConfig(max_new_tokens=4, greedy=True)
+    expected = generate(model, PROMPTS, config)
+    kept = KEPT_SESSIONS[model]
+    kept.in_use = True  # as while another thread's call runs
+    closed = []
+    monkeypatch.setattr(PagedKVCache, "close", lambda self: closed.append(self))
+    assert generate(model, PROMPTS, config) == expected
+    assert KEPT_SESSIONS[model] is kept and closed and closed[-1] is not kept.cache

@@ -105,3 +105,27 @@ def test_generation_with_graphs_equals_generation_without(family):
     assert graphed == eager
     sampled = [generate(model, prompts, GenerationConfig(max_new_tokens=20, seed=3, graphs=g)) for g in (False, True)]
     assert sampled[0] == sampled[1]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not GPU, reason="graph capture needs a CUDA GPU")
+@pytest.mark.parametrize("family", ["dense", "moe"])
+def test_a_kept_decode_graph_replays_from_the_first_step_of_the_next_call(family, monkeypatch):
+    import dataclasses
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.preset(f"apt-{family}-tiny", init_std=0.1)).to("cuda")
+    prompts = [[5, 17, 300, 2, 9, 41, 8], [100], [7, 7, 200, 31]]
+    config = GenerationConfig(max_new_tokens=20, greedy=True)
+    eager = dataclasses.replace(config, graphs=False)
+    captures = []
+    capture = StepGraph._capture
+    monkeypatch.setattr(StepGraph, "_capture", lambda self, args: captures.append(1) or capture(self, args))
+    expected = generate(copy.deepcopy(model), prompts, eager)
+    assert generate(model, prompts, config) == expected
+    assert generate(model, prompts, config) == expected  # every decode step a replay of the first call's graph
+    assert captures == [1]
+    # A replaced weight is a new tensor the kept graph does not read: a new session captures again.
+    model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight))
+    assert generate(model, prompts, config) == generate(copy.deepcopy(model), prompts, eager)
+    assert captures == [1, 1]
