@@ -22,14 +22,22 @@ class ModelOutput:
     """``loss = lm_loss + aux_loss_weight * aux_loss + z_loss_weight * z_loss`` (given labels).
 
     ``aux_loss`` (Switch load-balance loss) and ``z_loss`` (router z-loss) are unweighted means over
-    the MoE layers, None for a model without experts.
+    the MoE layers, None for a model without experts; computed when read (a generation step never
+    reads them).
     """
 
     logits: torch.Tensor  # [B, S, vocab], or [B, 1, vocab] at the positions asked for
     loss: Optional[torch.Tensor] = None
     lm_loss: Optional[torch.Tensor] = None
-    aux_loss: Optional[torch.Tensor] = None
-    z_loss: Optional[torch.Tensor] = None
+    moe_outputs: list = dataclasses.field(default_factory=list, repr=False)  # each MoE layer's MoEOutput
+
+    @property
+    def aux_loss(self) -> Optional[torch.Tensor]:
+        return torch.stack([m.load_balance_loss for m in self.moe_outputs]).mean() if self.moe_outputs else None
+
+    @property
+    def z_loss(self) -> Optional[torch.Tensor]:
+        return torch.stack([m.z_loss for m in self.moe_outputs]).mean() if self.moe_outputs else None
 
 
 def check_tokens(name: str, ids, vocab_size: int, *, labels: bool = False) -> None:
@@ -69,23 +77,20 @@ def check_length(name: str, ids: torch.Tensor, cfg: ModelConfig) -> None:
         raise ValueError(f"{name} has {ids.shape[1]} tokens, more than the model's max_position={cfg.max_position}")
 
 
-def lm_output(logits: torch.Tensor, labels: Optional[torch.Tensor], moe_losses: list, cfg: ModelConfig,
+def lm_output(logits: torch.Tensor, labels: Optional[torch.Tensor], moe_outputs: list, cfg: ModelConfig,
               *, shift: bool) -> ModelOutput:
     """The output, with the cross-entropy loss when labels are given (labels[t+1] is the target of
     logits[t] when ``shift``, as in a causal LM; labels[t] otherwise), mean over non-ignored labels."""
-    aux = z = None
-    if moe_losses:
-        aux = torch.stack([lb for lb, _ in moe_losses]).mean()
-        z = torch.stack([zl for _, zl in moe_losses]).mean()
+    out = ModelOutput(logits, moe_outputs=moe_outputs)
     if labels is None:
-        return ModelOutput(logits, aux_loss=aux, z_loss=z)
+        return out
     scores, targets = (logits[:, :-1], labels[:, 1:]) if shift else (logits, labels)
-    lm_loss = F.cross_entropy(scores.reshape(-1, scores.shape[-1]).float(), targets.reshape(-1).long(),
-                              ignore_index=IGNORE_INDEX)
-    loss = lm_loss
-    if aux is not None:
-        loss = loss + cfg.aux_loss_weight * aux + cfg.z_loss_weight * z
-    return ModelOutput(logits, loss, lm_loss, aux, z)
+    out.lm_loss = F.cross_entropy(scores.reshape(-1, scores.shape[-1]).float(), targets.reshape(-1).long(),
+                                  ignore_index=IGNORE_INDEX)
+    out.loss = out.lm_loss
+    if moe_outputs:
+        out.loss = out.loss + cfg.aux_loss_weight * out.aux_loss + cfg.z_loss_weight * out.z_loss
+    return out
 
 
 def select_positions(x: torch.Tensor, logits_at: Optional[torch.Tensor]) -> torch.Tensor:
@@ -134,6 +139,6 @@ class DecoderLM(nn.Module):
                                  f"computed everywhere), got {tuple(labels.shape)}")
         x = self.embed(input_ids)
         batch = AttentionBatch(tuple(input_ids.shape), valid, self.rotary.on(x.device), kv=kv)
-        x, moe_losses = run_blocks(self.layers, x, batch)
+        x, moe_outputs = run_blocks(self.layers, x, batch)
         logits = self.lm_head(self.norm(select_positions(x, logits_at)))
-        return lm_output(logits, labels, moe_losses, cfg, shift=True)
+        return lm_output(logits, labels, moe_outputs, cfg, shift=True)

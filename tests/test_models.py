@@ -129,6 +129,25 @@ def test_loss_is_shifted_cross_entropy_plus_weighted_moe_losses(family):
     torch.testing.assert_close(out.loss, expected_lm + weighted, **FP32)
 
 
+def test_generation_computes_no_moe_loss_and_a_forward_with_labels_does(monkeypatch):
+    # The losses are read lazily: a decode step that never reads them launches none of their kernels.
+    import apt_hal.contracts.moe_dispatch as contract
+    from apt_hal.models import GenerationConfig, generate
+
+    calls = []
+
+    def recorded(name, fn):
+        return lambda *args: calls.append(name) or fn(*args)
+
+    for name in ("load_balance_loss", "router_z_loss"):
+        monkeypatch.setattr(contract, name, recorded(name, getattr(contract, name)))
+    model = model_of(tiny("moe"))
+    generate(model, [[1, 2, 3]], GenerationConfig(max_new_tokens=3, greedy=True))
+    assert calls == []
+    model(torch.randint(0, 512, (1, 5)), labels=torch.randint(0, 512, (1, 5)))
+    assert calls.count("load_balance_loss") == calls.count("router_z_loss") == model.config.n_layers
+
+
 def test_seq2seq_loss_predicts_labels_from_labels_shifted_right():
     model = model_of(tiny("seq2seq"))
     src, labels = torch.randint(0, 512, (2, 6)), torch.randint(0, 512, (2, 5))

@@ -60,8 +60,8 @@ hidden width, ``S = T*k`` assignments. Assignment ``a = t*k + j`` is token ``t``
 ``tokens_per_expert`` (kept, int64 ``[E]``), ``dropped`` (int64 scalar), the Switch load-balance
 loss ``E * sum_e f_e * P_e`` (``f_e``: fraction of the ``S`` assignments routed to ``e`` before
 capacity; ``P_e``: mean softmax probability of ``e``) and the router z-loss
-``mean_t logsumexp(logits_t)^2``. Both losses are differentiable with respect to the logits, and
-are 0 for an empty batch (``T = 0``).
+``mean_t logsumexp(logits_t)^2``. Both losses are differentiable with respect to the logits, are
+0 for an empty batch (``T = 0``), and are computed when read.
 
 Gradients flow through ``moe_route`` (weights w.r.t. logits), ``moe_experts`` (w.r.t. ``x``, the
 unquantized weights and biases) and ``moe_combine`` (w.r.t. ``y`` and the weights).
@@ -403,8 +403,20 @@ class MoEOutput:
     topk_weights: torch.Tensor  # float32 [T, k]
     tokens_per_expert: torch.Tensor  # int64 [E], kept assignments
     dropped: torch.Tensor  # int64 scalar, assignments dropped over capacity
-    load_balance_loss: torch.Tensor  # float32 scalar
-    z_loss: torch.Tensor  # float32 scalar
+    router_logits: torch.Tensor  # [T, E], as given
+
+    # The losses are computed when read (each read computes them anew): a generation step, which
+    # never reads them, launches none of their kernels (about a dozen per MoE layer and step).
+    # Properties, not functools.cached_property, whose lock torch.compile cannot trace (Python 3.11).
+    @property
+    def load_balance_loss(self) -> torch.Tensor:
+        """float32 scalar: the Switch load-balance loss (see the module docstring)."""
+        return load_balance_loss(self.router_logits, self.topk_ids)
+
+    @property
+    def z_loss(self) -> torch.Tensor:
+        """float32 scalar: the router z-loss."""
+        return router_z_loss(self.router_logits)
 
 
 def capacity_for(num_tokens: int, top_k: int, num_experts: int, capacity_factor: Optional[float]) -> int:
@@ -466,6 +478,5 @@ def moe_dispatch(x: torch.Tensor, router_logits: torch.Tensor, w_up: torch.Tenso
         topk_weights=weights,
         tokens_per_expert=kept,
         dropped=ids.numel() - offsets[-1],
-        load_balance_loss=load_balance_loss(logits, ids),
-        z_loss=router_z_loss(logits),
+        router_logits=logits,
     )
