@@ -6,7 +6,7 @@ rotating inputs: enough weight copies to exceed the L2 cache twice). Where gemli
 installed its column says so; a gemlite result is held to the norm bound below before it is timed.
 
 Shapes (the issue): (K, N) in {(8192, 8192), (4096, 14336), (14336, 4096)}, M in {1, 16, 128, 4096}.
-Targets, as speed-ups over bf16 cuBLAS: M = 1 and 16 >= 3.0x, M = 128 >= 1.8x, M = 4096 >= 0.95x.
+Targets, as speed-ups over bf16 cuBLAS: M = 1 and 16 >= 3.0x, M = 128 >= 1.8x, M = 4096 >= 0.97x.
 % ceiling: for M <= 16, weight bytes (N*K/2 + N*K/32) per second against the measured copy rate;
 for larger M, TFLOP/s (2*M*N*K) against the measured bf16 GEMM rate.
 
@@ -52,7 +52,7 @@ from benchmarks import harness
 
 SHAPES = [(8192, 8192), (4096, 14336), (14336, 4096)]  # (K, N)
 ROWS = [1, 16, 128, 4096]
-TARGET_SPEEDUP = {1: 3.0, 16: 3.0, 128: 1.8, 4096: 0.95}  # over bf16 cuBLAS
+TARGET_SPEEDUP = {1: 3.0, 16: 3.0, 128: 1.8, 4096: 0.97}  # over bf16 cuBLAS (issue 16)
 ULP = {torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10, torch.float32: 2.0 ** -23}
 REL_NORM = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-4}
 
