@@ -144,11 +144,12 @@ class DecodeSession:
 
     Why reuse is safe: a captured graph reads the cache's tensors and the model's weights by
     address, so a session is reused only under the same :attr:`key`: batch size, dtype, device,
-    the ``graphs`` and ``compile`` settings and the address, dtype and shape of every parameter
-    and buffer (a weight replaced or moved starts a new session; weights changed in place, as an
-    optimiser or ``load_state_dict`` does, are read anew by the replay). Its :attr:`capacity` (tokens
-    per sequence, a multiple of ``KEPT_CAPACITY_STEP``) must hold the call's longest sequence and be
-    at most twice what the call needs: a decode step attends over the whole (masked) capacity.
+    the ``graphs`` and ``compile`` settings, train/eval mode and the address, dtype and shape of
+    every parameter and buffer (a weight replaced or moved starts a new session; weights changed
+    in place, as an optimiser or ``load_state_dict`` does, are read anew by the replay). Its
+    :attr:`capacity` (tokens per sequence, a multiple of ``KEPT_CAPACITY_STEP``) must hold the
+    call's longest sequence and be at most twice what the call needs: a decode step attends over
+    the whole (masked) capacity.
     Only decoder-only models that do not stream their weights keep one (a seq2seq step also reads
     its call's encoder output; streamed weights move between steps). A session in use by one call
     is not shared with another (a concurrent call builds its own).
@@ -193,7 +194,7 @@ def _open_session(model: nn.Module, config: GenerationConfig, capacities: list[i
     if cfg.family == "seq2seq" or is_streamed(model):
         return DecodeSession(None, PagedKVCache(cfg, capacities, device=device, dtype=dtype), graphs, 0), False
     capacity = math.ceil(max(capacities) / KEPT_CAPACITY_STEP) * KEPT_CAPACITY_STEP
-    key = (len(capacities), dtype, device, graphs, config.compile, _weights_key(model))
+    key = (len(capacities), dtype, device, graphs, config.compile, model.training, _weights_key(model))
     kept = _KEPT_SESSIONS.get(model)
     if kept is not None and kept.in_use:  # another call is using it: this one gets its own
         return DecodeSession(None, PagedKVCache(cfg, capacities, device=device, dtype=dtype), graphs, 0), False
