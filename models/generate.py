@@ -24,6 +24,7 @@ import dataclasses
 import functools
 import math
 import operator
+import threading
 import weakref
 from typing import Callable, Optional, Sequence
 
@@ -168,6 +169,7 @@ class DecodeSession:
 # model -> its kept decode session (weak: the session never keeps the model alive; its step's
 # function, which calls the model, is dropped when each generate call ends).
 _KEPT_SESSIONS: "weakref.WeakKeyDictionary[nn.Module, DecodeSession]" = weakref.WeakKeyDictionary()
+_SESSIONS_LOCK = threading.Lock()  # two threads never take the same free session
 
 
 def release_decode_session(model: nn.Module) -> bool:
@@ -188,8 +190,16 @@ def _weights_key(model: nn.Module) -> tuple:
 def _open_session(model: nn.Module, config: GenerationConfig, capacities: list[int], device: torch.device,
                   dtype: torch.dtype, graphs: bool) -> tuple[DecodeSession, bool]:
     """(session, kept): the model's kept session when its key matches and it is free, else a new
-    one, kept (replacing the old) where the model may keep one. A session that is not kept is
-    closed by the caller."""
+    one, kept (replacing the old) where the model may keep one; marked in use. A session that is
+    not kept is closed by the caller."""
+    with _SESSIONS_LOCK:
+        session, kept = _choose_session(model, config, capacities, device, dtype, graphs)
+        session.in_use = True
+    return session, kept
+
+
+def _choose_session(model: nn.Module, config: GenerationConfig, capacities: list[int], device: torch.device,
+                    dtype: torch.dtype, graphs: bool) -> tuple[DecodeSession, bool]:
     cfg = model.config
     if cfg.family == "seq2seq" or is_streamed(model):
         return DecodeSession(None, PagedKVCache(cfg, capacities, device=device, dtype=dtype), graphs, 0), False
@@ -346,7 +356,6 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]],
     moving = streamed and model.weight_stream.moves_weights
     session, kept = _open_session(model, config, [len(s) + config.max_new_tokens for s in starts], device, dtype,
                                   graphs=config.graphs and not moving)
-    session.in_use = True
     cache = session.cache
     try:
         ids, mask = _pad(starts, device)
