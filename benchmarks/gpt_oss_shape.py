@@ -26,6 +26,7 @@ import tempfile
 from typing import Optional
 
 import torch
+import triton
 
 import apt_hal
 from apt_hal.models import ModelConfig, build_model
@@ -208,8 +209,8 @@ def main(argv=None) -> None:
     import transformers
 
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else device}; torch {torch.__version__}; "
-          f"transformers {transformers.__version__}; prompt {args.prompt_len} tokens, decode {args.decode_len} "
-          f"tokens, median of {args.repeats}", flush=True)
+          f"triton {triton.__version__}; transformers {transformers.__version__}; prompt {args.prompt_len} tokens, "
+          f"decode {args.decode_len} tokens, median of {args.repeats}", flush=True)
     rows, notes = bench(args, device)
     for line in notes:
         print(line, flush=True)

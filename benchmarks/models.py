@@ -36,6 +36,7 @@ import time
 from typing import Optional
 
 import torch
+import triton
 
 import apt_hal
 from apt_hal.models import GenerationConfig, ModelConfig, build_model, convert_experts, generate
@@ -266,7 +267,8 @@ def main(argv=None) -> None:
 
     bandwidth = copy_bandwidth(device, nbytes=(1 << 26) if args.tiny else (1 << 30))
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else device}; torch {torch.__version__}; "
-          f"transformers {transformers.__version__}; backend policy: {apt_hal.registry.current_policy().backend}; "
+          f"triton {triton.__version__}; transformers {transformers.__version__}; "
+          f"backend policy: {apt_hal.registry.current_policy().backend}; "
           f"copy bandwidth {bandwidth / 1e9:.0f} GB/s (read + written); prompt {args.prompt_len} tokens, "
           f"decode {args.decode_len} tokens, median of {args.repeats}", flush=True)
     rows, notes = [], []

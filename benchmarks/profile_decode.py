@@ -23,6 +23,7 @@ import copy
 import time
 
 import torch
+import triton
 
 import apt_hal
 from apt_hal.models import GenerationConfig, ModelConfig, build_model, convert_experts, generate
@@ -102,8 +103,9 @@ def main(argv=None) -> None:
     if device.type != "cuda":
         raise SystemExit("profile_decode needs a CUDA GPU (it reads CUDA kernel times from torch.profiler)")
     bw = copy_bandwidth(device)
-    print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}; copy bandwidth {bw / 1e9:.0f} GB/s "
-          f"(bytes read + written); prompt {args.prompt_len}, {args.decode_len} decoded tokens, batch 1")
+    print(f"{torch.cuda.get_device_name()}  torch {torch.__version__} triton {triton.__version__}; "
+          f"copy bandwidth {bw / 1e9:.0f} GB/s (bytes read + written); prompt {args.prompt_len}, "
+          f"{args.decode_len} decoded tokens, batch 1")
     rows = []
     for family in args.models:
         cfg = ModelConfig.preset(f"apt-{family}-1b", dtype="bfloat16")
