@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from apt_hal.contract import value_checks_enabled
+from apt_hal.contracts.moe_dispatch import load_balance_loss, router_z_loss
 from apt_hal.models.config import ModelConfig
 from apt_hal.models.layers import AttentionBatch, Block, KVStep, PastKV, RMSNorm, RotaryTable, run_blocks
 
@@ -29,15 +30,17 @@ class ModelOutput:
     logits: torch.Tensor  # [B, S, vocab], or [B, 1, vocab] at the positions asked for
     loss: Optional[torch.Tensor] = None
     lm_loss: Optional[torch.Tensor] = None
-    moe_outputs: list = dataclasses.field(default_factory=list, repr=False)  # each MoE layer's MoEOutput
+    # Each MoE layer's (router_logits, topk_ids): what the losses need, not the layers' outputs,
+    # so that keeping a ModelOutput keeps no activations alive.
+    routing: list = dataclasses.field(default_factory=list, repr=False)
 
     @property
     def aux_loss(self) -> Optional[torch.Tensor]:
-        return torch.stack([m.load_balance_loss for m in self.moe_outputs]).mean() if self.moe_outputs else None
+        return torch.stack([load_balance_loss(*r) for r in self.routing]).mean() if self.routing else None
 
     @property
     def z_loss(self) -> Optional[torch.Tensor]:
-        return torch.stack([m.z_loss for m in self.moe_outputs]).mean() if self.moe_outputs else None
+        return torch.stack([router_z_loss(logits) for logits, _ in self.routing]).mean() if self.routing else None
 
 
 def check_tokens(name: str, ids, vocab_size: int, *, labels: bool = False) -> None:
@@ -77,18 +80,18 @@ def check_length(name: str, ids: torch.Tensor, cfg: ModelConfig) -> None:
         raise ValueError(f"{name} has {ids.shape[1]} tokens, more than the model's max_position={cfg.max_position}")
 
 
-def lm_output(logits: torch.Tensor, labels: Optional[torch.Tensor], moe_outputs: list, cfg: ModelConfig,
+def lm_output(logits: torch.Tensor, labels: Optional[torch.Tensor], routing: list, cfg: ModelConfig,
               *, shift: bool) -> ModelOutput:
     """The output, with the cross-entropy loss when labels are given (labels[t+1] is the target of
     logits[t] when ``shift``, as in a causal LM; labels[t] otherwise), mean over non-ignored labels."""
-    out = ModelOutput(logits, moe_outputs=moe_outputs)
+    out = ModelOutput(logits, routing=routing)
     if labels is None:
         return out
     scores, targets = (logits[:, :-1], labels[:, 1:]) if shift else (logits, labels)
     out.lm_loss = F.cross_entropy(scores.reshape(-1, scores.shape[-1]).float(), targets.reshape(-1).long(),
                                   ignore_index=IGNORE_INDEX)
     out.loss = out.lm_loss
-    if moe_outputs:
+    if routing:
         out.loss = out.loss + cfg.aux_loss_weight * out.aux_loss + cfg.z_loss_weight * out.z_loss
     return out
 
@@ -139,6 +142,6 @@ class DecoderLM(nn.Module):
                                  f"computed everywhere), got {tuple(labels.shape)}")
         x = self.embed(input_ids)
         batch = AttentionBatch(tuple(input_ids.shape), valid, self.rotary.on(x.device), kv=kv)
-        x, moe_outputs = run_blocks(self.layers, x, batch)
+        x, routing = run_blocks(self.layers, x, batch)
         logits = self.lm_head(self.norm(select_positions(x, logits_at)))
-        return lm_output(logits, labels, moe_outputs, cfg, shift=True)
+        return lm_output(logits, labels, routing, cfg, shift=True)

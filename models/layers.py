@@ -341,8 +341,9 @@ class MoEFFN(nn.Module):
     up for ``swiglu``, interleaved for ``gpt_oss_swiglu``; ``F`` for ``gelu``) and
     ``w_down [E, d, F]``, as parameters, or, with ``mxfp4`` experts, as uint8 buffers of MXFP4 codes
     ``[E, U, d/2]`` with scales ``w_up_scales [E, U, d/32]`` (likewise ``w_down``): constants that
-    gradients do not update. Returns the output and the contract's :class:`~apt_hal.ops.MoEOutput`
-    (whose losses are computed only if read).
+    gradients do not update. Returns the output and the layer's routing ``(router_logits [T, E],
+    topk_ids [T, k])``: all its losses need, small enough to keep (the losses are computed only
+    if read, see ``ModelOutput``).
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -372,7 +373,7 @@ class MoEFFN(nn.Module):
             w_down_scales=self.w_down_scales if self.mxfp4 else None,
             b_up=self.b_up, b_down=self.b_down, capacity_factor=self.capacity_factor,
             alpha=self.alpha, limit=self.limit)
-        return out.output, out
+        return out.output, (out.router_logits, out.topk_ids)
 
     def expert_weights(self, dtype: torch.dtype) -> tuple:
         """``(w_up, w_down)`` as ``dtype`` tensors (the exact MXFP4 values when quantized)."""
@@ -412,22 +413,22 @@ class Block(nn.Module):
         self.ffn = MoEFFN(cfg) if cfg.n_experts else DenseFFN(cfg)
 
     def forward(self, x: torch.Tensor, batch: AttentionBatch) -> tuple:
-        """Returns the new hidden states and the MoE layer's output (None for a dense FFN)."""
+        """Returns the new hidden states and the MoE layer's routing (None for a dense FFN)."""
         x = x + self.attn(self.attn_norm(x), batch)
         if self.cross_attn is not None:
             x = x + self.cross_attn(self.cross_norm(x), batch)
-        h, moe = self.ffn(self.ffn_norm(x))
-        return x + h, moe
+        h, routed = self.ffn(self.ffn_norm(x))
+        return x + h, routed
 
 
 def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, batch: AttentionBatch) -> tuple:
-    """Run ``blocks`` in order; returns the hidden states and the MoE outputs of every MoE block."""
-    moe_outputs = []
+    """Run ``blocks`` in order; returns the hidden states and the routing of every MoE block."""
+    routing = []
     for block in blocks:
-        x, moe = block(x, batch)
-        if moe is not None:
-            moe_outputs.append(moe)
-    return x, moe_outputs
+        x, routed = block(x, batch)
+        if routed is not None:
+            routing.append(routed)
+    return x, routing
 
 
 def init_weights(model: nn.Module, cfg: ModelConfig) -> None:

@@ -35,7 +35,7 @@ class EncoderOutput:
     # layer finds its keys and values already in ``kv.cross`` (an exported decoder-with-past graph)
     hidden: Optional[torch.Tensor]
     valid: torch.Tensor  # [B, L] bool, True = real token
-    moe_outputs: list  # each encoder MoE layer's MoEOutput (losses computed when read)
+    routing: list  # each encoder MoE layer's (router_logits, topk_ids), for the losses
 
 
 def shift_right(labels: torch.Tensor, start_token: int) -> torch.Tensor:
@@ -67,10 +67,10 @@ class Seq2SeqLM(nn.Module):
         valid = check_padding_mask("attention_mask", attention_mask, input_ids)
         x = self.embed(input_ids)
         batch = AttentionBatch(tuple(input_ids.shape), valid, self.rotary.on(x.device), causal=False)
-        x, moe_outputs = run_blocks(self.encoder, x, batch)
+        x, routing = run_blocks(self.encoder, x, batch)
         if valid is None:
             valid = torch.ones(input_ids.shape, dtype=torch.bool, device=x.device)
-        return EncoderOutput(self.encoder_norm(x), valid, moe_outputs)
+        return EncoderOutput(self.encoder_norm(x), valid, routing)
 
     def forward(self, input_ids: Optional[torch.Tensor] = None, decoder_input_ids: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
@@ -105,6 +105,6 @@ class Seq2SeqLM(nn.Module):
         x = self.embed(decoder_input_ids)
         batch = AttentionBatch(tuple(decoder_input_ids.shape), valid, self.rotary.on(x.device), kv=kv,
                                memory=encoder_output.hidden, memory_valid=encoder_output.valid)
-        x, moe_outputs = run_blocks(self.decoder, x, batch)
+        x, routing = run_blocks(self.decoder, x, batch)
         logits = self.lm_head(self.norm(select_positions(x, logits_at)))
-        return lm_output(logits, labels, encoder_output.moe_outputs + moe_outputs, cfg, shift=False)
+        return lm_output(logits, labels, encoder_output.routing + routing, cfg, shift=False)

@@ -131,8 +131,7 @@ def test_loss_is_shifted_cross_entropy_plus_weighted_moe_losses(family):
 
 def test_generation_computes_no_moe_loss_and_a_forward_with_labels_does(monkeypatch):
     # The losses are read lazily: a decode step that never reads them launches none of their kernels.
-    import apt_hal.contracts.moe_dispatch as contract
-    from apt_hal.models import GenerationConfig, generate
+    from apt_hal.models import GenerationConfig, decoder, generate
 
     calls = []
 
@@ -140,12 +139,15 @@ def test_generation_computes_no_moe_loss_and_a_forward_with_labels_does(monkeypa
         return lambda *args: calls.append(name) or fn(*args)
 
     for name in ("load_balance_loss", "router_z_loss"):
-        monkeypatch.setattr(contract, name, recorded(name, getattr(contract, name)))
+        monkeypatch.setattr(decoder, name, recorded(name, getattr(decoder, name)))
     model = model_of(tiny("moe"))
     generate(model, [[1, 2, 3]], GenerationConfig(max_new_tokens=3, greedy=True))
     assert calls == []
-    model(torch.randint(0, 512, (1, 5)), labels=torch.randint(0, 512, (1, 5)))
+    out = model(torch.randint(0, 512, (1, 5)), labels=torch.randint(0, 512, (1, 5)))
     assert calls.count("load_balance_loss") == calls.count("router_z_loss") == model.config.n_layers
+    # What the output keeps for its losses: each layer's router logits and choices, no activations.
+    cfg = model.config
+    assert [(tuple(a.shape), tuple(b.shape)) for a, b in out.routing] == [((5, cfg.n_experts), (5, cfg.top_k))] * 2
 
 
 def test_seq2seq_loss_predicts_labels_from_labels_shifted_right():
