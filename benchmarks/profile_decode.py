@@ -29,6 +29,7 @@ import apt_hal
 from apt_hal.models import GenerationConfig, ModelConfig, build_model, convert_experts, generate
 from apt_hal.nn import convert_model_to_mxfp4
 from benchmarks.floor import copy_bandwidth, weight_bytes_per_step
+from benchmarks.streaming import covered  # this one runs as a script too: it keeps the helper
 
 # Kernel name fragments -> kind (first match wins); what matches none is "other".
 KINDS = (("fp4", "fp4_matmul"), ("split_k", "fp4_matmul"), ("moe", "moe"), ("route", "moe"),
@@ -72,13 +73,7 @@ def trace(model, prompt, decode_len: int, graphs: bool):
         return [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
 
     def busy(events):
-        spans = sorted((e.time_range.start, e.time_range.end) for e in events)
-        total, end = 0.0, float("-inf")
-        for a, b in spans:
-            if b > end:
-                total += b - max(a, end)
-                end = b
-        return total / 1e6
+        return covered([(e.time_range.start, e.time_range.end) for e in events]) / 1e6
 
     generate(model, prompt, GenerationConfig(max_new_tokens=2, greedy=True, graphs=graphs))  # warm-up
     first, full = kernels(1), kernels(1 + decode_len)

@@ -91,8 +91,8 @@ def _decode(model, stream, batch: int, prompt_len: int, steps: int, repeats: int
     return (batch / step_s, step_s, *((a - b) / steps for a, b in zip(long_counts, short_counts)))
 
 
-def _union(spans: list) -> float:
-    """Microseconds covered by the (start, end) intervals."""
+def covered(spans) -> float:
+    """The length of the union of ``(start, end)`` intervals (a profiler trace's busy time)."""
     total, end = 0.0, float("-inf")
     for a, b in sorted(spans):
         if b > end:
@@ -115,7 +115,7 @@ def _profile(model, batch: int, prompt_len: int, steps: int, vocab: int, streame
     cpu = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU]
     wall = max(e.time_range.end for e in cpu) - min(e.time_range.start for e in cpu)
     waits = sum(e.time_range.elapsed_us() for e in cpu if "Synchronize" in e.name)
-    copy_us, kernel_us, either = _union(copies), _union(kernels), _union(copies + kernels)
+    copy_us, kernel_us, either = covered(copies), covered(kernels), covered(copies + kernels)
     passes = 1 + steps
     ms = 1e3 * passes
     rate = streamed_per_pass * passes / copy_us / 1e3 if copy_us else float("nan")

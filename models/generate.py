@@ -201,13 +201,12 @@ def _open_session(model: nn.Module, config: GenerationConfig, capacities: list[i
 def _choose_session(model: nn.Module, config: GenerationConfig, capacities: list[int], device: torch.device,
                     dtype: torch.dtype, graphs: bool) -> tuple[DecodeSession, bool]:
     cfg = model.config
-    if cfg.family == "seq2seq" or is_streamed(model):
+    kept = _KEPT_SESSIONS.get(model)
+    # seq2seq and streamed models keep none; a kept session in use by another call is not shared.
+    if cfg.family == "seq2seq" or is_streamed(model) or (kept is not None and kept.in_use):
         return DecodeSession(None, PagedKVCache(cfg, capacities, device=device, dtype=dtype), graphs, 0), False
     capacity = math.ceil(max(capacities) / KEPT_CAPACITY_STEP) * KEPT_CAPACITY_STEP
     key = (len(capacities), dtype, device, graphs, config.compile, model.training, _weights_key(model))
-    kept = _KEPT_SESSIONS.get(model)
-    if kept is not None and kept.in_use:  # another call is using it: this one gets its own
-        return DecodeSession(None, PagedKVCache(cfg, capacities, device=device, dtype=dtype), graphs, 0), False
     if kept is not None and kept.key == key and capacity <= kept.capacity <= 2 * capacity:
         kept.cache.reset()
         return kept, True

@@ -231,9 +231,12 @@ class WeightStream:
 
     def _window(self, i: int) -> list[int]:
         """The streamed layers that should be on the device while layer ``i`` runs: the first
-        ``window`` of them in cyclic order from ``i`` (``i`` included, if it streams)."""
-        ahead = sorted(self.streamed, key=lambda j: self._distance(j, i))
-        return ahead[:self.window]
+        ``window`` of them in cyclic order from ``i`` (``i`` included, if it streams). The streamed
+        layers are the last ones, so that order starts at ``i`` or, from a resident layer, at the
+        first streamed one."""
+        start = max(i - self.resident_layers, 0)
+        count = len(self.streamed)
+        return [self.streamed[(start + k) % count] for k in range(min(self.window, count))]
 
     def _make_room(self, i: int, keep: list[int]) -> None:
         """A free device slot while layer ``i`` runs, if none is free: evict the streamed layer outside
